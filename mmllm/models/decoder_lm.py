@@ -86,6 +86,8 @@ class DecoderLM(nn.Module):
                  tie_embeddings: bool = False, attn_backend: str = "sdpa", n_experts: int = 0,
                  moe_top_k: int = 2, init_std: float = 0.02, depth_scaled_init: bool = True) -> None:
         super().__init__()
+        # The constructor arguments are the model's schema: kept to rebuild it from a checkpoint.
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if position not in POSITIONS:
             raise ValueError(f"unknown position {position!r}: expected one of {POSITIONS}")
         n_kv_heads = n_kv_heads or n_heads
@@ -121,8 +123,11 @@ class DecoderLM(nn.Module):
     def init_weights(self) -> None:
         """Normal(0, init_std) weights, zero biases, unit norms; output projections scaled by depth.
 
-        Also callable after ``to_empty()`` from the meta device (buffers are recomputed).
+        Also callable after ``to_empty()`` from the meta device (buffers are recomputed and the
+        tied embedding, which ``to_empty`` unties, is re-tied).
         """
+        if self.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
         out_std = self.init_std / math.sqrt(2 * self.n_layers) if self.depth_scaled_init else self.init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):

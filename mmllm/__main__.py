@@ -1,0 +1,3 @@
+from mmllm.cli import main
+
+main()

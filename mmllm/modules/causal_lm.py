@@ -1,0 +1,207 @@
+"""CausalLMModule: next-token training of a decoder LM (pretraining, instruction tuning, SFT).
+
+Hooks are small and overridable: :meth:`forward_loss` (loss of one batch), :meth:`param_groups`
+(weight-decay split), :meth:`handle_nonfinite` (NaN policy). Parallelism is applied from outside in
+:meth:`configure_model` (mmllm.distributed), so the model code stays single-device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from mmllm.losses import causal_lm_loss
+
+NAN_POLICIES = ("skip", "stop")
+
+
+class CausalLMModule(L.LightningModule):
+    """Trains ``model`` with the causal LM loss.
+
+    Args:
+        model: the LM, or a zero-argument factory building it (called in ``configure_model``,
+            which lets large models be created lazily / sharded).
+        optimizer: partial ``optimizer(param_groups)``, e.g. AdamW with lr and weight_decay.
+        scheduler: partial ``scheduler(optimizer, total_steps)`` (mmllm.modules.schedules).
+        document_masking: pass ``doc_ids`` so attention stays inside packed documents.
+        moe_aux_coef: weight of the MoE load-balancing loss.
+        nan_policy: on a non-finite loss, "skip" the step or "stop" training with an error.
+        max_nan_skips: consecutive skipped steps tolerated before stopping anyway.
+        init_from: weights to start from (see mmllm.checkpoint.load_model: "smollm2", an HF
+            dir, a .gguf, a kit .ckpt); loaded in ``configure_model`` before parallelisation.
+        parallelism: keyword arguments of ``mmllm.distributed.parallelize`` (FSDP2/TP/AC).
+        compile: ``torch.compile`` each block.
+    """
+
+    def __init__(self, *, model: nn.Module | Callable[[], nn.Module],
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 scheduler: Callable[..., Any] | None = None, document_masking: bool = True,
+                 moe_aux_coef: float = 0.01, nan_policy: str = "skip", max_nan_skips: int = 20,
+                 init_from: str | None = None, parallelism: dict | None = None,
+                 compile: bool = False) -> None:
+        super().__init__()
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if isinstance(model, nn.Module):
+            self.model: nn.Module | None = model
+            self._model_factory = None
+        else:
+            self.model = None
+            self._model_factory = model
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.document_masking, self.moe_aux_coef = document_masking, moe_aux_coef
+        self.nan_policy, self.max_nan_skips = nan_policy, max_nan_skips
+        self.parallelism, self.compile = dict(parallelism or {}), compile
+        self.init_from = init_from
+        self.tokenizer_path: str | None = None  # recorded in checkpoints for export/generation
+        self.run_config: dict | None = None  # the resolved Hydra config, saved in checkpoints
+        self.tokens_seen = 0
+        self.nan_skips = 0
+        self._consecutive_nan = 0
+        self._val_sum = self._val_count = None
+
+    # --------------------------------------------------------------------------- model setup
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = self._model_factory()
+            if self.init_from:
+                from mmllm.checkpoint import init_weights_from
+
+                init_weights_from(self.model, self.init_from)
+        if self.parallelism or self.compile:
+            from mmllm.distributed import parallelize
+
+            mesh = getattr(self, "device_mesh", None)
+            self.model = parallelize(self.model, mesh, compile=self.compile, **self.parallelism)
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        tokenizer = getattr(dm, "tokenizer", None)
+        if tokenizer is not None:
+            vocab = getattr(self.model, "vocab_size", None)
+            if vocab is not None and len(tokenizer) > vocab:
+                raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size "
+                                 f"is {vocab}: set model.lm.vocab_size >= {len(tokenizer)}")
+        self.tokenizer_path = getattr(dm, "tokenizer_dir", None) or self.tokenizer_path
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        return self.model(input_ids, **kwargs)
+
+    # ------------------------------------------------------------------------------- losses
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Loss of one batch.
+
+        Returns:
+            ``(loss, lm_loss, n_tokens)``: loss includes the MoE aux term.
+        """
+        doc_ids = batch.get("doc_ids") if self.document_masking else None
+        out = self.model(batch["input_ids"], doc_ids=doc_ids, attention_mask=batch.get("attention_mask"))
+        lm_loss, n = causal_lm_loss(out.logits, batch["labels"])
+        return lm_loss + self.moe_aux_coef * out.aux_loss, lm_loss, n
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+        loss, lm_loss, n = self.forward_loss(batch)
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        self.tokens_seen += tokens
+        if not self._all_finite(loss):
+            return self.handle_nonfinite(loss)
+        self._consecutive_nan = 0
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", lm_loss.detach(), prog_bar=True, batch_size=bs)
+        if loss is not lm_loss and self.moe_aux_coef:
+            self.log("train/aux_loss", (loss - lm_loss).detach() / self.moe_aux_coef, batch_size=bs)
+        self.log("train/tokens_seen", float(self.tokens_seen), batch_size=bs)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=bs)
+        return loss
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        # Every rank must take the same branch, or collectives would hang.
+        ok = torch.isfinite(loss.detach()).float()
+        if self.trainer.world_size > 1:
+            ok = self.trainer.strategy.reduce(ok, reduce_op="min")
+        return bool(ok > 0)
+
+    def handle_nonfinite(self, loss: torch.Tensor):
+        """Applies ``nan_policy`` to a non-finite loss; returning None skips the optimizer step."""
+        step = self.trainer.global_step
+        self._consecutive_nan += 1
+        self.nan_skips += 1
+        if self.nan_policy == "stop" or self._consecutive_nan > self.max_nan_skips:
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at step {step} "
+                f"({self._consecutive_nan} in a row, nan_policy={self.nan_policy!r}). Lower the "
+                "learning rate, check the data, or use precision=bf16-mixed instead of 16-mixed.")
+        self.print(f"[mmllm] non-finite loss at step {step}: batch skipped ({self.nan_skips} so far)")
+        self.log("train/nan_skips", float(self.nan_skips))
+        return None
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.nn.utils.get_total_norm(grads)
+            if hasattr(norm, "full_tensor"):  # DTensor under FSDP2/TP
+                norm = norm.full_tensor()
+            self.log("train/grad_norm", norm.detach().float())
+
+    # ----------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self._val_count = torch.zeros((), device=self.device, dtype=torch.float64)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        _, lm_loss, n = self.forward_loss(batch)
+        self._val_sum += lm_loss.double() * n
+        self._val_count += n
+
+    def on_validation_epoch_end(self) -> None:
+        total = self.trainer.strategy.reduce(self._val_sum, reduce_op="sum")
+        count = self.trainer.strategy.reduce(self._val_count, reduce_op="sum")
+        loss = float(total / count.clamp(min=1))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", math.exp(min(loss, 50.0)), prog_bar=True, sync_dist=False)
+
+    # ------------------------------------------------------------------------------ optimizer
+    def param_groups(self) -> list[dict]:
+        """AdamW groups: decay on matrices of linear layers; none on norms, biases, embeddings."""
+        decay, no_decay, seen = [], [], set()
+        for mod_name, module in self.model.named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                is_matrix = isinstance(module, nn.Linear) and name == "weight"
+                tied = isinstance(module, nn.Linear) and p is getattr(getattr(self.model, "embed_tokens", None), "weight", None)
+                (decay if is_matrix and not tied else no_decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("CausalLMModule needs an optimizer config to train (module.optimizer)")
+        optimizer = self.optimizer_factory(self.param_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 \
+            else int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(optimizer, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["mmllm"] = {
+            "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+            "model_config": getattr(self.model, "config", None),
+            "run_config": self.run_config,
+            "tokenizer": self.tokenizer_path,
+            "tokens_seen": self.tokens_seen,
+            "nan_skips": self.nan_skips,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("mmllm", {})
+        self.tokens_seen = int(meta.get("tokens_seen", 0))
+        self.nan_skips = int(meta.get("nan_skips", 0))
