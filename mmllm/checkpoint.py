@@ -5,6 +5,8 @@
     <dir with config.json> an HF Llama checkpoint directory
     <file.gguf>            a Llama-architecture GGUF file
     <file.ckpt> / <dir>    a Lightning checkpoint of a kit run, or a run directory (its last.ckpt)
+    <dir.ckpt/>            a distributed checkpoint (DCP) directory written by ModelParallelStrategy
+                           (FSDP2 / TP runs); read back in full without any process group
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmllm.distributed.checkpoint import is_distributed_checkpoint, model_state_dict, read_metadata
 from mmllm.models import hf
 
 
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_file() or is_distributed_checkpoint(path)
+
+
 def resolve_ckpt(path: str | Path) -> Path:
-    """A .ckpt file for ``path``: the file itself, or ``<run>/checkpoints/last.ckpt``."""
+    """A checkpoint for ``path``: the .ckpt file or DCP directory itself, or ``<run>/checkpoints/last.ckpt``."""
     path = Path(path)
-    if path.is_file():
+    if _is_checkpoint(path):
         return path
     for cand in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
-        if cand.is_file():
+        if _is_checkpoint(cand):
             return cand
     raise FileNotFoundError(f"no checkpoint at {path} (looked for the file, checkpoints/last.ckpt, last.ckpt)")
 
@@ -41,17 +48,22 @@ def _build(meta: dict) -> nn.Module:
 
 
 def load_lightning_checkpoint(path: str | Path, *, dtype: torch.dtype | None = None):
-    """Rebuilds the model of a kit training checkpoint and its tokenizer (if recorded).
+    """Rebuilds the model of a kit training checkpoint (file or DCP directory) and its tokenizer.
 
     Returns:
         ``(model, tokenizer_or_None, checkpoint_meta)``.
     """
-    ckpt = torch.load(resolve_ckpt(path), map_location="cpu", weights_only=False)
+    file = resolve_ckpt(path)
+    distributed = is_distributed_checkpoint(file)
+    ckpt = read_metadata(file) if distributed else torch.load(file, map_location="cpu", weights_only=False)
     meta = ckpt.get("mmllm")
     if not meta or not meta.get("model_config"):
         raise ValueError(f"{path} is not a checkpoint written by mmllm (no 'mmllm' metadata)")
     model = _build(meta)
-    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if distributed:
+        state = model_state_dict(file)  # gathers the shards of every rank into full tensors
+    else:
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
     if dtype is not None:
         model = model.to(dtype)

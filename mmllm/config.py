@@ -20,8 +20,9 @@ _register_resolvers()
 
 
 def to_container(cfg: DictConfig) -> dict:
-    """The resolved config as plain Python (what runs and checkpoints record)."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    """The resolved config as plain Python (what runs and checkpoints record), minus Hydra's own node."""
+    keys = [k for k in cfg.keys() if k != "hydra"]
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True, throw_on_missing=False)
 
 
 def save_resolved(cfg: DictConfig, path: str | Path) -> Path:
@@ -30,3 +31,28 @@ def save_resolved(cfg: DictConfig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(OmegaConf.to_yaml(OmegaConf.create(to_container(cfg))))
     return path
+
+
+def compose_config(name: str = "train", overrides: list[str] | None = None, *,
+                   output_dir: str | Path | None = None, data_dir: str | Path | None = None) -> DictConfig:
+    """Composes ``conf/<name>.yaml`` as the CLI would, for notebooks and tests.
+
+    Args:
+        overrides: Hydra overrides (``["debug=tiny", "model.lm.n_layers=4"]``).
+        output_dir: the run directory (``paths.output_dir``; the CLI takes it from hydra.run.dir).
+        data_dir: where data caches go (``paths.data_dir``).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides or []), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    if output_dir is not None and "paths" in cfg:
+        cfg.paths.root_dir = str(Path(output_dir).parent)
+        cfg.paths.output_dir = str(output_dir)
+    if data_dir is not None and "paths" in cfg:
+        cfg.paths.data_dir = str(data_dir)
+    return cfg

@@ -32,9 +32,9 @@ def run(cfg: DictConfig) -> list[dict]:
     from mmllm.checkpoint import load_model
     from mmllm.generation import generate
 
-    model, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype))
+    model, tokenizer = load_model(cfg.checkpoint, dtype=getattr(torch, cfg.dtype))
     if tokenizer is None:
-        raise ValueError(f"{cfg.model} has no tokenizer recorded; export it with one")
+        raise ValueError(f"{cfg.checkpoint} has no tokenizer recorded; export it with one")
     prompts = read_prompts(cfg)
     records = []
     for i in range(0, len(prompts), cfg.batch_size):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -30,24 +34,54 @@ def _instantiate_all(group: DictConfig | None) -> list:
     return [instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
-def resolve_ckpt_arg(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """``ckpt_path`` for Trainer.fit: None, "last" (this run dir's last.ckpt), a file or a run dir."""
+def resolve_ckpt_arg(ckpt_path: str | None, output_dir: Path, *, strategy=None) -> str | None:
+    """``ckpt_path`` for Trainer.fit: None, "last" (this run dir's last.ckpt), a file or a run dir.
+
+    A distributed checkpoint (DCP directory of an FSDP2/TP run) resumes directly under
+    ModelParallelStrategy with any number of processes; under any other strategy it is first
+    consolidated into a temporary single-file checkpoint (see :func:`train`).
+
+    Args:
+        ckpt_path: the ``ckpt_path`` config value.
+        output_dir: this run's directory.
+        strategy: the trainer's strategy object (decides whether a DCP directory needs consolidating).
+    """
     if not ckpt_path:
         return None
     from mmllm.checkpoint import resolve_ckpt
+    from mmllm.distributed import consolidate_checkpoint, is_distributed_checkpoint
 
     if ckpt_path == "last":
         last = output_dir / "checkpoints" / "last.ckpt"
-        if not last.is_file():
+        if not last.exists():  # a file, or a directory for distributed checkpoints
             raise FileNotFoundError(
                 f"ckpt_path=last but {last} does not exist: resume inside the old run with "
                 "hydra.run.dir=<old run dir>, or pass ckpt_path=<file or run dir>")
-        return str(last)
-    return str(resolve_ckpt(ckpt_path))
+        path = last
+    else:
+        path = resolve_ckpt(ckpt_path)
+    if is_distributed_checkpoint(path) and not _is_model_parallel(strategy):
+        # One file per process: every rank of a DDP/single run reads its own copy.
+        output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix="consolidated-", dir=output_dir))
+        path = consolidate_checkpoint(path, tmp / "resume.ckpt")
+        log.info("consolidated distributed checkpoint %s into %s", ckpt_path, path)
+    return str(path)
+
+
+def _is_model_parallel(strategy) -> bool:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy)
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
-    """Instantiates datamodule, module (model built lazily in configure_model) and trainer."""
+    """Instantiates datamodule, module (model built lazily in configure_model) and trainer.
+
+    Seeds every RNG first (``cfg.seed``), so the same config gives the same initial weights.
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model_factory = instantiate(cfg.model.lm, _partial_=True)
     module = instantiate(cfg.module, model=model_factory)
@@ -60,13 +94,16 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Trains as configured; returns the final logged metrics."""
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     module, datamodule, trainer = build(cfg)
     if trainer.is_global_zero:
         save_resolved(cfg, output_dir / "config.yaml")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_arg(cfg.get("ckpt_path"), output_dir))
+    ckpt = resolve_ckpt_arg(cfg.get("ckpt_path"), output_dir, strategy=trainer.strategy)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    finally:
+        if ckpt and Path(ckpt).parent.name.startswith("consolidated-"):
+            shutil.rmtree(Path(ckpt).parent, ignore_errors=True)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if trainer.is_global_zero:
         log.info("finished: %s", {k: round(v, 4) for k, v in metrics.items()})
@@ -74,10 +111,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     metrics = train(cfg)
     # A scalar return value lets Hydra sweepers optimise the run (lower val/loss is better).
     return metrics.get("val/loss")
+
+
+def main() -> float | None:
+    """``mmllm train``: Hydra's main, with all ranks of a torchrun/srun launch in one run dir.
+
+    See :mod:`mmllm.distributed.launch`: the overrides are added before Hydra reads the command
+    line, because Hydra creates the run directory before the task function runs.
+    """
+    from mmllm.distributed.launch import rank_overrides
+
+    sys.argv = [*sys.argv, *rank_overrides(sys.argv[1:], os.environ)]
+    return _hydra_main()
 
 
 if __name__ == "__main__":

@@ -65,3 +65,9 @@ def smollm2():
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                               dtype=torch.float32).eval()
     return model, tokenizer, hf
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir(tmp_path_factory) -> Path:
+    """One data cache (tokenizer + shards of the Wikipedia sample) for all training tests."""
+    return tmp_path_factory.mktemp("data")

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from mmllm.distributed import clip_grad_norm_, grad_norm, load_full_state_dict, parallelize
+from mmllm.distributed.parallelize import meta_init_supported, model_class_path
 from mmllm.losses import causal_lm_loss
 
 NAN_POLICIES = ("skip", "stop")
@@ -34,7 +38,9 @@ class CausalLMModule(L.LightningModule):
         max_nan_skips: consecutive skipped steps tolerated before stopping anyway.
         init_from: weights to start from (see mmllm.checkpoint.load_model: "smollm2", an HF
             dir, a .gguf, a kit .ckpt); loaded in ``configure_model`` before parallelisation.
-        parallelism: keyword arguments of ``mmllm.distributed.parallelize`` (FSDP2/TP/AC).
+        parallelism: keyword arguments of ``mmllm.distributed.parallelize`` (FSDP2/TP/AC/offload/
+            mixed precision), plus ``meta_init``: build the model on the meta device and
+            materialise it after sharding (on GPU meshes; CPU builds it in full).
         compile: ``torch.compile`` each block.
     """
 
@@ -57,6 +63,7 @@ class CausalLMModule(L.LightningModule):
         self.document_masking, self.moe_aux_coef = document_masking, moe_aux_coef
         self.nan_policy, self.max_nan_skips = nan_policy, max_nan_skips
         self.parallelism, self.compile = dict(parallelism or {}), compile
+        self._configured = False
         self.init_from = init_from
         self.tokenizer_path: str | None = None  # recorded in checkpoints for export/generation
         self.run_config: dict | None = None  # the resolved Hydra config, saved in checkpoints
@@ -67,17 +74,34 @@ class CausalLMModule(L.LightningModule):
 
     # --------------------------------------------------------------------------- model setup
     def configure_model(self) -> None:
+        """Builds the model (on the meta device when ``parallelism.meta_init``) and parallelises it.
+
+        Lightning calls this hook once per ``fit``/``validate``/``test``; the model is built and
+        sharded only the first time.
+        """
+        if self._configured:
+            return
+        kwargs = dict(self.parallelism)
+        meta_init = bool(kwargs.pop("meta_init", False))
+        mesh = getattr(self, "device_mesh", None)
         if self.model is None:
-            self.model = self._model_factory()
-            if self.init_from:
+            # On CPU meshes DTensor random init is per-shard local, so build the model in full.
+            meta = meta_init and meta_init_supported(mesh)
+            with torch.device("meta") if meta else nullcontext():
+                self.model = self._model_factory()
+            if self.init_from and not meta:
                 from mmllm.checkpoint import init_weights_from
 
                 init_weights_from(self.model, self.init_from)
+        else:
+            meta = False
         if self.parallelism or self.compile:
-            from mmllm.distributed import parallelize
+            self.model = parallelize(self.model, mesh, compile=self.compile, **kwargs)
+            if self.init_from and meta:
+                from mmllm.checkpoint import load_model
 
-            mesh = getattr(self, "device_mesh", None)
-            self.model = parallelize(self.model, mesh, compile=self.compile, **self.parallelism)
+                load_full_state_dict(self.model, load_model(self.init_from)[0].state_dict())
+        self._configured = True
 
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
@@ -106,18 +130,26 @@ class CausalLMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         loss, lm_loss, n = self.forward_loss(batch)
-        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        tokens = batch["input_ids"].numel() * self.data_parallel_size
         self.tokens_seen += tokens
         if not self._all_finite(loss):
             return self.handle_nonfinite(loss)
         self._consecutive_nan = 0
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", lm_loss.detach(), prog_bar=True, batch_size=bs)
-        if loss is not lm_loss and self.moe_aux_coef:
+        if getattr(self.model, "n_experts", 0) and self.moe_aux_coef:
             self.log("train/aux_loss", (loss - lm_loss).detach() / self.moe_aux_coef, batch_size=bs)
         self.log("train/tokens_seen", float(self.tokens_seen), batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=bs)
         return loss
+
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks that see different batches (tensor-parallel ranks share theirs)."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
+            return mesh["data_parallel"].size()
+        return self.trainer.world_size
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         # Every rank must take the same branch, or collectives would hang.
@@ -141,12 +173,18 @@ class CausalLMModule(L.LightningModule):
         return None
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads)
-            if hasattr(norm, "full_tensor"):  # DTensor under FSDP2/TP
-                norm = norm.full_tensor()
-            self.log("train/grad_norm", norm.detach().float())
+        if any(p.grad is not None for p in self.parameters()):
+            # Works for DTensors on several meshes (FSDP2 + TP), unlike torch's get_total_norm.
+            self.log("train/grad_norm", grad_norm(self.parameters()).detach().float())
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None) -> None:
+        """Clips by global norm with :func:`mmllm.distributed.clip_grad_norm_` under FSDP2/TP."""
+        sharded = any(isinstance(p, DTensor) for p in self.parameters())
+        if gradient_clip_val and sharded and gradient_clip_algorithm in (None, "norm"):
+            clip_grad_norm_(self.parameters(), float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ----------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -193,7 +231,7 @@ class CausalLMModule(L.LightningModule):
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["mmllm"] = {
-            "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+            "model_class": model_class_path(self.model),
             "model_config": getattr(self.model, "config", None),
             "run_config": self.run_config,
             "tokenizer": self.tokenizer_path,

@@ -1,0 +1,117 @@
+"""Executors and the Ray lifecycle.
+
+* :func:`ray_session` starts a private local Ray instance (its own temp dir, stopped and removed
+  on exit, so no workers are orphaned) or joins an existing cluster given by ``address`` /
+  ``RAY_ADDRESS`` (and leaves it running).
+* :func:`make_executor` gives the executor for a name: ``ray_data`` (NeMo Curator's
+  ``RayDataExecutor``; works on 2 cores), ``xenna`` (batch mode; the streaming default wants more
+  CPUs than small machines have) or ``local`` (:class:`LocalExecutor`, no Ray at all).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Literal
+
+from nemo_curator.backends.base import BaseExecutor, BaseStageAdapter, NodeInfo, WorkerMetadata
+from nemo_curator.tasks import EmptyTask, Task
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from nemo_curator.stages.base import ProcessingStage
+
+ExecutorName = Literal["ray_data", "xenna", "local"]
+
+
+class LocalExecutor(BaseExecutor):
+    """Run the stages one after another in this process, without Ray.
+
+    Same stage semantics as the Ray executors (setup, batching, task ids through NeMo's
+    ``BaseStageAdapter``); for debugging, notebooks and unit tests.
+    """
+
+    def execute(self, stages: list[ProcessingStage], initial_tasks: list[Task] | None = None,
+                ) -> list[Task]:
+        tasks: list[Task] = list(initial_tasks or [EmptyTask()])
+        for stage in stages:
+            stage.setup_on_node(NodeInfo(), WorkerMetadata())
+            stage.setup(WorkerMetadata())
+            adapter, size, out = BaseStageAdapter(stage), max(1, stage.batch_size or 1), []
+            for i in tqdm(range(0, len(tasks), size), desc=stage.name, leave=False,
+                          disable=len(tasks) < 8):
+                out.extend(adapter.process_batch(tasks[i:i + size]))
+            stage.teardown()
+            tasks = out
+        return tasks
+
+
+def make_executor(name: ExecutorName) -> BaseExecutor:
+    """Executor for a name (see the module docstring).
+
+    Raises:
+        ValueError: For an unknown name.
+    """
+    if name == "local":
+        return LocalExecutor()
+    if name == "ray_data":
+        from nemo_curator.backends.ray_data import RayDataExecutor
+
+        return RayDataExecutor()
+    if name == "xenna":
+        from nemo_curator.backends.xenna import XennaExecutor
+
+        return XennaExecutor(config={"execution_mode": "batch"})
+    msg = f"Unknown executor {name!r}: expected 'ray_data', 'xenna' or 'local'"
+    raise ValueError(msg)
+
+
+def uses_ray(executor: BaseExecutor) -> bool:
+    """Whether the executor needs a Ray instance."""
+    return not isinstance(executor, LocalExecutor)
+
+
+@contextmanager
+def ray_session(*, address: str | None = None, num_cpus: int | None = None,
+                temp_dir: str | None = None) -> Iterator[None]:
+    """Start (and afterwards stop) a private local Ray instance, or join an existing cluster.
+
+    Args:
+        address: Cluster to join (``None`` falls back to ``RAY_ADDRESS``; if neither is set a
+            local instance is started).
+        num_cpus: CPUs of the local instance (``None`` = all).
+        temp_dir: Parent of the instance's unique temp dir (default ``RAY_TMPDIR`` or ``/tmp``;
+            keep it short: Ray's socket paths must fit in 107 bytes).
+
+    Yields:
+        Nothing; Ray is initialised inside the block.
+    """
+    import ray
+
+    if ray.is_initialized():  # the caller owns the running instance
+        yield
+        return
+    # Workers inherit the driver's environment: let them find this venv's tools.
+    bin_dir = os.path.dirname(sys.executable)
+    if bin_dir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    tmp = None
+    if address:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    else:
+        parent = temp_dir or os.environ.get("RAY_TMPDIR") or "/tmp"  # noqa: S108
+        tmp = tempfile.mkdtemp(prefix="mmray-", dir=parent)
+        ray.init(num_cpus=num_cpus, _temp_dir=tmp, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    try:
+        yield
+    finally:
+        # Disconnects from a joined cluster; kills the processes of a private instance.
+        ray.shutdown()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,228 @@
+"""Robust WARC / WET iteration: HTTP responses with HTML only, charset detection, size cap.
+
+Web archives are messy: records are truncated by the crawler, gzip members get corrupted, pages
+are binary or undecodable, giant or empty. :func:`iter_warc` never raises on a bad record: it
+yields a record with a ``drop`` reason instead and re-synchronises on the next record boundary
+(the next gzip member for ``.warc.gz``, the next ``WARC/1.`` line for plain WARC), so one bad
+record never stops a run.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+import zlib
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+from charset_normalizer import from_bytes
+from fsspec.core import url_to_fs
+from warcio.archiveiterator import ArchiveIterator
+from warcio.exceptions import ArchiveLoadFailed
+
+HTML_MIMES = frozenset({"text/html", "application/xhtml+xml"})
+_META_CHARSET = re.compile(rb"""<meta[^>]{0,200}?charset\s*=\s*["']?\s*([A-Za-z0-9_.:\-]+)""", re.I)
+_HTML_SNIFF = re.compile(rb"^\s*(<!doctype\s+html|<html|<head|<body)", re.I)
+_GZIP_MAGIC = b"\x1f\x8b\x08"
+_WARC_MAGIC = b"WARC/1."
+_SCAN_CHUNK = 1 << 20
+_TRAILER_SLACK = 4  # bytes of padding tolerated after the last record
+# Decoded text with more control characters than this is binary that happened to decode.
+_MAX_CONTROL_FRACTION = 0.02
+_RECOVERABLE = (ArchiveLoadFailed, zlib.error, EOFError, OSError, ValueError, IndexError,
+                KeyError, AttributeError, UnicodeDecodeError, TypeError)
+
+
+def _valid_codec(name: str | None) -> str | None:
+    if not name:
+        return None
+    try:
+        return codecs.lookup(name.strip().strip("\"'")).name
+    except (LookupError, ValueError):
+        return None
+
+
+def _looks_binary(text: str) -> bool:
+    if not text:
+        return False
+    sample = text[:20000]
+    ctrl = sum(1 for c in sample if (ord(c) < 32 and c not in "\t\n\r\f") or c == "\ufffd")
+    return ctrl / len(sample) > _MAX_CONTROL_FRACTION
+
+
+def decode_payload(payload: bytes, declared: str | None = None) -> tuple[str, str] | None:
+    """Decode an HTML payload: declared charset, then ``<meta charset>``, UTF-8, then detection.
+
+    Args:
+        payload: Raw HTTP body.
+        declared: Charset from the HTTP ``Content-Type`` header, if any.
+
+    Returns:
+        ``(text, encoding)``, or ``None`` when no encoding yields text (binary / garbage bytes).
+    """
+    meta = _META_CHARSET.search(payload[:4096])
+    candidates = [_valid_codec(declared), _valid_codec(meta.group(1).decode("ascii", "ignore"))
+                  if meta else None, "utf-8"]
+    for enc in dict.fromkeys(c for c in candidates if c):
+        try:
+            text = payload.decode(enc)
+        except (UnicodeDecodeError, LookupError):
+            continue
+        return (None if _looks_binary(text) else (text, enc))
+    best = from_bytes(payload).best()
+    if best is None:
+        return None
+    text = str(best)
+    return None if _looks_binary(text) else (text, best.encoding)
+
+
+def _content_type(rec: Any) -> tuple[str, str | None]:
+    raw = (rec.http_headers.get_header("Content-Type") or "") if rec.http_headers else ""
+    mime, _, params = raw.partition(";")
+    charset = None
+    for p in params.split(";"):
+        key, _, value = p.strip().partition("=")
+        if key.lower() == "charset":
+            charset = value.strip()
+    return mime.strip().lower(), charset
+
+
+def _base(rec: Any, path: str) -> dict[str, Any]:
+    hdr = rec.rec_headers
+    return {"url": hdr.get_header("WARC-Target-URI"), "record_id": hdr.get_header("WARC-Record-ID"),
+            "date": hdr.get_header("WARC-Date"), "source_file": path, "html": None, "text": None,
+            "content_type": None, "charset": None, "raw_len": 0, "drop": None}
+
+
+def _incomplete(rec: Any) -> bool:
+    """True when the file ended before the record's declared length (after a full read)."""
+    return getattr(rec.raw_stream, "limit", 0) > 0
+
+
+def _response(rec: Any, out: dict[str, Any], max_payload_bytes: int, drop_truncated: bool) -> None:
+    """Fill ``out`` from an HTTP response record, setting ``drop`` when it is unusable."""
+    if rec.http_headers is None:
+        rec.raw_stream.read()
+        # A response without HTTP headers is either a non-HTTP capture or a record cut short.
+        out["drop"] = "incomplete_record" if not rec.length or _incomplete(rec) else "not_http"
+        return
+    status = rec.http_headers.get_statuscode()
+    mime, charset = _content_type(rec)
+    out["content_type"] = mime or None
+    if status != "200":
+        out["drop"] = "http_status"
+    elif drop_truncated and rec.rec_headers.get_header("WARC-Truncated"):
+        out["drop"] = "truncated"
+    elif mime and mime not in HTML_MIMES:
+        out["drop"] = "non_html"
+    if out["drop"]:
+        return
+    payload = rec.content_stream().read(max_payload_bytes + 1)
+    out["raw_len"] = len(payload)
+    if len(payload) > max_payload_bytes:
+        out["drop"] = "too_large"
+    elif _incomplete(rec):
+        out["drop"] = "incomplete_record"
+    elif not payload.strip():
+        out["drop"] = "empty"
+    elif not mime and not _HTML_SNIFF.match(payload[:1024]):
+        out["drop"] = "non_html"
+    else:
+        decoded = decode_payload(payload, charset)
+        if decoded is None:
+            out["drop"] = "undecodable"
+        else:
+            out["html"], out["charset"] = decoded
+
+
+def _conversion(rec: Any, out: dict[str, Any], max_payload_bytes: int) -> None:
+    """WET ``conversion`` records already hold plain text."""
+    payload = rec.content_stream().read(max_payload_bytes + 1)
+    out["raw_len"], out["content_type"] = len(payload), "text/plain"
+    if len(payload) > max_payload_bytes:
+        out["drop"] = "too_large"
+    elif _incomplete(rec):
+        out["drop"] = "incomplete_record"
+    elif not payload.strip():
+        out["drop"] = "empty"
+    else:
+        decoded = decode_payload(payload, "utf-8")
+        out["drop"] = "undecodable" if decoded is None else None
+        out["text"] = decoded[0] if decoded else None
+
+
+def _next_boundary(fh: BinaryIO, start: int, gz: bool) -> int | None:
+    """Offset of the next gzip member / WARC header at or after ``start`` (``None`` at EOF)."""
+    magic = _GZIP_MAGIC if gz else _WARC_MAGIC
+    pos = start
+    while True:
+        fh.seek(pos)
+        chunk = fh.read(_SCAN_CHUNK + len(magic))
+        if not chunk:
+            return None
+        i = chunk.find(magic)
+        if i >= 0:
+            return pos + i
+        if len(chunk) <= len(magic):
+            return None
+        pos += _SCAN_CHUNK
+
+
+def iter_warc(path: str, *, max_payload_bytes: int = 2_000_000, drop_truncated: bool = True,
+              storage_options: dict | None = None) -> Iterator[dict[str, Any]]:
+    """Yield one dict per response / conversion record of a (gzipped) WARC or WET file.
+
+    Request, metadata and warcinfo records are skipped silently (they are not documents).
+
+    Args:
+        path: Local or fsspec path.
+        max_payload_bytes: Larger payloads are dropped as ``too_large`` without being read.
+        drop_truncated: Drop records the crawler marked ``WARC-Truncated``.
+        storage_options: fsspec options.
+
+    Yields:
+        ``{"url", "record_id", "date", "source_file", "html", "text", "content_type", "charset",
+        "raw_len", "drop"}``; ``drop`` is ``None`` for usable records, else the reason.
+    """
+    fs, fs_path = url_to_fs(path, **(storage_options or {}))
+    with fs.open(fs_path, "rb") as fh:
+        gz = fh.read(2) == _GZIP_MAGIC[:2]
+        cursor = 0
+        while cursor is not None:
+            cursor = yield from _iter_from(fh, cursor, gz, path, max_payload_bytes, drop_truncated)
+
+
+def _iter_from(fh: BinaryIO, start: int, gz: bool, path: str, max_payload_bytes: int,
+               drop_truncated: bool) -> Iterator[dict[str, Any]]:
+    """Iterate from ``start``; on corruption yield a ``corrupt_record`` and return where to resume."""
+    fh.seek(start)
+    end, base = start, None  # absolute end of the last record read completely
+    try:
+        it = ArchiveIterator(fh, arc2warc=True, check_digests=False)
+        for rec in it:
+            if rec.rec_type in ("response", "conversion"):
+                out = _base(rec, path)
+                if rec.rec_type == "response":
+                    _response(rec, out, max_payload_bytes, drop_truncated)
+                else:
+                    _conversion(rec, out, max_payload_bytes)
+                yield out
+            # Offsets are only known once warcio has read the record to its end; warcio counts
+            # them from the file's position when the iterator was made (absolute when seekable).
+            offset = it.get_record_offset()
+            base = (start if offset < start else 0) if base is None else base
+            end = base + offset + it.get_record_length()
+    except _RECOVERABLE as err:  # one bad record must not stop the file
+        yield _broken(path, "corrupt_record", f"{type(err).__name__}: {err}")
+        # The failing record starts at `end`; resume at the next boundary strictly after it.
+        return _next_boundary(fh, end + 1, gz)
+    # warcio ends quietly on a record cut off by the end of the file: count it.
+    if fh.seek(0, 2) - end > _TRAILER_SLACK:
+        yield _broken(path, "incomplete_record", "file ends inside a record")
+    return None
+
+
+def _broken(path: str, reason: str, error: str) -> dict[str, Any]:
+    return {"url": None, "record_id": None, "date": None, "source_file": path, "html": None,
+            "text": None, "content_type": None, "charset": None, "raw_len": 0, "drop": reason,
+            "error": error[:200]}

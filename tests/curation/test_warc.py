@@ -1,0 +1,125 @@
+"""WARC/WET reading, charset detection and the reader stage (no Ray)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import pytest
+from warcio.statusandheaders import StatusAndHeaders
+from warcio.warcwriter import WARCWriter
+
+from mmllm.curation.base import STATS_KEY
+from mmllm.curation.readers import CurationReaderStage, MissingTextColumnError, input_format
+from mmllm.curation.warc import decode_payload, iter_warc
+
+from curation_testdata import CORRUPT_INDEX, MAX_PAYLOAD
+
+
+def _expected_read_reasons(pages):
+    return [p["expect"][1] if p["expect"] and p["expect"][0] == "read" else None for p in pages]
+
+
+def test_iter_warc_reasons_and_recovery_after_corrupt_member(warc_path, pages):
+    recs = list(iter_warc(str(warc_path), max_payload_bytes=MAX_PAYLOAD))
+    assert [r["drop"] for r in recs] == _expected_read_reasons(pages)
+    # The corrupt record has no URL (its headers are unreadable); the ones after it are intact.
+    assert recs[CORRUPT_INDEX]["url"] is None
+    assert [r["url"] for r in recs[CORRUPT_INDEX + 1:]] == [p["url"] for p in pages[CORRUPT_INDEX + 1:]]
+    good = recs[0]
+    assert good["charset"] == "utf-8" and "Baking bread at home" in good["html"]
+
+
+def test_truncated_file_end_is_counted_not_fatal(warc_path, tmp_path):
+    data = warc_path.read_bytes()
+    cut = tmp_path / "cut.warc.gz"
+    for lost in (100, 700):  # the last record loses part of its payload / its HTTP headers
+        cut.write_bytes(data[: len(data) - lost])
+        recs = list(iter_warc(str(cut), max_payload_bytes=MAX_PAYLOAD))
+        assert len(recs) == 25
+        assert recs[-1]["drop"] == "incomplete_record"
+        assert recs[-2]["drop"] == "truncated"  # the record before is untouched
+
+
+def test_plain_uncompressed_warc_resyncs(tmp_path):
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=False)
+    for i in range(3):
+        http = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+        w.write_record(w.create_warc_record(f"https://a.example/{i}", "response",
+                                            payload=io.BytesIO(b"<html><p>hi</p></html>"),
+                                            http_headers=http))
+    raw = buf.getvalue().replace(b"Content-Length: ", b"Content-Length: x", 1)  # break record 0
+    (tmp_path / "p.warc").write_bytes(raw)
+    recs = list(iter_warc(str(tmp_path / "p.warc")))
+    # Record 0 loses its length: it is cut short, its leftover body is garbage, then we resync.
+    assert [r["drop"] for r in recs] == ["incomplete_record", "corrupt_record", None, None]
+    assert [r["url"] for r in recs[2:]] == ["https://a.example/1", "https://a.example/2"]
+
+
+def test_wet_conversion_records_are_text(tmp_path):
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=True)
+    w.write_record(w.create_warc_record("https://a.example/x", "conversion",
+                                        payload=io.BytesIO("Plain text café\n".encode()),
+                                        warc_content_type="text/plain"))
+    (tmp_path / "x.warc.wet.gz").write_bytes(buf.getvalue())
+    [rec] = iter_warc(str(tmp_path / "x.warc.wet.gz"))
+    assert rec["drop"] is None and rec["text"] == "Plain text café\n" and rec["html"] is None
+
+
+def test_decode_payload_prefers_declared_then_meta_then_detection():
+    ru = "<html><body><p>Привет, как дела? Это страница на русском языке.</p></body></html>"
+    assert decode_payload(ru.encode("cp1251"), "windows-1251") == (ru, "cp1251")
+    fr = '<html><head><meta charset="iso-8859-1"></head><body>Crème brûlée déjà vu</body></html>'
+    assert decode_payload(fr.encode("latin-1"), None) == (fr, "iso8859-1")
+    assert decode_payload("plain ü".encode(), None) == ("plain ü", "utf-8")
+    assert decode_payload(bytes((i * 37 + 11) % 256 for i in range(3000)), None) is None
+    # An unknown declared charset falls back instead of failing.
+    assert decode_payload(b"<p>ok</p>", "no-such-charset") == ("<p>ok</p>", "utf-8")
+
+
+def test_reader_stage_chunks_and_stats(warc_path, pages):
+    stage = CurationReaderStage(max_payload_bytes=MAX_PAYLOAD, records_per_batch=5)
+    batches = stage.read_file(str(warc_path))
+    usable = sum(1 for p in pages if not (p["expect"] and p["expect"][0] == "read"))
+    assert [b._metadata["chunk"] for b in batches] == list(range(4))
+    assert {b._metadata["num_chunks"] for b in batches} == {4}
+    assert sum(len(b.data) for b in batches) == usable == 18
+    rec = batches[0]._metadata[STATS_KEY][0]
+    assert (rec["docs_in"], rec["docs_out"]) == (25, 18)
+    assert rec["dropped"]["too_large"]["docs"] == 1
+    assert rec["examples"]["non_html"][0]["text"].startswith("<image/png")
+    assert all(b._metadata[STATS_KEY][0]["docs_in"] == 0 for b in batches[1:])
+    assert "html" in batches[0].data and batches[0].data["text"].isna().all()
+
+
+def test_reader_jsonl_and_parquet(tmp_path):
+    rows = [{"content": "first doc", "link": "https://a.example", "id": 1},
+            {"content": "  ", "link": None, "id": 2}, {"content": None, "link": None, "id": 3}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pd.DataFrame(rows).to_parquet(tmp_path / "b.parquet")
+    stage = CurationReaderStage(text_field="content", url_field="link")
+    for name in ("a.jsonl", "b.parquet"):
+        [batch] = stage.read_file(str(tmp_path / name))
+        assert batch.data["text"].tolist() == ["first doc"]
+        assert batch.data["url"].tolist() == ["https://a.example"]
+        assert batch.data["id"].tolist() == [1]  # other fields travel as metadata
+        assert batch._metadata[STATS_KEY][0]["dropped"]["empty"]["docs"] == 2
+    with pytest.raises(MissingTextColumnError, match="content"):
+        CurationReaderStage().read_file(str(tmp_path / "a.jsonl"))
+
+
+def test_unreadable_file_is_reported_not_fatal(tmp_path):
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    [batch] = CurationReaderStage().read_file(str(tmp_path / "bad.jsonl"))
+    assert len(batch.data) == 0
+    assert batch._metadata[STATS_KEY][0]["extra"]["file_formats"] == {"unreadable": 1}
+
+
+def test_input_format():
+    assert input_format("s3://b/x.warc.wet.gz") == "warc"
+    assert input_format("x.JSONL.gz") == "jsonl"
+    with pytest.raises(ValueError, match="Cannot tell the format"):
+        input_format("x.csv")

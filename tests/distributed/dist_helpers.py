@@ -1,0 +1,146 @@
+"""Shared pieces of the distributed tests: synthetic data, the tiny model, a loss recorder, and a
+launcher that runs a Lightning script with 2 CPU processes and leaves no process behind.
+
+The synthetic data are random token batches with ``input_ids``/``labels`` (no dependency on the
+data modules of the kit), in a fixed order so that a single process with the global batch sees
+exactly the tokens that the data-parallel ranks see together (DistributedSampler without shuffle
+deals sample ``i`` to rank ``i % world``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from mmllm.models import DecoderLM
+from mmllm.modules import CausalLMModule
+
+VOCAB, SEQ = 64, 16
+MODEL = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+             max_seq_len=64)
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+class RandomTokens(Dataset):
+    """``n`` random sequences of ``seq_len`` tokens (fixed by ``seed``), labels = next tokens."""
+
+    def __init__(self, n: int, seq_len: int = SEQ, vocab: int = VOCAB, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.tokens = torch.randint(0, vocab, (n, seq_len + 1), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.tokens[i, :-1], "labels": self.tokens[i, 1:]}
+
+
+class RandomTokensDataModule(L.LightningDataModule):
+    """One epoch = ``batches_per_epoch`` global batches of ``global_batch`` sequences."""
+
+    def __init__(self, *, global_batch: int, data_parallel: int, batches_per_epoch: int = 3) -> None:
+        super().__init__()
+        self.data = RandomTokens(global_batch * batches_per_epoch)
+        self.batch_size = global_batch // data_parallel
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning's automatic DistributedSampler shuffles training data: deal samples in order.
+        sampler = None
+        if self.trainer is not None and self.trainer.world_size > 1:
+            sampler = DistributedSampler(self.data, shuffle=False,
+                                         **self.trainer.strategy.distributed_sampler_kwargs)
+        return DataLoader(self.data, batch_size=self.batch_size, sampler=sampler)
+
+
+def build_model(init_path: str, tie: bool) -> DecoderLM:
+    """The tiny model with the weights saved at ``init_path`` (identical in every process)."""
+    model = DecoderLM(**MODEL, tie_embeddings=tie)
+    model.load_state_dict(torch.load(init_path))
+    return model
+
+
+def make_module(init_path: str, *, tie: bool, parallelism: dict | None) -> CausalLMModule:
+    """CausalLMModule with AdamW (lr 1e-2, so that a wrong gradient shows within a few steps)."""
+    opt = partial(torch.optim.AdamW, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    return CausalLMModule(model=partial(build_model, init_path, tie), optimizer=opt,
+                          parallelism=parallelism)
+
+
+class LossRecorder(L.Callback):
+    """Records the global mean training loss of every step (mean over ranks)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"].detach().clone()
+        loss = trainer.strategy.reduce(loss, reduce_op="mean")
+        self.losses.append(float(loss))
+
+
+def trainer_kwargs(max_steps: int, recorder: LossRecorder, callbacks=()) -> dict:
+    return dict(accelerator="cpu", max_steps=max_steps, logger=False, callbacks=[recorder, *callbacks],
+                enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
+                limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+                enable_checkpointing=bool(callbacks))
+
+
+def save_init(path: Path, tie: bool, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    torch.save(DecoderLM(**MODEL, tie_embeddings=tie).state_dict(), path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(spec: dict, workdir: Path, timeout: float = 300) -> dict:
+    """Runs ``dist_worker.py`` on ``spec`` and returns the results it wrote.
+
+    The worker and the rank Lightning spawns for it share a new session, so a timeout or an
+    error kills both; a fresh free port keeps concurrent launches apart.
+    """
+    spec_file, result_file = workdir / "spec.json", workdir / "result.json"
+    spec_file.write_text(json.dumps({**spec, "result": str(result_file)}))
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK"):
+        env.pop(key, None)
+    proc = subprocess.Popen([sys.executable, str(WORKER), str(spec_file)], env=env,
+                            cwd=workdir, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        _kill_group(proc.pid)
+    if proc.returncode != 0 or not result_file.is_file():
+        raise RuntimeError(f"distributed worker failed (exit {proc.returncode}):\n{out[-6000:]}")
+    return json.loads(result_file.read_text())
+
+
+def _kill_group(pgid: int, grace: float = 30.0) -> None:
+    """Waits for the spawned rank to exit after rank 0, then kills whatever is left."""
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

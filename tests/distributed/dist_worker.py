@@ -1,0 +1,103 @@
+"""Script run by the distributed tests: ``python dist_worker.py spec.json``.
+
+Trains the tiny model under Lightning's ModelParallelStrategy with ``Trainer(accelerator="cpu",
+devices=N)``, the way a user would: Lightning re-runs this script for rank 1 (gloo). Every run
+of the spec is one ``Trainer.fit`` in the same processes; rank 0 writes the losses, the logits of
+a probe batch after training, and the meta-device checks to ``spec["result"]`` as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.device_mesh import init_device_mesh
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_helpers import (  # noqa: E402
+    MODEL,
+    LossRecorder,
+    RandomTokens,
+    RandomTokensDataModule,
+    make_module,
+    trainer_kwargs,
+)
+
+from mmllm.distributed import load_full_state_dict, parallelize  # noqa: E402
+from mmllm.models import DecoderLM  # noqa: E402
+
+PROBE = RandomTokens(2, seed=123).tokens[:, :-1]
+
+
+def fit(run: dict, world: int, out: Path) -> tuple[list[float], Trainer]:
+    module = make_module(run["init"], tie=run["tie"], parallelism=run["parallelism"])
+    dm = RandomTokensDataModule(global_batch=run.get("global_batch", 4), data_parallel=run["dp"])
+    callbacks = []
+    if run.get("ckpt_every"):
+        callbacks.append(ModelCheckpoint(dirpath=out / run["name"], filename="step{step}",
+                                         every_n_train_steps=run["ckpt_every"], save_top_k=-1,
+                                         auto_insert_metric_name=False))
+    recorder = LossRecorder()
+    strategy = ModelParallelStrategy(data_parallel_size=run["dp"], tensor_parallel_size=run["tp"])
+    trainer = Trainer(devices=world, strategy=strategy,
+                      **trainer_kwargs(run["steps"], recorder, callbacks))
+    trainer.fit(module, datamodule=dm, ckpt_path=run.get("resume"))
+    if run.get("probe"):
+        with torch.no_grad():
+            logits = module.model(PROBE).logits
+        if trainer.is_global_zero:
+            torch.save(logits, out / f"probe_{run['name']}.pt")
+    return recorder.losses, trainer
+
+
+def meta_checks(check: dict, mesh_shape: tuple[int, int], **kwargs) -> dict:
+    """Builds the model on the meta device, shards it, materialises it, then loads real weights."""
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=("data_parallel", "tensor_parallel"))
+    with torch.device("meta"):
+        model = DecoderLM(**MODEL, tie_embeddings=check["tie"])
+    parallelize(model, mesh, **kwargs)
+    result = {
+        "meta_left": sum(t.is_meta for t in (*model.parameters(), *model.buffers())),
+        "norms_are_one": all(bool((m.weight.full_tensor() == 1).all()) for n, m in model.named_modules()
+                             if n.endswith("norm")),
+        "q_std": float(model.layers[0].attn.q_proj.weight.full_tensor().std()),
+    }
+    state = torch.load(check["init"])
+    load_full_state_dict(model, state)
+    ref = DecoderLM(**MODEL, tie_embeddings=check["tie"])
+    ref.load_state_dict(state)
+    with torch.no_grad():
+        result["max_logit_diff"] = float((model(PROBE).logits - ref(PROBE).logits).abs().max())
+    return result
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(spec["result"]).parent
+    world = spec["world"]
+    results: dict = {"runs": {}, "meta": {}}
+    trainer, spawned = None, []
+    for run in spec["runs"]:
+        losses, trainer = fit(run, world, out)
+        results["runs"][run["name"]] = losses
+        spawned += getattr(trainer.strategy.launcher, "procs", [])
+    for check in spec.get("meta_checks", []):
+        shape = tuple(check["mesh"])
+        results["meta"][check["name"]] = meta_checks(check, shape, **check.get("parallelism", {}))
+    if trainer is not None and trainer.is_global_zero:
+        Path(spec["result"]).write_text(json.dumps(results))
+    if dist.is_initialized():
+        dist.barrier()
+    # Rank 0 reaps the rank Lightning spawned, so no process outlives the test.
+    for proc in spawned:
+        proc.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Project layout rules of ARCHITECTURE.md."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_library_never_imports_components():
+    offenders = [str(p.relative_to(REPO)) for p in (REPO / "mmllm").rglob("*.py") if "components" in _imports(p)]
+    assert offenders == [], f"mmllm/ must not import components/: {offenders}"
+
+
+def test_layout_check_catches_a_violation(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nfrom components.foo import module\n")
+    assert "components" in _imports(bad)
+
+
+def test_top_level_layout():
+    for name in ("mmllm", "conf", "components", "notebooks", "tests", "benchmarks",
+                 "pyproject.toml", "README.md", "CONTRIBUTING.md", ".ci/run"):
+        assert (REPO / name).exists(), name
