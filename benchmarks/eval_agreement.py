@@ -53,8 +53,8 @@ def main() -> None:
     task_dir = write_lm_eval_task(tempfile.mkdtemp())
     summary = {}
     for k in args.shots:
-        res, t = timed(lambda: agreement(model, tok, task_dir, hf_model=hf, num_fewshot=k,
-                                          batch_size=args.batch_size))
+        res, t = timed(lambda k=k: agreement(model, tok, task_dir, hf_model=hf, num_fewshot=k,
+                                              batch_size=args.batch_size))
         for name, r in res.items():
             diff = max(abs(a - b) for x, y in zip(r["loglikelihoods"], res["ours"]["loglikelihoods"])
                        for a, b in zip(x, y))
@@ -62,9 +62,10 @@ def main() -> None:
                   f"max|ll - ours|={diff:.2e}")
             summary[f"{k}shot/{name}"] = {"acc": r["acc"], "acc_norm": r["acc_norm"], "max_dll": diff}
         task = capitals_task(num_fewshot=k)
-        _, t_reuse = timed(lambda: evaluate(model, tok, [task], batch_size=args.batch_size, progress=False))
-        _, t_plain = timed(lambda: evaluate(model, tok, [task], batch_size=args.batch_size,
-                                            reuse_prefix=False, progress=False))
+        _, t_reuse = timed(lambda task=task: evaluate(model, tok, [task], batch_size=args.batch_size,
+                                                      progress=False))
+        _, t_plain = timed(lambda task=task: evaluate(model, tok, [task], batch_size=args.batch_size,
+                                                      reuse_prefix=False, progress=False))
         print(f"{k}-shot time: prefix reuse {t_reuse:.2f}s, no reuse {t_plain:.2f}s "
               f"(ratio {t_plain / t_reuse:.2f}x); whole agreement run {t:.1f}s")
         summary[f"{k}shot/seconds"] = {"reuse": t_reuse, "plain": t_plain}

@@ -114,7 +114,7 @@ def stats_from_reasons(stage: str, df: pd.DataFrame, reasons: pd.Series, chars_i
     """
     rec = new_stage_stats(stage)
     kept = reasons.isna().to_numpy()
-    rec["docs_in"], rec["chars_in"] = int(len(df)), int(chars_in.sum())
+    rec["docs_in"], rec["chars_in"] = len(df), int(chars_in.sum())
     rec["docs_out"], rec["chars_out"] = int(kept.sum()), int(chars_out[kept].sum())
     if texts_in is not None and text_field in df:
         rec["docs_edited"] = sum(1 for a, b, k in zip(texts_in, df[text_field], kept)
@@ -124,7 +124,7 @@ def stats_from_reasons(stage: str, df: pd.DataFrame, reasons: pd.Series, chars_i
     texts = texts_in if texts_in is not None else df.get(text_field)
     urls = df["url"] if "url" in df else pd.Series([None] * len(df), index=df.index)
     for reason, idx in reasons[~kept].groupby(reasons[~kept]).groups.items():
-        rec["dropped"][str(reason)] = {"docs": int(len(idx)), "chars": int(chars_in[idx].sum())}
+        rec["dropped"][str(reason)] = {"docs": len(idx), "chars": int(chars_in[idx].sum())}
         examples = []
         for i in list(idx)[:max_examples]:
             text = texts[i] if texts is not None and isinstance(texts[i], str) else None

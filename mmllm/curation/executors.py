@@ -104,7 +104,7 @@ def ray_session(*, address: str | None = None, num_cpus: int | None = None,
     if address:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     else:
-        parent = temp_dir or os.environ.get("RAY_TMPDIR") or "/tmp"  # noqa: S108
+        parent = temp_dir or os.environ.get("RAY_TMPDIR") or "/tmp"
         tmp = tempfile.mkdtemp(prefix="mmray-", dir=parent)
         ray.init(num_cpus=num_cpus, _temp_dir=tmp, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)

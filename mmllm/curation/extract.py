@@ -7,8 +7,8 @@ JSONL, Parquet) skip extraction but get the same clean-up.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import re
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import pandas as pd

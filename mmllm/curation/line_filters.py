@@ -24,7 +24,7 @@ END_PATTERNS = ("read more", "read more...", "click here", "see more", "show mor
 ANYWHERE_PATTERNS = ("items in cart", "item in cart", "all rights reserved", "share on facebook",
                      "share on twitter", "share this", "uses cookies", "privacy policy",
                      "terms of use", "terms of service", "newsletter", "copyright ©", "©")
-_COUNTER = re.compile(rf"^[\d.,]+\s*[kKmM]?\s+(?:{'|'.join(COUNTER_WORDS)})\.?$", re.I)
+_COUNTER = re.compile(rf"^[\d.,]+\s*[kKmM]?\s+(?:{'|'.join(COUNTER_WORDS)})\.?$", re.IGNORECASE)
 _NUMERIC = re.compile(r"^[\d\s.,:;%/+\-()$€£#]+$")
 _SENTENCE_END = re.compile(r"[.!?]+(?:\s|$)")
 C4_TERMINAL = (".", "!", "?", '"', "\u201d")
@@ -62,10 +62,10 @@ class RefinedWebLineFilterStage(CurationStage):
         if not 0.0 <= self.max_removed_fraction <= 1.0:
             msg = f"max_removed_fraction must be in [0, 1], got {self.max_removed_fraction}"
             raise ValueError(msg)
-        alt = lambda ps: "|".join(re.escape(p) for p in sorted(ps, key=len, reverse=True))  # noqa: E731
-        self._start = re.compile(rf"^\s*(?:{alt(self.start_patterns)})\b\W*", re.I)
-        self._end = re.compile(rf"\W*(?:{alt(self.end_patterns)})\W*$", re.I)
-        self._anywhere = re.compile(rf"(?:{alt(self.anywhere_patterns)})", re.I)
+        alt = lambda ps: "|".join(re.escape(p) for p in sorted(ps, key=len, reverse=True))
+        self._start = re.compile(rf"^\s*(?:{alt(self.start_patterns)})\b\W*", re.IGNORECASE)
+        self._end = re.compile(rf"\W*(?:{alt(self.end_patterns)})\W*$", re.IGNORECASE)
+        self._anywhere = re.compile(rf"(?:{alt(self.anywhere_patterns)})", re.IGNORECASE)
 
     def discard_line(self, line: str) -> bool:
         """Whether a whole line is removed (upper case, numeric, counter or single word)."""
@@ -143,7 +143,7 @@ class C4FilterStage(CurationStage):
     bad_words: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._bad = (re.compile(r"\b(?:" + "|".join(map(re.escape, self.bad_words)) + r")\b", re.I)
+        self._bad = (re.compile(r"\b(?:" + "|".join(map(re.escape, self.bad_words)) + r")\b", re.IGNORECASE)
                      if self.bad_words else None)
 
     def keep_line(self, line: str) -> bool:

@@ -176,7 +176,7 @@ def _reuse(out: str, fingerprint: str, storage_options: dict) -> CurationResult 
                           reused=True)
 
 
-def run_curation(inputs: str | Sequence[str], output_dir: str | Path, *,  # noqa: PLR0913
+def run_curation(inputs: str | Sequence[str], output_dir: str | Path, *,
                  stages: Sequence[ProcessingStage] | None = None,
                  dedup: Sequence[GlobalDedupStep] | None = None,
                  executor: BaseExecutor | str | None = None, output_format: str = "jsonl",

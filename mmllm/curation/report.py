@@ -99,11 +99,13 @@ def plot_report(report: dict[str, Any]) -> bytes:
 
 def markdown_report(report: dict[str, Any]) -> str:
     """A markdown summary: funnel table, top drop reasons, languages, one example per reason."""
-    lines = ["# Curation report", "", f"Inputs: {len(report['inputs'])} file(s); output: "
-             f"{report['output']['documents']} documents in {len(report['output']['shards'])} "
-             "shard(s).", "", "## Funnel", "",
-             "| stage | docs in | docs out | removed | edited | % of input kept | chars in | "
-             "chars out |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    summary = (f"Inputs: {len(report['inputs'])} file(s); output: "
+               f"{report['output']['documents']} documents in "
+               f"{len(report['output']['shards'])} shard(s).")
+    header = ("| stage | docs in | docs out | removed | edited | % of input kept | chars in | "
+              "chars out |")
+    lines = ["# Curation report", "", summary, "", "## Funnel", "", header,
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for f in report["funnel"]:
         lines.append(f"| {f['stage']} | {f['docs_in']} | {f['docs_out']} | {f['docs_removed']} | "
                      f"{f['docs_edited']} | {f['pct_docs_kept_of_input']} | {f['chars_in']} | "

@@ -15,6 +15,7 @@ import io
 import random
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ NON_ENGLISH = {
 }
 _SHARED_PASSAGE_ARTICLES = (50, 51, 52)
 _STOP_SECTIONS = re.compile(r"^=+\s*(see also|references|external links|further reading|notes|"
-                            r"bibliography|sources)\s*=+\s*$", re.I)
+                            r"bibliography|sources)\s*=+\s*$", re.IGNORECASE)
 
 
 def write_warc(path: str | Path, pages: Sequence[dict[str, Any]], *,
@@ -119,6 +120,12 @@ def wikipedia_articles(*, min_words: int = 150, max_words: int = 900) -> list[tu
     Returns:
         A list of articles in file order.
     """
+    return list(_articles(min_words, max_words))
+
+
+@lru_cache(maxsize=2)
+def _articles(min_words: int, max_words: int) -> tuple:
+    # Parsing the dump takes seconds; demos and tests ask for it repeatedly.
     import gensim
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
@@ -129,8 +136,8 @@ def wikipedia_articles(*, min_words: int = 150, max_words: int = 900) -> list[tu
         for title, text, _ in extract_pages(fh, filter_namespaces=("0",)):
             blocks = _wiki_blocks(filter_wiki(text), max_words)
             if sum(len(t.split()) for k, t in blocks if k == "p") >= min_words:
-                articles.append((title, blocks))
-    return articles
+                articles.append((title, tuple(blocks)))
+    return tuple(articles)
 
 
 def _wiki_blocks(text: str, max_words: int) -> list[tuple[str, str]]:

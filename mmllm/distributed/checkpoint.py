@@ -43,15 +43,18 @@ def load_distributed_state(path: str | Path, *, keys: set[str] | None = None) ->
     Returns:
         The nested state, e.g. ``{"state_dict": {...}, "optimizer_0": {...}}``.
     """
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     if not is_distributed_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a distributed checkpoint directory "
                                 f"(needs .metadata and {META_FILE})")
     state: dict[str, Any] = {}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)),
-             planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    # What torch's dcp_to_torch_save does, minus the file: the public dcp.load only fills keys
+    # that the caller's dict already has, and here the planner builds them from the metadata.
+    _load_state_dict(state, storage_reader=FileSystemReader(str(path)),
+                     planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
     return state
 
 

@@ -8,21 +8,34 @@ Entry points: :func:`evaluate` (Python API), ``mmllm eval`` (:mod:`mmllm.eval.cl
 
 from mmllm.eval.data import TaskData
 from mmllm.eval.evaluator import evaluate, format_table, pipeline_evaluation, write_report
-from mmllm.eval.metrics import (exact_match, extract_boxed, extract_last_number,
-                                multiple_choice_scores, normalize_answer, normalized_match,
-                                pass_at_k, token_f1)
+from mmllm.eval.metrics import (
+    exact_match,
+    extract_boxed,
+    extract_last_number,
+    multiple_choice_scores,
+    normalize_answer,
+    normalized_match,
+    pass_at_k,
+    token_f1,
+)
 from mmllm.eval.perplexity import PerplexityResult, perplexity, rolling_windows
 from mmllm.eval.runner import ModelRunner
 from mmllm.eval.sandbox import ExecutionResult, run_program, run_programs
-from mmllm.eval.tasks import (CodeTask, GenerativeTask, MultipleChoiceTask, PerplexityTask, Task,
-                              TaskResult)
+from mmllm.eval.tasks import (
+    CodeTask,
+    GenerativeTask,
+    MultipleChoiceTask,
+    PerplexityTask,
+    Task,
+    TaskResult,
+)
 from mmllm.eval.templates import Example, Template, Verbalizer
 
 __all__ = [
-    "evaluate", "format_table", "write_report", "pipeline_evaluation", "ModelRunner", "perplexity",
-    "PerplexityResult", "rolling_windows", "Template", "Verbalizer", "Example", "TaskData", "Task",
-    "TaskResult", "MultipleChoiceTask", "GenerativeTask", "CodeTask", "PerplexityTask",
-    "run_program", "run_programs", "ExecutionResult", "pass_at_k", "multiple_choice_scores",
-    "exact_match", "normalized_match", "normalize_answer", "token_f1", "extract_last_number",
-    "extract_boxed",
+    "CodeTask", "Example", "ExecutionResult", "GenerativeTask", "ModelRunner",
+    "MultipleChoiceTask", "PerplexityResult", "PerplexityTask", "Task", "TaskData", "TaskResult",
+    "Template", "Verbalizer", "evaluate", "exact_match", "extract_boxed", "extract_last_number",
+    "format_table", "multiple_choice_scores", "normalize_answer", "normalized_match", "pass_at_k",
+    "perplexity", "pipeline_evaluation", "rolling_windows", "run_program", "run_programs",
+    "token_f1", "write_report",
 ]

@@ -4,7 +4,8 @@ The parent never ``exec``s or ``eval``s the program: it writes it to a fresh tem
 separate ``python -I -B`` in it with
 
 * a wall-clock timeout (the whole process group is killed) and an ``RLIMIT_CPU`` backstop;
-* ``RLIMIT_AS`` (memory), ``RLIMIT_FSIZE`` (files written), ``RLIMIT_CORE`` = 0;
+* ``RLIMIT_AS`` (memory), ``RLIMIT_FSIZE`` (files written), ``RLIMIT_CORE`` = 0, set by the
+  child's bootstrap before the program runs (no ``preexec_fn``: the parent may run threads);
 * no network: a new network namespace (``unshare --net``) when the kernel allows it, and in
   every case an audit hook (``sys.addaudithook``, which the program cannot remove) that refuses
   sockets, subprocesses, ``fork``/``exec``, signals to other processes, ``ctypes`` and writes or
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -30,9 +30,14 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-# Runs inside the child before the program; argv[1] is the program's path.
+# Runs inside the child before the program: argv = [program path, memory bytes, cpu s, file bytes].
 _BOOTSTRAP = r'''
-import os, sys
+import os, resource, sys
+_mem, _cpu, _fsize = (int(x) for x in sys.argv[2:5])
+resource.setrlimit(resource.RLIMIT_AS, (_mem, _mem))
+resource.setrlimit(resource.RLIMIT_CPU, (_cpu, _cpu + 1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (_fsize, _fsize))
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 _root = os.path.realpath(os.getcwd())
 _blocked = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn",
             "os.fork", "os.forkpty", "pty.", "ctypes.", "os.kill", "os.killpg", "signal.pthread_kill",
@@ -58,7 +63,7 @@ def _hook(event, args):
 sys.addaudithook(_hook)
 del _hook
 import runpy
-sys.argv = sys.argv[1:]
+sys.argv = sys.argv[1:2]
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
@@ -86,18 +91,10 @@ class ExecutionResult:
         return self.status == "passed"
 
 
-def _limits(memory_bytes: int, cpu_seconds: int, file_bytes: int) -> None:
-    """preexec_fn: resource limits set in the child between fork and exec."""
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-
-
 def _works(prefix: list[str]) -> bool:
     try:
         return subprocess.run(prefix + [sys.executable, "-I", "-c", "pass"], timeout=30,
-                              capture_output=True).returncode == 0
+                              capture_output=True, check=False).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
@@ -140,14 +137,14 @@ def run_program(program: str, *, timeout: float = 5.0, memory_mb: int = 1024,
         with open(path, "w") as f:
             f.write(program)
         out_path, err_path = os.path.join(tmp, ".stdout"), os.path.join(tmp, ".stderr")
-        cmd = [*isolation_prefix(), sys.executable, "-I", "-B", "-c", _BOOTSTRAP, path]
+        limits = [str(memory_mb * 2**20), str(int(timeout) + 1), str(max_file_mb * 2**20)]
+        cmd = [*isolation_prefix(), sys.executable, "-I", "-B", "-c", _BOOTSTRAP, path, *limits]
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
                "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-        limits = functools.partial(_limits, memory_mb * 2**20, int(timeout) + 1, max_file_mb * 2**20)
         start = time.monotonic()
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=err, preexec_fn=limits, start_new_session=True)
+                                    stderr=err, start_new_session=True)
             try:
                 code: int | None = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

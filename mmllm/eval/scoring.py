@@ -8,7 +8,7 @@ Two paths give the same numbers (up to float rounding):
 * plain (lm-eval's ``_loglikelihood_tokens``): each request is one right-padded row
   ``(ctx + cont)[:-1]``, left-truncated to ``max_length``; rows are sorted longest first.
 * prefix reuse: requests are grouped by context (the choices of one question share it), groups
-  are sorted longest first and packed into batches; in a batch the longest common token prefix of
+  are sorted longest first and packed into batches (by token budget); in a batch the longest common token prefix of
   all contexts (the few-shot demonstrations) is computed once with batch size 1, its KV cache is
   expanded to one row per context, the rest of every context is computed once, and the cache is
   expanded again to one row per continuation. Three forwards, no duplicated context compute.
@@ -47,14 +47,17 @@ def _right_pad(rows: Sequence[Sequence[int]], pad: int = 0) -> tuple[torch.Tenso
 
 
 def _score_rows(logp: torch.Tensor, targets: Sequence[Sequence[int]]) -> list[tuple[float, bool]]:
-    """Sums log-probs of each row's targets: ``logp`` (B, T, V) holds the predictions of them."""
-    out = []
-    for i, tgt in enumerate(targets):
-        t = torch.as_tensor(list(tgt), dtype=torch.long, device=logp.device)
-        rows = logp[i, :len(tgt)]  # (n, V)
-        ll = rows.gather(-1, t[:, None]).sum().item()
-        out.append((ll, bool((rows.argmax(-1) == t).all())))
-    return out
+    """Sums log-probs of each row's targets: ``logp`` (B, >= n, V) holds the predictions of them.
+
+    Vectorised (one device sync for the whole batch).
+    """
+    tgt, mask = _right_pad(targets)  # (B, n)
+    tgt, mask = tgt.to(logp.device), mask.to(logp.device).bool()
+    logp = logp[:, :tgt.shape[1]]
+    picked = logp.gather(-1, tgt[..., None]).squeeze(-1)  # (B, n)
+    ll = torch.where(mask, picked, torch.zeros_like(picked)).sum(1)
+    greedy = ((logp.argmax(-1) == tgt) | ~mask).all(1)
+    return list(zip(ll.tolist(), greedy.tolist()))
 
 
 @torch.inference_mode()
@@ -78,11 +81,13 @@ def score_plain(model, requests: Sequence[TokenRequest], *, max_length: int) -> 
     ids, _ = _right_pad(inputs)
     # Right padding needs no mask: causal attention never lets a real token see a later pad.
     hidden = model(ids.to(device), return_hidden=True, return_logits=False).hidden  # (B, T, C)
-    out = []
-    for i, (_, cont) in enumerate(requests):
-        logp = _logprobs(model, hidden[i, starts[i]:starts[i] + len(cont)])  # (n, V)
-        out.extend(_score_rows(logp[None], [cont]))
-    return out
+    # Only the continuation positions go through the LM head: (B, n) indices into T.
+    n = max(len(cont) for _, cont in requests)
+    pos = torch.tensor(starts)[:, None] + torch.arange(n)[None, :]
+    pos = pos.clamp(max=ids.shape[1] - 1).to(device)
+    rows = torch.arange(len(requests), device=device)[:, None]
+    logp = _logprobs(model, hidden[rows, pos])  # (B, n, V)
+    return _score_rows(logp, [cont for _, cont in requests])
 
 
 def _common_prefix(contexts: Sequence[Sequence[int]]) -> int:
@@ -153,7 +158,8 @@ def score_requests(model, requests: Sequence[TokenRequest], *, max_length: int,
         model: a DecoderLM.
         requests: ``(context_ids, continuation_ids)``; contexts and continuations non-empty.
         max_length: the model's context length (inputs longer than it are left-truncated).
-        batch_size: rows per forward (continuations per batch on the prefix-reuse path).
+        batch_size: rows per forward on the plain path; the prefix-reuse path packs the same token
+            budget per forward (more, shorter rows; see :func:`_pack`).
         reuse_prefix: compute shared contexts once (:func:`score_shared`); False scores every
             request independently (:func:`score_plain`).
         progress: show a tqdm bar.
@@ -181,6 +187,32 @@ def score_requests(model, requests: Sequence[TokenRequest], *, max_length: int,
     return results  # type: ignore[return-value]
 
 
+MAX_ROWS_PER_BATCH = 4  # x batch_size: cap on continuation rows of one prefix-reuse batch (KV memory)
+
+
+def _pack(pieces: list, cont_len, batch_size: int) -> list[list]:
+    """Packs ``(context, request indices)`` pieces (longest first) into prefix-reuse batches.
+
+    A batch takes pieces while it stays within the tokens the plain path would run for
+    ``batch_size`` rows of the batch's longest request (contexts counted once, continuations once
+    per row) and within ``MAX_ROWS_PER_BATCH * batch_size`` rows. Short continuations after long
+    shared contexts thus get many rows per forward, which keeps the three forwards of
+    :func:`score_shared` cheaper than the plain path's one per ``batch_size`` rows.
+    """
+    batches, batch, tokens, rows, budget = [], [], 0, 0, 0
+    for ctx, idx in pieces:
+        longest = max(cont_len(i) for i in idx)
+        need = len(ctx) + len(idx) * longest
+        if batch and (tokens + need > budget or rows + len(idx) > MAX_ROWS_PER_BATCH * batch_size):
+            batches.append(batch)
+            batch, tokens, rows = [], 0, 0
+        if not batch:
+            budget = batch_size * (len(ctx) + longest)
+        batch.append((ctx, idx))
+        tokens, rows = tokens + need, rows + len(idx)
+    return batches + ([batch] if batch else [])
+
+
 def _run_shared(model, requests, results, *, max_length: int, batch_size: int, bar) -> list[int]:
     """Scores the requests that fit on the prefix-reuse path; returns the indices left over."""
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -193,16 +225,10 @@ def _run_shared(model, requests, results, *, max_length: int, batch_size: int, b
     # Groups bigger than a batch are split; each piece recomputes its (shared) context.
     pieces = [(ctx, idx[s:s + batch_size]) for ctx, idx in fits for s in range(0, len(idx), batch_size)]
     pieces.sort(key=lambda p: -(len(p[0]) + max(len(requests[i][1]) for i in p[1])))
-    batch: list = []
-    for piece in pieces + [None]:
-        if piece is None or (batch and sum(len(b[1]) for b in batch) + len(piece[1]) > batch_size):
-            if batch:
-                scored = score_shared(model, [(ctx, [requests[i][1] for i in idx]) for ctx, idx in batch])
-                for (_, idx), res in zip(batch, scored):
-                    for i, r in zip(idx, res):
-                        results[i] = r
-                bar.update(sum(len(b[1]) for b in batch))
-            batch = []
-        if piece is not None:
-            batch.append(piece)
+    for batch in _pack(pieces, lambda i: len(requests[i][1]), batch_size):
+        scored = score_shared(model, [(ctx, [requests[i][1] for i in idx]) for ctx, idx in batch])
+        for (_, idx), res in zip(batch, scored):
+            for i, r in zip(idx, res):
+                results[i] = r
+        bar.update(sum(len(idx) for _, idx in batch))
     return [i for _, idx in leftover for i in idx]

@@ -221,6 +221,12 @@ class CausalLMModule(L.LightningModule):
         if self.optimizer_factory is None:
             raise ValueError("CausalLMModule needs an optimizer config to train (module.optimizer)")
         optimizer = self.optimizer_factory(self.param_groups())
+        sharded = any(isinstance(p, DTensor) for p in self.parameters())
+        if sharded and type(optimizer).__module__.startswith("bitsandbytes"):
+            raise ValueError(
+                f"{type(optimizer).__name__} (bitsandbytes) updates plain tensors and cannot step the "
+                "DTensor shards of FSDP2/TP: use module/optimizer=adamw8bit with strategy=single or "
+                "ddp, or module/optimizer=adamw with fsdp2/fsdp2_tp")
         if self.scheduler_factory is None:
             return optimizer
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 \

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from html import escape
 
-from mmllm.curation.sample_data import NON_ENGLISH, SHARED_PASSAGE, write_warc
+from mmllm.curation.sample_data import NON_ENGLISH, SHARED_PASSAGE
 
 TEXTS = {
     "bread": (
@@ -133,8 +133,8 @@ def authored_pages() -> list[dict]:
         {"url": "https://shop.example/offers", "body": page("Offers", [REPEATED] * 12),
          "expect": ("gopher_repetition", "repeated_lines")},
         {"url": "https://short.example/note",
-         "body": page("Note", ["The meeting is moved to Tuesday at ten in the small room, "
-                               "and the agenda stays the same as last week for all of us."]),
+         "body": page("Note", [("The meeting is moved to Tuesday at ten in the small room, "
+                                "and the agenda stays the same as last week for all of us.")]),
          "expect": ("gopher_quality", "word_count")},
         {"url": "https://social.example/post",
          "body": page("Volcanoes", [t["volcano"]], extra=SOCIAL),

@@ -7,14 +7,13 @@ import json
 
 import pandas as pd
 import pytest
+from curation_testdata import CORRUPT_INDEX, MAX_PAYLOAD
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
 from mmllm.curation.base import STATS_KEY
 from mmllm.curation.readers import CurationReaderStage, MissingTextColumnError, input_format
 from mmllm.curation.warc import decode_payload, iter_warc
-
-from curation_testdata import CORRUPT_INDEX, MAX_PAYLOAD
 
 
 def _expected_read_reasons(pages):

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from mmllm.distributed import grad_norm
 from mmllm.models import DecoderLM
 from mmllm.modules import CausalLMModule
 
@@ -78,10 +79,14 @@ def make_module(init_path: str, *, tie: bool, parallelism: dict | None) -> Causa
 
 
 class LossRecorder(L.Callback):
-    """Records the global mean training loss of every step (mean over ranks)."""
+    """Records the global mean training loss and the gradient norm (before clipping) of every step."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grad_norms.append(float(grad_norm(pl_module.parameters())))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"].detach().clone()
@@ -131,14 +136,39 @@ def launch(spec: dict, workdir: Path, timeout: float = 300) -> dict:
     return json.loads(result_file.read_text())
 
 
+def launch_ranks(script: Path, args: list[str], world: int, timeout: float = 180) -> list[str]:
+    """Starts ``world`` processes of ``script`` with torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT), waits for all, kills all on timeout or failure; returns their outputs."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": str(world)}
+    procs = [subprocess.Popen([sys.executable, str(script), *args],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              start_new_session=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    outputs = []
+    try:
+        deadline = time.time() + timeout
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.time()))[0])
+    finally:
+        for proc in procs:
+            _kill_group(proc.pid, grace=0.0)
+    failed = [(r, p.returncode) for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        raise RuntimeError(f"ranks failed {failed}:\n" + "\n".join(o[-4000:] for o in outputs))
+    return outputs
+
+
 def _kill_group(pgid: int, grace: float = 30.0) -> None:
     """Waits for the spawned rank to exit after rank 0, then kills whatever is left."""
     deadline = time.time() + grace
-    while time.time() < deadline:
+    while True:
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
             return
+        if time.time() >= deadline:
+            break
         time.sleep(0.2)
     try:
         os.killpg(pgid, signal.SIGKILL)

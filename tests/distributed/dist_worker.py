@@ -17,7 +17,10 @@ import torch.distributed as dist
 from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_helpers import (  # noqa: E402
@@ -35,7 +38,24 @@ from mmllm.models import DecoderLM  # noqa: E402
 PROBE = RandomTokens(2, seed=123).tokens[:, :-1]
 
 
-def fit(run: dict, world: int, out: Path) -> tuple[list[float], Trainer]:
+def describe(model) -> dict:
+    """How the model was parallelised: shard fraction held locally, placements, wrappers, offload."""
+    for m in model.modules():  # the root and last block keep parameters gathered after forward
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    params = list(model.parameters())
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    fsdp_params = fully_shard.state(model)._fsdp_param_group.fsdp_params
+    return {
+        "all_dtensor": all(isinstance(p, DTensor) for p in params),
+        "local_fraction": local / sum(p.numel() for p in params),
+        "q_placements": str(model.layers[0].attn.q_proj.weight.placements),
+        "checkpointed": sum(isinstance(b, CheckpointWrapper) for b in model.layers),
+        "offload": bool(fsdp_params[0].offload_to_cpu),
+    }
+
+
+def fit(run: dict, world: int, out: Path) -> tuple[dict, Trainer]:
     module = make_module(run["init"], tie=run["tie"], parallelism=run["parallelism"])
     dm = RandomTokensDataModule(global_batch=run.get("global_batch", 4), data_parallel=run["dp"])
     callbacks = []
@@ -53,7 +73,8 @@ def fit(run: dict, world: int, out: Path) -> tuple[list[float], Trainer]:
             logits = module.model(PROBE).logits
         if trainer.is_global_zero:
             torch.save(logits, out / f"probe_{run['name']}.pt")
-    return recorder.losses, trainer
+    result = {"losses": recorder.losses, "grad_norms": recorder.grad_norms, **describe(module.model)}
+    return result, trainer
 
 
 def meta_checks(check: dict, mesh_shape: tuple[int, int], **kwargs) -> dict:
@@ -84,8 +105,7 @@ def main() -> None:
     results: dict = {"runs": {}, "meta": {}}
     trainer, spawned = None, []
     for run in spec["runs"]:
-        losses, trainer = fit(run, world, out)
-        results["runs"][run["name"]] = losses
+        results["runs"][run["name"]], trainer = fit(run, world, out)
         spawned += getattr(trainer.strategy.launcher, "procs", [])
     for check in spec.get("meta_checks", []):
         shape = tuple(check["mesh"])

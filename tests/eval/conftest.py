@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -52,6 +51,12 @@ def build_tiny_model(vocab_size: int, seed: int = 0, max_seq_len: int = 1024):
 def tiny_model(tiny_tokenizer):
     """A random tiny DecoderLM (large init std, so choices get clearly different scores)."""
     return build_tiny_model(len(tiny_tokenizer))
+
+
+@pytest.fixture
+def make_tiny_model():
+    """The builder of fresh tiny models (for tests that train or change them)."""
+    return build_tiny_model
 
 
 @pytest.fixture

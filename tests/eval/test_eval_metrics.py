@@ -7,9 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from mmllm.eval.metrics import (exact_match, extract_answer_phrase, extract_boxed, extract_last_number,
-                                multiple_choice_scores, normalize_answer, normalize_math,
-                                normalized_match, pass_at_k, token_f1)
+from mmllm.eval.metrics import (
+    exact_match,
+    extract_answer_phrase,
+    extract_boxed,
+    extract_last_number,
+    multiple_choice_scores,
+    normalize_answer,
+    normalize_math,
+    normalized_match,
+    pass_at_k,
+    token_f1,
+)
 
 
 def test_acc_and_acc_norm_as_lm_eval_defines_them():

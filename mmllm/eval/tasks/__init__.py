@@ -6,4 +6,6 @@ from mmllm.eval.tasks.generative import GenerativeTask
 from mmllm.eval.tasks.multiple_choice import MultipleChoiceTask
 from mmllm.eval.tasks.perplexity import PerplexityTask
 
-__all__ = ["Task", "TaskResult", "MultipleChoiceTask", "GenerativeTask", "CodeTask", "PerplexityTask"]
+__all__ = [
+    "CodeTask", "GenerativeTask", "MultipleChoiceTask", "PerplexityTask", "Task", "TaskResult",
+]

@@ -1,0 +1,172 @@
+"""Dedup: MinHash recall/precision on planted near-duplicates, exact, substring (suffix array)
+and URL dedup across dumps."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from curation_testdata import TEXTS
+
+from mmllm.curation.dedup_common import keep_first
+from mmllm.curation.dedup_exact import ExactDedup
+from mmllm.curation.dedup_minhash import MinHashDedup, MinHasher, lsh_clusters
+from mmllm.curation.dedup_substring import SubstringDedup, duplicated_tokens, tokenize
+from mmllm.curation.dedup_url import SeenUrlStore, UrlDedup, normalize_url
+from mmllm.curation.sample_data import wikipedia_articles
+
+
+@pytest.fixture(scope="module")
+def wiki_texts() -> list[str]:
+    return ["\n\n".join(t for _, t in blocks) for _, blocks in wikipedia_articles()]
+
+
+def near_duplicate(text: str, rng: random.Random, edit_rate: float) -> str:
+    """Delete or replace about ``edit_rate`` of the words and add a boilerplate line."""
+    words = []
+    for w in text.split():
+        r = rng.random()
+        if r < edit_rate / 2:
+            continue
+        words.append("edited" if r < edit_rate else w)
+    return " ".join(words) + "\nShare this article with your friends"
+
+
+def test_minhash_recall_and_precision_on_planted_near_duplicates(wiki_texts):
+    rng = random.Random(0)
+    originals, n_planted = wiki_texts, 48
+    n = len(originals)
+    planted = [near_duplicate(originals[i], rng, rng.uniform(0.0, 0.04)) for i in range(n_planted)]
+    result = MinHashDedup().deduplicate_texts(originals + planted)
+    removed = {i for i, r in enumerate(result.reasons) if r}
+    # True Jaccard of each planted pair on the same word 5-gram shingles.
+    h = MinHasher()
+    jac = []
+    for i in range(n_planted):
+        a, b = (set(h.shingle_hashes(t).tolist()) for t in (originals[i], planted[i]))
+        jac.append(len(a & b) / len(a | b))
+    near = {n + i for i in range(n_planted) if jac[i] >= 0.8}
+    assert len(near) >= 20
+    recall = len(removed & near) / len(near)
+    precision = len(removed & set(range(n, n + n_planted))) / max(1, len(removed))
+    assert recall >= 0.95, recall
+    assert precision >= 0.95, precision
+    # Each caught copy points at its original, which is kept.
+    assert all(result.duplicate_of[i] == i - n for i in removed)
+    assert not any(result.reasons[:n])
+
+
+def test_minhash_char_ngrams_also_work(wiki_texts):
+    rng = random.Random(1)
+    docs = wiki_texts[:30] + [near_duplicate(wiki_texts[i], rng, 0.005) for i in range(10)]
+    result = MinHashDedup(char_ngrams=True, ngram_size=24).deduplicate_texts(docs)
+    assert {i for i, r in enumerate(result.reasons) if r} == set(range(30, 40))
+
+
+def test_signature_agreement_estimates_jaccard(wiki_texts):
+    h = MinHasher(num_perm=256)
+    rng = random.Random(2)
+    errors = []
+    for i in range(20):
+        a, b = wiki_texts[i], near_duplicate(wiki_texts[i], rng, 0.1)
+        sa, sb = set(h.shingle_hashes(a).tolist()), set(h.shingle_hashes(b).tolist())
+        true = len(sa & sb) / len(sa | sb)
+        sig = h.signatures([a, b])
+        errors.append(abs((sig[0] == sig[1]).mean() - true))
+    assert np.mean(errors) < 0.04, np.mean(errors)
+    # Deterministic across instances (workers) with the same seed; empty text -> max values.
+    assert (MinHasher().signatures(["x y z"]) == MinHasher().signatures(["x y z"])).all()
+    assert (MinHasher().signatures([""]) == np.iinfo(np.uint32).max).all()
+
+
+def test_lsh_clusters_and_keep_first():
+    sig = np.array([[1, 2, 3, 4], [9, 9, 9, 9], [1, 2, 3, 5], [1, 2, 7, 7]], dtype=np.uint32)
+    labels, pairs = lsh_clusters(sig, bands=2, rows=2)
+    assert labels[0] == labels[2] == labels[3] != labels[1] and pairs == 2
+    # With verification, doc 3 agrees with doc 0 on only half of the values.
+    labels, _ = lsh_clusters(sig, bands=2, rows=2, jaccard_threshold=0.75)
+    assert labels[0] == labels[2] and labels[3] != labels[0]
+    dup, rep = keep_first(np.array([5, 3, 5, 5, 3]))
+    assert dup.tolist() == [False, False, True, True, True] and rep.tolist() == [0, 1, 0, 0, 1]
+    with pytest.raises(ValueError, match="exceeds"):
+        lsh_clusters(sig, bands=3, rows=2)
+
+
+def test_exact_dedup_normalises_whitespace():
+    texts = ["a  b\nc", "a b c", "a b c d", " a b c "]
+    r = ExactDedup().deduplicate_texts(texts)
+    assert r.reasons == [None, "exact_duplicate", None, "exact_duplicate"]
+    assert r.cluster_sizes == {3: 1} and r.duplicate_of == {1: 0, 3: 0}
+    assert ExactDedup(normalize=False).deduplicate_texts(texts).reasons == [None] * 4
+
+
+def test_suffix_array_marks_only_later_copies():
+    a = np.arange(100, dtype=np.uint64)
+    b = np.concatenate([np.arange(500, 520), a[10:70], np.arange(600, 610)]).astype(np.uint64)
+    c = np.concatenate([a[:49], np.arange(700, 720)]).astype(np.uint64)  # only 49 shared tokens
+    marks = duplicated_tokens([a, b, c], 0, 50)
+    assert not marks[0].any()  # first occurrence kept
+    assert marks[1].sum() == 60 and marks[1][20:80].all()
+    assert not marks[2].any()  # shorter than 50 tokens
+    # A span repeated inside one document: the second copy is removed.
+    d = np.concatenate([a[:55], np.arange(800, 805), a[:55]]).astype(np.uint64)
+    [m] = duplicated_tokens([d], 0, 50)
+    assert m.sum() == 55 and m[60:].all()
+
+
+def test_substring_dedup_cuts_passage_from_later_documents():
+    passage = TEXTS["library"]  # ~140 tokens
+    docs = [TEXTS["bread"] + "\n\n" + passage, TEXTS["coffee"] + "\n\n" + passage + "\n\nThe end.",
+            TEXTS["birds"]]
+    r = SubstringDedup().deduplicate_texts(docs)
+    assert list(r.edits) == [1]
+    # Both copies follow a sentence-final "." token, so the duplicated span starts there.
+    assert r.edits[1] == TEXTS["coffee"][:-1] + "\n\nThe end."
+    assert r.reasons == [None, None, None]
+    short = SubstringDedup(min_words_after=200).deduplicate_texts(docs)
+    assert short.reasons[1] == "substring_dedup_too_short"
+    assert len(tokenize(passage)[0]) > 100
+
+
+def test_substring_dedup_sharded_equals_single_shard(wiki_texts):
+    docs = wiki_texts[:12]
+    docs[7] = docs[7] + "\n\n" + docs[2][:2000]
+    docs[11] = docs[5][:1500] + "\n\n" + docs[11]
+
+    class View:
+        def column(self, name):
+            return [len(t) for t in docs]
+
+        def texts(self, idx):
+            return [docs[i] for i in idx]
+
+    single = SubstringDedup().run(View(), {})
+    sharded = SubstringDedup(max_chars_per_shard=15_000).run(View(), {})
+    assert set(single.edits) == {7, 11}
+    assert single.edits == sharded.edits
+
+
+def test_url_normalisation():
+    assert normalize_url("HTTPS://Example.COM:443/a/b/#frag") == "https://example.com/a/b"
+    assert normalize_url("http://example.com:8080/") == "http://example.com:8080"
+    assert normalize_url("https://x.org/p?q=1") == "https://x.org/p?q=1"
+
+
+def test_url_dedup_across_dumps(tmp_path):
+    store_path = tmp_path / "seen.sqlite"
+    step = UrlDedup()
+    dump_a = ["https://a.example/1", "https://a.example/2", "https://a.example/1/", None]
+    store = SeenUrlStore(store_path)
+    r = step.find_duplicates(dump_a, store, "CC-2024-10")
+    assert r.reasons == [None, None, "duplicate_url", None] and r.duplicate_of == {2: 0}
+    dump_b = ["https://a.example/2", "https://b.example/3"]
+    r = step.find_duplicates(dump_b, store, "CC-2024-18")
+    assert r.reasons == ["url_seen_in_earlier_dump", None]
+    store.close()
+    # Persistent on disk; rerunning an earlier dump does not count its own URLs against it.
+    store = SeenUrlStore(store_path)
+    assert len(store) == 3
+    assert step.find_duplicates(dump_a, store, "CC-2024-10").reasons == \
+        [None, None, "duplicate_url", None]
+    store.close()
