@@ -36,7 +36,7 @@ PRESETS = {
     # ~7.9 M parameters: a few seconds per case on a 2-core CPU.
     "cpu": dict(model=dict(vocab_size=8192, dim=256, n_layers=4, n_heads=8, n_kv_heads=4,
                            hidden_dim=688), seq=256, batch=4, steps=2, warmup=2,
-                rounds=5, precision="fp32", compile=False),
+                rounds=8, precision="fp32", compile=False),
     # TinyLlama-1.1B shapes (GQA 32/4, SwiGLU 5632, 22 layers, 32k vocab).
     "1b": dict(model=dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                           hidden_dim=5632), seq=2048, batch=8, steps=10, warmup=5,
@@ -101,11 +101,13 @@ def make_step(side: str, case: dict, device):
     model = build(side, case["model"], case, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, case["optimizer"], device)
-    if side == "ours":
-        module = CausalLMModule(model=model)  # our training step's loss: forward_loss
-        loss_of = lambda ids, labels: module.forward_loss({"input_ids": ids, "labels": labels})[0]  # noqa: E731
-    else:
-        loss_of = lambda ids, labels: causal_lm_loss(model(input_ids=ids).logits, labels)[0]  # noqa: E731
+    module = CausalLMModule(model=model) if side == "ours" else None
+
+    def loss_of(ids, labels):
+        if module is not None:  # our training step's loss: CausalLMModule.forward_loss
+            return module.forward_loss({"input_ids": ids, "labels": labels})[0]
+        return causal_lm_loss(model(input_ids=ids).logits, labels)[0]
+
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, case["model"]["vocab_size"], (case["batch"], case["seq"] + 1), generator=g)
     ids, labels = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
@@ -124,13 +126,13 @@ def make_step(side: str, case: dict, device):
     return step
 
 
-def timed(step, n: int) -> tuple[float, float]:
-    """Seconds for ``n`` steps (the device is synchronised by reading the last loss) and that loss."""
-    t0 = time.perf_counter()
+def timed(step, n: int) -> tuple[float, float, float]:
+    """Wall seconds and CPU seconds of ``n`` steps (reading the last loss syncs the device), the loss."""
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(n):
         loss = step()
     loss = float(loss)
-    return time.perf_counter() - t0, loss
+    return time.perf_counter() - t0, time.process_time() - c0, loss
 
 
 def side_metrics(case: dict, seconds: float, n_steps: int, device) -> dict:
@@ -158,27 +160,31 @@ def run_throughput(case: dict) -> dict:
     import torch
 
     device = torch.device(case["device"])
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(case["threads"])
     steps = {side: make_step(side, case, device) for side in case["sides"]}
     first = {side: float(step()) for side, step in steps.items()}
     for step in steps.values():
         timed(step, case["warmup"] - 1)
-    times = {side: [] for side in steps}
-    last = {}
-    for _ in range(case["rounds"]):
-        for side, step in steps.items():
+    wall, cpu, last = {s: [] for s in steps}, {s: [] for s in steps}, {}
+    order = list(steps)
+    for r in range(case["rounds"]):
+        for side in order if r % 2 == 0 else order[::-1]:  # neither side always goes first
+            step = steps[side]
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            seconds, last[side] = timed(step, case["steps"])
-            times[side].append(seconds)
+            w, c, last[side] = timed(step, case["steps"])
+            wall[side].append(w)
+            cpu[side].append(c)
+    tokens = case["batch"] * case["seq"] * case["steps"]
     out = {}
     for side in steps:
-        out[side] = {**side_metrics(case, statistics.median(times[side]), case["steps"], device),
+        out[side] = {**side_metrics(case, statistics.median(wall[side]), case["steps"], device),
+                     "tokens_per_cpu_s": tokens / statistics.median(cpu[side]),
                      "first_loss": first[side], "last_loss": last[side],
-                     "round_tokens_per_s": [case["batch"] * case["seq"] * case["steps"] / t
-                                            for t in times[side]]}
+                     "round_tokens_per_s": [tokens / t for t in wall[side]]}
     if len(steps) == 2:
-        out["round_ratios"] = [h / o for o, h in zip(times["ours"], times["hf"], strict=True)]
+        # CPU seconds: what a shared machine's other jobs disturb least.
+        out["round_ratios"] = [h / o for o, h in zip(cpu["ours"], cpu["hf"], strict=True)]
     return out
 
 
@@ -188,13 +194,15 @@ def run_memory(case: dict) -> dict:
     from torch.distributed._tools.mem_tracker import MemTracker
 
     device = torch.device(case["device"])
+    torch.set_num_threads(case["threads"])
     step = make_step("ours", case, device)
     step()  # creates the optimizer state, which the tracked step then holds
     tracker = MemTracker()
     tracker.track_external(step.model, step.opt)
     with tracker:
         step()
-    peak = tracker.get_tracker_snapshot("peak")[device]
+    snapshot = tracker.get_tracker_snapshot("peak")  # keyed by torch.device("cuda:0"), "cpu", ...
+    peak = next(v for k, v in snapshot.items() if torch.device(k).type == device.type)
     gb = {str(k.value if hasattr(k, "value") else k): v / 2**30 for k, v in peak.items()}
     return {"peak_gb": gb["Total"], "activation_gb": gb["Activation"], "optstate_gb": gb["Optstate"],
             "param_gb": gb["Parameter"], "grad_gb": gb["Gradient"], "temp_gb": gb["Temp"]}
@@ -216,6 +224,7 @@ def throughput(base: dict) -> dict:
         result = spawn({**base, "kind": "throughput", "sides": ["ours", "hf"]})
         if "error" not in result:
             result["ratio"] = statistics.median(result.pop("round_ratios"))
+            result["device"] = "cpu"
         return result
     result = {side: spawn({**base, "kind": "throughput", "sides": [side]}).get(side, {"error": "?"})
               for side in ("ours", "hf")}
@@ -244,7 +253,10 @@ def print_throughput(tp: dict) -> None:
               f"{fmt(r, 'tflops', '8.1f'):>8} {fmt(r, 'mfu', '6.1%'):>6} {r['first_loss']:>7.3f} "
               f"{r['last_loss']:>7.3f}  [{rounds}]")
     if "ratio" in tp:
-        print(f"ratio ours/HF tokens/s: {tp['ratio']:.3f}")
+        basis = "per CPU-second, median of rounds" if "tokens_per_cpu_s" in tp["ours"] and \
+            tp.get("device") == "cpu" else "wall clock"
+        print(f"ratio ours/HF tokens/s: {tp['ratio']:.3f} ({basis}); tokens per CPU-second: "
+              f"ours {tp['ours']['tokens_per_cpu_s']:.1f}, hf {tp['hf']['tokens_per_cpu_s']:.1f}")
 
 
 MEMORY_CASES = {"adamw": {}, "adamw+ac_full": {"ac": "full"}, "adamw+ac_selective": {"ac": "selective"},
@@ -277,6 +289,7 @@ def main() -> None:
     p.add_argument("--precision", choices=["fp32", "bf16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attn"])
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1: per-core figures)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -288,11 +301,12 @@ def main() -> None:
     for key in ("batch", "seq", "steps", "rounds", "precision", "compile"):
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
-    base.update(device=args.device, attn=args.attn, ac="none", optimizer="adamw")
+    base.update(device=args.device, attn=args.attn, ac="none", optimizer="adamw",
+                threads=args.threads if args.device == "cpu" else (os.cpu_count() or 1))
     print(f"# pretrain step on {args.device}: Llama {base['model']}, batch {base['batch']} x seq "
           f"{base['seq']}, {base['precision']}, attn {base['attn']}, compile {base['compile']}, "
           f"{'fused ' if args.device == 'cuda' else ''}AdamW, clip 1.0; {base['rounds']} rounds of "
-          f"{base['steps']} timed steps after {base['warmup']} warm-up steps")
+          f"{base['steps']} timed steps after {base['warmup']} warm-up steps, {base['threads']} threads")
     tp = throughput(base)
     print_throughput(tp)
     mem = {} if args.skip_memory else memory(base)

@@ -70,14 +70,38 @@ def make_executor(name: ExecutorName) -> BaseExecutor:
     raise ValueError(msg)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def needs_dashboard(executor: BaseExecutor) -> bool:
+    """Xenna queries Ray's state API, which the dashboard serves."""
+    return type(executor).__name__ == "XennaExecutor"
+
+
 def uses_ray(executor: BaseExecutor) -> bool:
     """Whether the executor needs a Ray instance."""
     return not isinstance(executor, LocalExecutor)
 
 
+def _use_token_auth_if_available() -> None:
+    """Ray >= 2.5x clusters started with ``ray start`` require a token by default, but a driver
+    joining one only sends it with ``RAY_AUTH_MODE=token``: turn that on when a token exists."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    default = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.exists(
+            os.environ.get("RAY_AUTH_TOKEN_PATH") or default):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 @contextmanager
 def ray_session(*, address: str | None = None, num_cpus: int | None = None,
-                temp_dir: str | None = None) -> Iterator[None]:
+                temp_dir: str | None = None, dashboard: bool = False) -> Iterator[None]:
     """Start (and afterwards stop) a private local Ray instance, or join an existing cluster.
 
     Args:
@@ -86,6 +110,7 @@ def ray_session(*, address: str | None = None, num_cpus: int | None = None,
         num_cpus: CPUs of the local instance (``None`` = all).
         temp_dir: Parent of the instance's unique temp dir (default ``RAY_TMPDIR`` or ``/tmp``;
             keep it short: Ray's socket paths must fit in 107 bytes).
+        dashboard: Start the dashboard (Xenna reads actor state through its API).
 
     Yields:
         Nothing; Ray is initialised inside the block.
@@ -102,11 +127,13 @@ def ray_session(*, address: str | None = None, num_cpus: int | None = None,
     address = address or os.environ.get("RAY_ADDRESS") or None
     tmp = None
     if address:
+        _use_token_auth_if_available()
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     else:
         parent = temp_dir or os.environ.get("RAY_TMPDIR") or "/tmp"
         tmp = tempfile.mkdtemp(prefix="mmray-", dir=parent)
-        ray.init(num_cpus=num_cpus, _temp_dir=tmp, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=num_cpus, _temp_dir=tmp, include_dashboard=dashboard,
+                 dashboard_port=_free_port() if dashboard else None, log_to_driver=False,
                  configure_logging=False)
     try:
         yield

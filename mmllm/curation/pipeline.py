@@ -33,7 +33,7 @@ from mmllm.curation.base import STATS_KEY, merge_stats_lists
 from mmllm.curation.corpus import Stage1Corpus, run_global_steps
 from mmllm.curation.dedup_common import GlobalDedupStep
 from mmllm.curation.dedup_url import default_dump_id
-from mmllm.curation.executors import make_executor, ray_session, uses_ray
+from mmllm.curation.executors import make_executor, needs_dashboard, ray_session, uses_ray
 from mmllm.curation.readers import CurationReaderStage, input_format, shard_key
 from mmllm.curation.report import build_report, write_report
 from mmllm.curation.writer import (
@@ -148,6 +148,7 @@ def _first_pass(files: list[str], stages: list[ProcessingStage], dedup: list[Glo
         *stages, *signature_stages, ShardWriterStage(path=stage1, storage_options=storage_options)])
     tasks = [FileGroupTask(dataset_name="curation", data=[f], _metadata={"source_files": [f]})
              for f in todo]
+    ray_kwargs = {**ray_kwargs, "dashboard": needs_dashboard(executor)}
     with ray_session(**ray_kwargs) if uses_ray(executor) else nullcontext():
         pipeline.run(executor, initial_tasks=tasks)
     return todo

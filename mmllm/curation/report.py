@@ -82,13 +82,17 @@ def plot_report(report: dict[str, Any]) -> bytes:
     axes[1].set_title("Detected languages")
     axes[1].tick_params(axis="x", rotation=45)
     ax = axes[2]
-    for name, sizes in report["dedup_clusters"].items():
-        xs = sorted(sizes, key=int)
-        ax.plot([int(x) for x in xs], [sizes[x] for x in xs], marker="o", label=name)
-    ax.set_xlabel("cluster size")
+    clusters = report["dedup_clusters"]
+    sizes = sorted({int(s) for hist in clusters.values() for s in hist})
+    width = 0.8 / max(1, len(clusters))
+    for k, (name, hist) in enumerate(clusters.items()):
+        ax.bar([i + k * width for i in range(len(sizes))],
+               [hist.get(str(s), 0) for s in sizes], width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))], [str(s) for s in sizes])
+    ax.set_xlabel("cluster size (documents)")
     ax.set_ylabel("clusters")
     ax.set_title("Duplicate clusters")
-    if report["dedup_clusters"]:
+    if clusters:
         ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()

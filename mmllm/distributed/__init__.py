@@ -23,12 +23,31 @@ from mmllm.distributed.parallelize import (
     parallelize,
     sync_module_states,
 )
+from mmllm.distributed.pipeline import DecoderStage, PipelineRunner, stage_layers
+from mmllm.distributed.strategy import ModelParallelStrategy
 from mmllm.distributed.tensor_parallel import apply_tensor_parallel, check_tp_compatible
 
 __all__ = [
-    "parallelize", "apply_fsdp", "apply_tensor_parallel", "apply_activation_checkpointing",
-    "apply_compile", "checkpoint_block", "check_tp_compatible", "materialize", "load_full_state_dict",
-    "sync_module_states", "grad_norm", "clip_grad_norm_", "is_distributed_checkpoint",
-    "load_distributed_state", "model_state_dict", "consolidate_checkpoint", "rank_overrides",
+    "DecoderStage",
+    "ModelParallelStrategy",
+    "PipelineRunner",
+    "apply_activation_checkpointing",
+    "apply_compile",
+    "apply_fsdp",
+    "apply_tensor_parallel",
+    "check_tp_compatible",
+    "checkpoint_block",
+    "clip_grad_norm_",
+    "consolidate_checkpoint",
+    "grad_norm",
+    "is_distributed_checkpoint",
+    "load_distributed_state",
+    "load_full_state_dict",
+    "materialize",
+    "model_state_dict",
+    "parallelize",
+    "rank_overrides",
     "run_id",
+    "stage_layers",
+    "sync_module_states",
 ]

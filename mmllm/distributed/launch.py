@@ -79,10 +79,9 @@ def rank_overrides(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> 
     rank = external_rank(env)
     if rid is not None and not _given(argv, "hydra.run.dir"):
         out.append(f"hydra.run.dir='{RUN_DIR}{rid}'")
-    elif rank is not None and not _given(argv, "hydra.run.dir"):
-        if rank == 0:
-            log.warning("launched by torchrun/srun without a shared run id: ranks may create "
-                        "separate run directories; set MMLLM_RUN_ID or torchrun --rdzv-id")
+    elif rank == 0 and not _given(argv, "hydra.run.dir"):
+        log.warning("launched by torchrun/srun without a shared run id: ranks may create "
+                    "separate run directories; set MMLLM_RUN_ID or torchrun --rdzv-id")
     if rank:
         if not _given(argv, "hydra.output_subdir"):
             out.append("hydra.output_subdir=null")

@@ -17,7 +17,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
 
 from mmllm.distributed.activation_checkpoint import apply_activation_checkpointing
 from mmllm.distributed.tensor_parallel import apply_tensor_parallel
@@ -53,15 +59,6 @@ def has_meta_tensors(module: nn.Module) -> bool:
     return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
 
 
-def meta_init_supported(mesh: DeviceMesh | None) -> bool:
-    """Whether a meta-device model can be initialised shard by shard on ``mesh``.
-
-    DTensor's random ops draw every shard of the *global* tensor only on CUDA-like meshes; on CPU
-    each rank would draw its shard from its local generator (repeated values across shards).
-    """
-    return mesh is not None and mesh.device_type != "cpu"
-
-
 def model_class_path(model: nn.Module) -> str:
     """``module.Class`` of ``model``, skipping the classes FSDP2 creates (``FSDPDecoderLM``)."""
     cls = next(c for c in type(model).__mro__ if not c.__module__.startswith("torch.distributed"))
@@ -80,21 +77,63 @@ def init_device(mesh: DeviceMesh | None, *, cpu_offload: bool) -> torch.device:
 def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
     """Allocates a (sharded) meta-device model on ``device`` and initialises it.
 
-    ``to_empty`` allocates each rank's shards only; ``init_weights`` (DecoderLM) then fills them
-    (DTensor random ops draw each shard of the global tensor on CUDA meshes). Modules without
-    ``init_weights`` fall back to their leaves' ``reset_parameters``.
+    ``to_empty`` allocates each rank's shards only; ``init_weights`` (DecoderLM) fills them;
+    modules without it fall back to their leaves' ``reset_parameters``. DTensor random ops draw
+    each shard of the global tensor on CUDA; shards on the host (CPU meshes, CPU offload) come
+    from the local generator, so it is seeded per rank for independent shards, and replicated
+    placements are then broadcast so that replicas agree (:func:`sync_replicas`).
 
     Returns:
         ``model``.
     """
     model.to_empty(device=device)
+    host = any(t.device.type == "cpu" for t in _local_tensors(model))
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if host and distributed:
+        saved = torch.get_rng_state()
+        torch.default_generator.manual_seed(torch.initial_seed() + dist.get_rank())  # CPU only
     if hasattr(model, "init_weights"):
         model.init_weights()
     else:
         for module in model.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+    if host and distributed:
+        torch.set_rng_state(saved)
+        sync_replicas(model)
     return model
+
+
+def _local_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [t.to_local() if isinstance(t, DTensor) else t for t in (*model.parameters(), *model.buffers())]
+
+
+@torch.no_grad()
+def sync_replicas(model: nn.Module) -> None:
+    """Makes replicated copies of parameters identical after a per-rank random init.
+
+    Each Replicate mesh dim of a DTensor parameter takes the values of the dim's first rank;
+    parameters left as plain tensors take global rank 0's. Buffers are deterministic (RoPE tables).
+    """
+    for p in {id(p): p for p in model.parameters()}.values():
+        if not isinstance(p, DTensor):
+            _broadcast(p.data, src=0, group=None)
+            continue
+        mesh, local = p.device_mesh, p.to_local()
+        for dim, placement in enumerate(p.placements):
+            if placement.is_replicate() and mesh.size(dim) > 1:
+                group = mesh.get_group(dim)
+                _broadcast(local, src=dist.get_global_rank(group, 0), group=group)
+
+
+def _broadcast(t: torch.Tensor, *, src: int, group) -> None:
+    # NCCL cannot send host tensors (CPU-offloaded shards): go through the GPU.
+    if t.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        on_device = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.broadcast(on_device, src=src, group=group)
+        t.copy_(on_device)
+    else:
+        dist.broadcast(t, src=src, group=group)
 
 
 def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

@@ -31,7 +31,7 @@ class MMLLMEvalLM(TemplateLM):
         tokenizer: its HF tokenizer (or None with ``checkpoint``).
         checkpoint: a Lightning .ckpt, run dir, HF directory, .gguf or ``"smollm2"``
             (loaded with :func:`mmllm.checkpoint.load_model`).
-        batch_size: rows per forward (lm-eval passes strings from the command line).
+        batch_size: rows per forward (lm-eval passes strings from the command line; "auto" -> 16).
         max_length: context length (default: the model's).
         max_gen_toks: default generation budget.
         device: move the model there (default: where it is).
@@ -54,7 +54,9 @@ class MMLLMEvalLM(TemplateLM):
             model = model.to(device)
         self._model, self.tokenizer = model, tokenizer
         self._max_gen_toks = int(max_gen_toks)
-        self.runner = ModelRunner(model, tokenizer, batch_size=int(batch_size),
+        # lm-eval's "auto" batch-size search is not implemented: it falls back to 16.
+        batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
+        self.runner = ModelRunner(model, tokenizer, batch_size=batch_size,
                                   max_length=None if max_length is None else int(max_length),
                                   reuse_prefix=str(reuse_prefix).lower() not in ("false", "0"))
 

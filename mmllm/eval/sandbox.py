@@ -168,10 +168,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def _read(path: str, *, head: bool, limit: int = 8192) -> str:
+    """The first (``head``) or last ``limit`` bytes of a file, decoded."""
     with open(path, "rb") as f:
-        data = f.read() if head is False else f.read(limit)
-    data = data[:limit] if head else data[-limit:]
-    return data.decode("utf-8", errors="replace")
+        if not head:
+            f.seek(max(0, os.path.getsize(path) - limit))
+        return f.read(limit).decode("utf-8", errors="replace")
 
 
 def run_programs(programs: Sequence[str], *, n_workers: int = 2, progress: bool = True,

@@ -8,10 +8,11 @@ Two paths give the same numbers (up to float rounding):
 * plain (lm-eval's ``_loglikelihood_tokens``): each request is one right-padded row
   ``(ctx + cont)[:-1]``, left-truncated to ``max_length``; rows are sorted longest first.
 * prefix reuse: requests are grouped by context (the choices of one question share it), groups
-  are sorted longest first and packed into batches (by token budget); in a batch the longest common token prefix of
-  all contexts (the few-shot demonstrations) is computed once with batch size 1, its KV cache is
-  expanded to one row per context, the rest of every context is computed once, and the cache is
-  expanded again to one row per continuation. Three forwards, no duplicated context compute.
+  are sorted longest first and packed into batches by token budget; in a batch the longest common
+  token prefix of all contexts (the few-shot demonstrations) is computed once with batch size 1,
+  its KV cache is expanded to one row per context, the rest of every context is computed once,
+  and the cache is expanded again to one row per continuation. Three forwards, no duplicated
+  context compute.
 """
 
 from __future__ import annotations
@@ -122,12 +123,15 @@ def score_shared(model, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[
     P = _common_prefix(contexts)
     rest, rest_mask = _right_pad([c[P:] for c in contexts])  # (G, R)
     tail, _ = _right_pad([x[:-1] for x in conts])  # (N, Cmax - 1) inputs predicting cont[1:]
-    cache = model.new_kv_cache(1, P + rest.shape[1] + tail.shape[1])
-    # 1) the shared prefix (few-shot demonstrations), once.
+    max_len = P + rest.shape[1] + tail.shape[1]
+    # 1) the shared prefix (few-shot demonstrations), once, then one cache row per group.
     if P:
+        cache = model.new_kv_cache(1, max_len)
         model(torch.tensor([contexts[0][:P]], device=device), kv_cache=cache, return_logits=False)
+        _select_cache_rows(cache, torch.zeros(len(groups), dtype=torch.long, device=device))
+    else:
+        cache = model.new_kv_cache(len(groups), max_len)
     # 2) the rest of every context, once per group; holes of padding are masked out.
-    _select_cache_rows(cache, torch.zeros(len(groups), dtype=torch.long, device=device))
     mask = torch.cat([torch.ones(len(groups), P, dtype=torch.long), rest_mask], 1).to(device)
     hidden = model(rest.to(device), attention_mask=mask, kv_cache=cache, return_hidden=True,
                    return_logits=False).hidden  # (G, R, C)

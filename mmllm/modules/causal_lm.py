@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from mmllm.distributed import clip_grad_norm_, grad_norm, load_full_state_dict, parallelize
-from mmllm.distributed.parallelize import meta_init_supported, model_class_path
+from mmllm.distributed.parallelize import model_class_path
 from mmllm.losses import causal_lm_loss
 
 NAN_POLICIES = ("skip", "stop")
@@ -40,7 +40,7 @@ class CausalLMModule(L.LightningModule):
             dir, a .gguf, a kit .ckpt); loaded in ``configure_model`` before parallelisation.
         parallelism: keyword arguments of ``mmllm.distributed.parallelize`` (FSDP2/TP/AC/offload/
             mixed precision), plus ``meta_init``: build the model on the meta device and
-            materialise it after sharding (on GPU meshes; CPU builds it in full).
+            materialise it shard by shard after sharding (with a device mesh).
         compile: ``torch.compile`` each block.
     """
 
@@ -85,8 +85,7 @@ class CausalLMModule(L.LightningModule):
         meta_init = bool(kwargs.pop("meta_init", False))
         mesh = getattr(self, "device_mesh", None)
         if self.model is None:
-            # On CPU meshes DTensor random init is per-shard local, so build the model in full.
-            meta = meta_init and meta_init_supported(mesh)
+            meta = meta_init and mesh is not None  # one device gains nothing from it
             with torch.device("meta") if meta else nullcontext():
                 self.model = self._model_factory()
             if self.init_from and not meta:

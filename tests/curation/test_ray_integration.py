@@ -5,6 +5,7 @@ dedup path (NeMo Curator + RAPIDS), which runs only where CUDA and cuDF exist.""
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,3 +93,40 @@ def test_gpu_dedup_matches_cpu(tmp_path, warc_path, blocklist_dir):
                        overrides=[*ov, "dedup.exact.backend=gpu", "dedup.minhash.backend=gpu"])
     assert gpu.report["drop_reasons"]["exact_dedup"] == cpu.report["drop_reasons"]["exact_dedup"]
     assert gpu.num_documents == cpu.num_documents
+
+
+@pytest.mark.slow
+def test_joins_an_existing_cluster_via_ray_address(tmp_path, monkeypatch, warc_path,
+                                                   blocklist_dir, _ray_session_env):
+    """A cluster someone else started (`ray start --head`) is used and left running."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    head_tmp = tempfile.mkdtemp(prefix="mmhead-", dir=_ray_session_env)
+    ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--port", str(port), "--temp-dir", head_tmp,
+                             "--num-cpus", "2", "--include-dashboard=false",
+                             "--disable-usage-stats", "--block"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # ray_session may set it: restore after
+    try:
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+        result = run_curation(str(warc_path), tmp_path / "out", executor="ray_data",
+                              overrides=[f"stages.url_filter.blocklist_paths=[{blocklist_dir}]",
+                                         "stages.read.max_payload_bytes=200000"])
+        assert result.num_documents == 7
+        assert head.poll() is None  # the run disconnected but did not stop the cluster
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+        assert ray.cluster_resources().get("CPU") == 2.0
+        ray.shutdown()
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # our own head and everything it started
+        head.wait()

@@ -94,8 +94,8 @@ class LossRecorder(L.Callback):
         self.losses.append(float(loss))
 
 
-def trainer_kwargs(max_steps: int, recorder: LossRecorder, callbacks=()) -> dict:
-    return dict(accelerator="cpu", max_steps=max_steps, logger=False, callbacks=[recorder, *callbacks],
+def trainer_kwargs(max_steps: int, recorder: LossRecorder, callbacks=(), accelerator: str = "cpu") -> dict:
+    return dict(accelerator=accelerator, max_steps=max_steps, logger=False, callbacks=[recorder, *callbacks],
                 enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0,
                 limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
                 enable_checkpointing=bool(callbacks))

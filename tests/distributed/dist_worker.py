@@ -10,20 +10,12 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from lightning import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
-from torch.distributed.tensor import DTensor
-
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_helpers import (  # noqa: E402
+from dist_helpers import (
     MODEL,
     LossRecorder,
     RandomTokens,
@@ -31,9 +23,18 @@ from dist_helpers import (  # noqa: E402
     make_module,
     trainer_kwargs,
 )
+from lightning import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointWrapper,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 
-from mmllm.distributed import load_full_state_dict, parallelize  # noqa: E402
-from mmllm.models import DecoderLM  # noqa: E402
+from mmllm.distributed import load_full_state_dict, parallelize
+from mmllm.models import DecoderLM
 
 PROBE = RandomTokens(2, seed=123).tokens[:, :-1]
 
@@ -66,15 +67,42 @@ def fit(run: dict, world: int, out: Path) -> tuple[dict, Trainer]:
     recorder = LossRecorder()
     strategy = ModelParallelStrategy(data_parallel_size=run["dp"], tensor_parallel_size=run["tp"])
     trainer = Trainer(devices=world, strategy=strategy,
-                      **trainer_kwargs(run["steps"], recorder, callbacks))
+                      **trainer_kwargs(run["steps"], recorder, callbacks, run.get("accelerator", "cpu")))
     trainer.fit(module, datamodule=dm, ckpt_path=run.get("resume"))
     if run.get("probe"):
         with torch.no_grad():
             logits = module.model(PROBE).logits
         if trainer.is_global_zero:
             torch.save(logits, out / f"probe_{run['name']}.pt")
-    result = {"losses": recorder.losses, "grad_norms": recorder.grad_norms, **describe(module.model)}
+    result = {"losses": recorder.losses, "grad_norms": recorder.grad_norms, **describe(module.model),
+              "bnb_error": bnb_refusal(module)}
     return result, trainer
+
+
+def bnb_refusal(module) -> str | None:
+    """The error configure_optimizers raises for a bitsandbytes optimizer on DTensor shards."""
+    import bitsandbytes as bnb
+
+    module.optimizer_factory = partial(bnb.optim.AdamW8bit, lr=1e-3)
+    try:
+        module.configure_optimizers()
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def replicas_agree(model) -> bool:
+    """Every Replicate mesh dim of every parameter holds the same values on all its ranks."""
+    for p in model.parameters():
+        for dim, placement in enumerate(p.placements):
+            if placement.is_replicate() and p.device_mesh.size(dim) > 1:
+                group = p.device_mesh.get_group(dim)
+                local = p.to_local().detach()
+                first = local.clone()
+                dist.broadcast(first, src=dist.get_global_rank(group, 0), group=group)
+                if not torch.equal(first, local):
+                    return False
+    return True
 
 
 def meta_checks(check: dict, mesh_shape: tuple[int, int], **kwargs) -> dict:
@@ -83,8 +111,12 @@ def meta_checks(check: dict, mesh_shape: tuple[int, int], **kwargs) -> dict:
     with torch.device("meta"):
         model = DecoderLM(**MODEL, tie_embeddings=check["tie"])
     parallelize(model, mesh, **kwargs)
+    q = model.layers[0].attn.q_proj.weight.full_tensor()
+    half = q.shape[0] // 2
     result = {
         "meta_left": sum(t.is_meta for t in (*model.parameters(), *model.buffers())),
+        "replicas_agree": replicas_agree(model),
+        "halves_differ": not torch.equal(q[:half], q[half:]),  # shards drawn independently
         "norms_are_one": all(bool((m.weight.full_tensor() == 1).all()) for n, m in model.named_modules()
                              if n.endswith("norm")),
         "q_std": float(model.layers[0].attn.q_proj.weight.full_tensor().std()),

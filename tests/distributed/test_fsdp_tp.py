@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning import Trainer
-
 from dist_helpers import (
     LossRecorder,
     RandomTokens,
@@ -27,6 +25,7 @@ from dist_helpers import (
     save_init,
     trainer_kwargs,
 )
+from lightning import Trainer
 
 pytestmark = pytest.mark.distributed
 ATOL = 2e-5
@@ -90,7 +89,8 @@ def two_processes(workdir, inits, one_process_dcp):
     ]
     meta = [dict(name="fsdp", init=tied, tie=True, mesh=[2, 1]),
             dict(name="tp", init=untied, tie=False, mesh=[1, 2],
-                 parallelism={"sequence_parallel": True})]
+                 parallelism={"sequence_parallel": True}),
+            dict(name="tp_tied", init=tied, tie=True, mesh=[1, 2])]  # embedding replicated over TP
     return out, launch({"world": 2, "runs": runs, "meta_checks": meta}, out)
 
 
@@ -104,6 +104,7 @@ def test_fsdp2_with_activation_checkpointing_matches_single_process(two_processe
     _close(run["grad_norms"], reference["tied"]["grad_norms"])
     assert max(run["grad_norms"]) > 1.0
     assert run["losses"][-1] < run["losses"][0] - 0.1  # it trains
+    assert "cannot step the DTensor shards" in run["bnb_error"]  # 8-bit AdamW refused, clearly
 
 
 def test_fsdp2_tp_sequence_parallel_matches_single_process(two_processes, reference):
@@ -154,11 +155,26 @@ def test_distributed_checkpoint_exports_to_hf_llama(two_processes, tmp_path):
     torch.testing.assert_close(logits, trained, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["fsdp", "tp"])
+@pytest.mark.parametrize("name", ["fsdp", "tp", "tp_tied"])
 def test_meta_device_model_materialises_after_sharding(two_processes, name):
     _, result = two_processes
     meta = result["meta"][name]
     assert meta["meta_left"] == 0
     assert meta["norms_are_one"]
+    # Host shards are drawn per rank (no duplicated halves), replicas are then made equal.
+    assert meta["halves_differ"] and meta["replicas_agree"]
     assert 0.015 < meta["q_std"] < 0.025  # init_weights ran on the shards (std 0.02)
     assert meta["max_logit_diff"] < 1e-5  # a full state dict loads into the sharded model
+
+
+@pytest.mark.gpu
+def test_one_gpu_fsdp2_bf16_meta_init_with_cpu_offload(inits, tmp_path):
+    """The GPU-only paths: meta-device build + shard-wise init (DTensor RNG on CUDA), bf16
+    MixedPrecisionPolicy, CPUOffloadPolicy with pinned host shards under Lightning's model.to(cuda)."""
+    run = dict(name="gpu", dp=1, tp=1, tie=True, init=inits["tied"], steps=STEPS, accelerator="cuda",
+               parallelism={"meta_init": True, "param_dtype": "bfloat16", "cpu_offload": True,
+                            "activation_checkpointing": "selective"})
+    result = launch({"world": 1, "runs": [run]}, tmp_path)["runs"]["gpu"]
+    assert result["offload"] and result["all_dtensor"] and result["checkpointed"] == 2
+    assert all(map(torch.isfinite, torch.tensor(result["losses"])))
+    assert result["losses"][-1] < result["losses"][0] - 0.1

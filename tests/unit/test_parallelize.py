@@ -181,3 +181,38 @@ def test_run_id_prefers_the_explicit_variable():
     assert run_id({"MMLLM_RUN_ID": "x", "SLURM_JOB_ID": "1", "SLURM_PROCID": "0",
                    "SLURM_NTASKS": "2"}) == "x"
     assert run_id({"TORCHELASTIC_RUN_ID": "none", "RANK": "0"}) is None
+
+
+def _train_with_optimizer_config(name: str, device: str, tiny_lm_kwargs: dict) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from mmllm.config import CONF_DIR
+    from mmllm.modules import CausalLMModule
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"module/optimizer={name}"])
+    assert cfg.module.optimizer._target_.startswith("bitsandbytes.optim.")
+    module = CausalLMModule(model=DecoderLM(**tiny_lm_kwargs).to(device),
+                            optimizer=instantiate(cfg.module.optimizer, lr=3e-3, min_8bit_size=0))
+    opt = module.configure_optimizers()
+    ids = torch.randint(0, tiny_lm_kwargs["vocab_size"], (4, 16), device=device)
+    losses = []
+    for _ in range(8):
+        loss = module.forward_loss({"input_ids": ids, "labels": ids})[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 0.5
+    state = opt.state[module.model.layers[0].attn.q_proj.weight]
+    assert state["state1"].dtype == torch.uint8  # the first moment is stored in 8 bits
+
+
+def test_adamw8bit_config_trains_on_cpu(tiny_lm_kwargs):
+    _train_with_optimizer_config("adamw8bit", "cpu", tiny_lm_kwargs)
+
+
+@pytest.mark.gpu
+def test_paged_adamw8bit_config_trains_on_cuda(tiny_lm_kwargs):
+    _train_with_optimizer_config("paged_adamw8bit", "cuda", tiny_lm_kwargs)

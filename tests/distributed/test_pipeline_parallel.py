@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from dist_helpers import launch_ranks
 
 pytestmark = pytest.mark.distributed
@@ -45,8 +44,8 @@ def test_stage_split_and_errors(tiny_lm_kwargs):
     from mmllm.distributed.pipeline import DecoderStage, stage_layers
     from mmllm.models import DecoderLM
 
-    assert stage_layers(5, 2) == [range(0, 3), range(3, 5)]
+    assert stage_layers(5, 2) == [range(3), range(3, 5)]
     with pytest.raises(ValueError, match="cannot split 2 layers into 3"):
         stage_layers(2, 3)
     with pytest.raises(ValueError, match="tied embeddings"):
-        DecoderStage(DecoderLM(**tiny_lm_kwargs, tie_embeddings=True), range(0, 1), first=True, last=False)
+        DecoderStage(DecoderLM(**tiny_lm_kwargs, tie_embeddings=True), range(1), first=True, last=False)
