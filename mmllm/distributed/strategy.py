@@ -48,3 +48,16 @@ class ModelParallelStrategy(_LightningModelParallel):
                                  f"({self.num_nodes} nodes x {self.num_processes} devices)")
             self._data_parallel_size = world // tp
         super().setup_environment()
+
+    def model_to_device(self) -> None:
+        # Lightning moves the whole model to the GPU after configure_model. With FSDP2's
+        # CPUOffloadPolicy the sharded parameters must stay on the host (FSDP copies them to the
+        # GPU for compute), so only buffers (RoPE tables) move then.
+        parallelism = getattr(self.lightning_module, "parallelism", None) or {}
+        if not parallelism.get("cpu_offload"):
+            super().model_to_device()
+            return
+        for module in self.model.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None:
+                    module._buffers[name] = buf.to(self.root_device)

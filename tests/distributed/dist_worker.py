@@ -25,7 +25,7 @@ from dist_helpers import (
 )
 from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies import ModelParallelStrategy
+from mmllm.distributed.strategy import ModelParallelStrategy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,
 )
@@ -81,7 +81,10 @@ def fit(run: dict, world: int, out: Path) -> tuple[dict, Trainer]:
 
 def bnb_refusal(module) -> str | None:
     """The error configure_optimizers raises for a bitsandbytes optimizer on DTensor shards."""
-    import bitsandbytes as bnb
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # a GPU image without the kit's full dependencies
+        return "bitsandbytes not installed"
 
     module.optimizer_factory = partial(bnb.optim.AdamW8bit, lr=1e-3)
     try:
