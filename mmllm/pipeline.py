@@ -34,19 +34,38 @@ def _stage(name: str, summary: dict):
 
 
 def curate_stage(cfg: DictConfig, out: Path, summary: dict) -> None:
-    """Curates a WARC built from the Wikipedia sample and points the data config at the result."""
-    from mmllm.curation import build_demo_warc, run_curation
+    """Curates a WARC built from the Wikipedia sample and points the data config at the result.
+
+    The demo crawl renders the articles as web pages (navigation, share buttons, cookie banners)
+    and plants spam, a blocklisted domain, foreign-language pages, duplicates and corrupt
+    records; curation must strip or drop them before the text reaches the tokenizer.
+    """
+    from mmllm.curation import build_demo_warc, demo_overrides, run_curation
     from mmllm.data.corpora import write_jsonl
 
-    warc = build_demo_warc(out / "raw")
-    result = run_curation([str(warc)], str(out / "curated"))
-    docs = list(result.iter_documents())
-    write_jsonl((d for i, d in enumerate(docs) if i % 10 != 9), out / "corpus" / "train.jsonl")
-    write_jsonl((d for i, d in enumerate(docs) if i % 10 == 9), out / "corpus" / "val.jsonl")
+    raw = out / "raw"
+    warc = build_demo_warc(raw)
+    result = run_curation([str(warc)], str(out / "curated"), output_format="jsonl",
+                          overrides=demo_overrides(raw))
+    docs = [json.loads(line) for shard in result.shards
+            for line in Path(shard).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(docs) < 10:
+        raise RuntimeError(f"curation kept only {len(docs)} documents: see {result.report_paths}")
+    every = int(cfg.pipeline.val_every)
+    write_jsonl((d for i, d in enumerate(docs) if i % every != every - 1), out / "corpus" / "train.jsonl")
+    write_jsonl((d for i, d in enumerate(docs) if i % every == every - 1), out / "corpus" / "val.jsonl")
     with open_dict(cfg):
         cfg.data.train_texts = str(out / "corpus" / "train.jsonl")
         cfg.data.val_texts = str(out / "corpus" / "val.jsonl")
-    summary["curation"] = result.funnel_summary()
+    funnel = result.report["funnel"]
+    summary["curation"] = {
+        "input_records": funnel[0].get("docs_in") if funnel else None,
+        "output_documents": result.num_documents,
+        "output_characters": result.report["output"]["characters"],
+        "report": result.report_paths.get("md"),
+    }
+    print(f"curation: {summary['curation']['input_records']} records -> {len(docs)} documents "
+          f"(report: {summary['curation']['report']})")
 
 
 def train_stage(cfg: DictConfig, out: Path, summary: dict):
@@ -86,6 +105,8 @@ def evaluate_stage(model, tok, cfg: DictConfig, summary: dict) -> None:
     from mmllm.eval import pipeline_evaluation
 
     summary["evaluation"] = pipeline_evaluation(model, tok, cfg)
+    for task, metrics in summary["evaluation"].items():
+        print(f"{task}: " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
 
 
 def sample_stage(model, tok, cfg: DictConfig, summary: dict) -> None:
@@ -107,9 +128,13 @@ def write_summary(summary: dict, out: Path) -> None:
              f"{summary['train']['tokens_per_s']:,.0f} tokens/s, {summary['train']['params']:,} parameters",
              f"- checkpoint: {summary['checkpoint']}", f"- HF export: {summary.get('hf_export')}"]
     if "curation" in summary:
-        lines.append(f"- curation: {summary['curation']}")
+        c = summary["curation"]
+        lines.append(f"- curation: {c['input_records']} WARC records -> {c['output_documents']} "
+                     f"documents ({c['output_characters']:,} characters); report: {c['report']}")
     if "evaluation" in summary:
-        lines.append(f"- evaluation: {json.dumps(summary['evaluation'])}")
+        lines += ["", "## Evaluation", ""]
+        lines += [f"- {task}: " + ", ".join(f"{k} {v}" for k, v in m.items())
+                  for task, m in summary["evaluation"].items()]
     lines += ["", "## Samples", ""] + [f"- **{s['prompt']}**{s['completion']}" for s in summary["samples"]]
     lines += ["", "## Seconds per stage", ""] + [f"- {k}: {v}" for k, v in summary["seconds"].items()]
     (out / "summary.md").write_text("\n".join(lines) + "\n")

@@ -3,6 +3,7 @@
 from mmllm.data.mixture import Mixture, MixtureSource, plan_counts
 from mmllm.data.pretrain import MixtureBatches, PretrainDataModule
 from mmllm.data.shards import TokenShards, load_text_dataset, tokenize_to_shards
+from mmllm.data.curated import CuratedTextDataModule
 from mmllm.data.special_tokens import (
     SPECIAL_TOKENS,
     SpecialTokens,
@@ -12,6 +13,7 @@ from mmllm.data.special_tokens import (
 from mmllm.data.tokenizer import extend_vocabulary, load_tokenizer, train_bpe_tokenizer
 
 __all__ = [
+    "CuratedTextDataModule",
     "SPECIAL_TOKENS",
     "Mixture",
     "MixtureBatches",

@@ -24,3 +24,12 @@ def test_pipeline_end_to_end(tmp_path):
     assert (run / "hf" / "model.safetensors").is_file() and (run / "hf" / "tokenizer.json").is_file()
     assert (run / "summary.md").read_text().startswith("# mmllm pipeline run")
     assert "validation perplexity" in res.stdout
+    # The text came through curation: boilerplate pages in, clean documents out, with a report.
+    cur = summary["curation"]
+    assert cur["input_records"] > cur["output_documents"] >= 80
+    assert (run / "curated" / "report.md").is_file()
+    train_text = (run / "corpus" / "train.jsonl").read_text()
+    assert "Sign in" not in train_text and "uses cookies to improve" not in train_text
+    # And the trained model was evaluated.
+    ev = summary["evaluation"]
+    assert {"capitals", "capitals_3shot"} <= set(ev) and 0.0 <= ev["capitals"]["acc"] <= 1.0
