@@ -1,4 +1,4 @@
-"""Notebooks run top to bottom with the library (each asserts its own results)."""
+"""The numbered notebooks run top to bottom on the venv's python3 kernel (their cells assert too)."""
 
 from __future__ import annotations
 
@@ -11,20 +11,45 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
-def run_notebook(name: str, tmp_path: Path, timeout: int = 600) -> nbformat.NotebookNode:
-    import os
+@pytest.fixture
+def run_notebook(tmp_path, monkeypatch):
+    """Executes ``notebooks/<name>`` with MMLLM_NOTEBOOK_DIR=tmp_path; returns the notebook."""
 
-    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-    os.environ["MMLLM_NOTEBOOK_DIR"] = str(tmp_path)
-    NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    return nb
+    def run(name: str, timeout: int = 600) -> nbformat.NotebookNode:
+        monkeypatch.setenv("MMLLM_NOTEBOOK_DIR", str(tmp_path))
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        return nb
+
+    return run
 
 
-def _outputs(nb) -> str:
-    return "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+def _outputs(nb) -> list[dict]:
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def _text(nb) -> str:
+    return "\n".join(o.get("text", "") for o in _outputs(nb))
 
 
 @pytest.mark.slow
-def test_01_quickstart(tmp_path):
-    nb = run_notebook("01_quickstart.ipynb", tmp_path)
-    assert "validation perplexity" in _outputs(nb)
+def test_01_quickstart(run_notebook):
+    assert "validation perplexity" in _text(run_notebook("01_quickstart.ipynb"))
+
+
+@pytest.mark.slow
+def test_03_curation(run_notebook, tmp_path):
+    nb = run_notebook("03_curation.ipynb", timeout=300)
+    text = _text(nb)
+    assert "curated documents:" in text
+    assert "minhash: [None, 'near_duplicate', None]" in text
+    assert any(o.get("data", {}).get("image/png") for o in _outputs(nb))  # the funnel plot
+    assert (tmp_path / "curated" / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_04_evaluate(run_notebook):
+    out = _text(run_notebook("04_evaluate.ipynb", timeout=900))
+    assert "| capitals | 20 | acc |" in out and "reference solutions pass: [True, True, True]" in out
+    assert "bits/byte" in out and "lm_eval_mmllm" in out

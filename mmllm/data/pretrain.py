@@ -245,7 +245,7 @@ class PretrainDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------- resuming
     def _start_position(self, num_batches: int) -> tuple[int, int]:
         """(cycle, first batch) for the next iteration of the train loader."""
-        if self.trainer is not None and self.trainer.overfit_batches:
+        if self.trainer is not None and getattr(self.trainer, "overfit_batches", 0):
             return 0, 0  # overfitting: the same first batches every epoch
         if self._restored is not None:
             self._cycle, self._consumed = self._from_state(self._restored)
