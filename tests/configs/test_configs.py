@@ -25,7 +25,7 @@ def _compose(name: str, overrides: list[str], tmp_path: Path):
     return compose_config(name, overrides + REQUIRED.get(name, []), output_dir=tmp_path / "run")
 
 
-def _instantiate_train(cfg) -> None:
+def check_train_config_instantiates(cfg) -> None:
     """Instantiates every part of a train/pipeline config (models on the meta device)."""
     if not torch.cuda.is_available() and cfg.trainer.accelerator == "gpu":
         # GPU trainer configs are instantiated with the CPU accelerator where no GPU exists.
@@ -52,13 +52,13 @@ TRAIN_CASES = [(g, o) for g in TRAIN_GROUPS if g not in ("paths", "hydra") for o
 @pytest.mark.parametrize("group,option", TRAIN_CASES, ids=[f"{g}={o}" for g, o in TRAIN_CASES])
 def test_train_group_option_composes_and_instantiates(group, option, tmp_path):
     cfg = _compose("train", [f"{group}={option}"], tmp_path)
-    _instantiate_train(cfg)
+    check_train_config_instantiates(cfg)
     to_container(cfg)  # every interpolation resolves
 
 
 @pytest.mark.parametrize("name", ["train", "pipeline"])
 def test_train_entry_configs(name, tmp_path):
-    _instantiate_train(_compose(name, [], tmp_path))
+    check_train_config_instantiates(_compose(name, [], tmp_path))
 
 
 @pytest.mark.parametrize("name", ["generate", "export"])

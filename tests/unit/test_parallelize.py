@@ -183,7 +183,7 @@ def test_run_id_prefers_the_explicit_variable():
     assert run_id({"TORCHELASTIC_RUN_ID": "none", "RANK": "0"}) is None
 
 
-def _train_with_optimizer_config(name: str, device: str, tiny_lm_kwargs: dict) -> None:
+def check_optimizer_config_trains(name: str, device: str, tiny_lm_kwargs: dict) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -210,9 +210,9 @@ def _train_with_optimizer_config(name: str, device: str, tiny_lm_kwargs: dict) -
 
 
 def test_adamw8bit_config_trains_on_cpu(tiny_lm_kwargs):
-    _train_with_optimizer_config("adamw8bit", "cpu", tiny_lm_kwargs)
+    check_optimizer_config_trains("adamw8bit", "cpu", tiny_lm_kwargs)
 
 
 @pytest.mark.gpu
 def test_paged_adamw8bit_config_trains_on_cuda(tiny_lm_kwargs):
-    _train_with_optimizer_config("paged_adamw8bit", "cuda", tiny_lm_kwargs)
+    check_optimizer_config_trains("paged_adamw8bit", "cuda", tiny_lm_kwargs)
