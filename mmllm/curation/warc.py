@@ -117,6 +117,21 @@ def _response(rec: Any, out: dict[str, Any], max_payload_bytes: int, drop_trunca
         out["drop"] = "non_html"
     if out["drop"]:
         return
+    payload = _read_payload(rec, out, max_payload_bytes)
+    if payload is None:
+        return
+    if not mime and not _HTML_SNIFF.match(payload[:1024]):
+        out["drop"] = "non_html"
+        return
+    decoded = decode_payload(payload, charset)
+    if decoded is None:
+        out["drop"] = "undecodable"
+    else:
+        out["html"], out["charset"] = decoded
+
+
+def _read_payload(rec: Any, out: dict[str, Any], max_payload_bytes: int) -> bytes | None:
+    """A record's payload, or None with ``out["drop"]`` saying why it is unusable."""
     payload = rec.content_stream().read(max_payload_bytes + 1)
     out["raw_len"] = len(payload)
     if len(payload) > max_payload_bytes:
@@ -125,27 +140,16 @@ def _response(rec: Any, out: dict[str, Any], max_payload_bytes: int, drop_trunca
         out["drop"] = "incomplete_record"
     elif not payload.strip():
         out["drop"] = "empty"
-    elif not mime and not _HTML_SNIFF.match(payload[:1024]):
-        out["drop"] = "non_html"
     else:
-        decoded = decode_payload(payload, charset)
-        if decoded is None:
-            out["drop"] = "undecodable"
-        else:
-            out["html"], out["charset"] = decoded
+        return payload
+    return None
 
 
 def _conversion(rec: Any, out: dict[str, Any], max_payload_bytes: int) -> None:
     """WET ``conversion`` records already hold plain text."""
-    payload = rec.content_stream().read(max_payload_bytes + 1)
-    out["raw_len"], out["content_type"] = len(payload), "text/plain"
-    if len(payload) > max_payload_bytes:
-        out["drop"] = "too_large"
-    elif _incomplete(rec):
-        out["drop"] = "incomplete_record"
-    elif not payload.strip():
-        out["drop"] = "empty"
-    else:
+    out["content_type"] = "text/plain"
+    payload = _read_payload(rec, out, max_payload_bytes)
+    if payload is not None:
         decoded = decode_payload(payload, "utf-8")
         out["drop"] = "undecodable" if decoded is None else None
         out["text"] = decoded[0] if decoded else None

@@ -25,12 +25,6 @@ from tqdm.auto import tqdm
 TokenRequest = tuple[Sequence[int], Sequence[int]]
 
 
-def _select_cache_rows(cache, index: torch.Tensor) -> None:
-    """Expands / reorders the KV cache's batch rows in place: row i becomes old row ``index[i]``."""
-    cache.k = cache.k[:, index]  # (L, N, Hkv, max_len, hd), a copy: rows are written later
-    cache.v = cache.v[:, index]
-
-
 def _logprobs(model, hidden: torch.Tensor) -> torch.Tensor:
     """(..., C) final hidden states -> (..., V) float32 log-probabilities."""
     return model.lm_head(hidden).float().log_softmax(-1)
@@ -128,7 +122,7 @@ def score_shared(model, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[
     if P:
         cache = model.new_kv_cache(1, max_len)
         model(torch.tensor([contexts[0][:P]], device=device), kv_cache=cache, return_logits=False)
-        _select_cache_rows(cache, torch.zeros(len(groups), dtype=torch.long, device=device))
+        cache.select_rows(torch.zeros(len(groups), dtype=torch.long, device=device))
     else:
         cache = model.new_kv_cache(len(groups), max_len)
     # 2) the rest of every context, once per group; holes of padding are masked out.
@@ -140,7 +134,7 @@ def score_shared(model, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[
     logp = first[owner][:, None]  # (N, 1, V): prediction of cont[0]
     # 3) every continuation, after expanding the cache to one row per continuation.
     if tail.shape[1]:
-        _select_cache_rows(cache, owner)
+        cache.select_rows(owner)
         mask = torch.cat([mask[owner], torch.ones_like(tail, device=device)], 1)
         hidden = model(tail.to(device), attention_mask=mask, kv_cache=cache, return_hidden=True,
                        return_logits=False).hidden  # (N, Cmax - 1, C)

@@ -118,6 +118,15 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Reorders / repeats the batch rows: row i becomes old row ``index[i]``.
+
+        Used to compute a shared prefix once and expand it for several continuations (beam
+        search, few-shot scoring). The result is a copy, so later writes do not alias rows.
+        """
+        self.k = self.k[:, index]  # (L, N, Hkv, max_len, hd)
+        self.v = self.v[:, index]
+
 
 def _flash_ok(q: torch.Tensor, inputs: AttentionInputs, q_len: int, kv_len: int) -> bool:
     return (FLASH_ATTN_AVAILABLE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)

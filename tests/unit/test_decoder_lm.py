@@ -153,3 +153,15 @@ def test_rope_scaling_linear_interpolates_positions(tiny_lm_kwargs):
     linear = RotaryEmbedding(8, base=10000.0, scaling={"type": "linear", "factor": 4.0})
     pos = torch.arange(16)[None]
     torch.testing.assert_close(linear(pos, torch.float32)[0][:, ::4], plain(pos[:, :4], torch.float32)[0])
+
+
+def test_kv_cache_select_rows_expands_a_shared_prefix(tiny_lm_kwargs):
+    model = DecoderLM(**tiny_lm_kwargs).eval()
+    prefix, conts = torch.randint(0, 96, (1, 6)), torch.randint(0, 96, (3, 4))
+    with torch.no_grad():
+        cache = model.new_kv_cache(1, 16)
+        model(prefix, kv_cache=cache)
+        cache.select_rows(torch.zeros(3, dtype=torch.long))
+        got = model(conts, kv_cache=cache).logits
+        want = model(torch.cat([prefix.expand(3, -1), conts], 1)).logits[:, 6:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
