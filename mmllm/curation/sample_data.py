@@ -10,7 +10,6 @@ truncated responses and one corrupt gzip member. :func:`build_demo_warc` writes 
 
 from __future__ import annotations
 
-import bz2
 import io
 import random
 import re
@@ -126,17 +125,13 @@ def wikipedia_articles(*, min_words: int = 150, max_words: int = 900) -> list[tu
 @lru_cache(maxsize=2)
 def _articles(min_words: int, max_words: int) -> tuple:
     # Parsing the dump takes seconds; demos and tests ask for it repeatedly.
-    import gensim
-    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    from mmllm.data.corpora import wikipedia_pages
 
-    dump = (Path(gensim.__file__).parent / "test" / "test_data" /
-            "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
     articles = []
-    with bz2.BZ2File(dump) as fh:
-        for title, text, _ in extract_pages(fh, filter_namespaces=("0",)):
-            blocks = _wiki_blocks(filter_wiki(text), max_words)
-            if sum(len(t.split()) for k, t in blocks if k == "p") >= min_words:
-                articles.append((title, tuple(blocks)))
+    for _, title, text in wikipedia_pages():
+        blocks = _wiki_blocks(text, max_words)
+        if sum(len(t.split()) for k, t in blocks if k == "p") >= min_words:
+            articles.append((title, tuple(blocks)))
     return tuple(articles)
 
 

@@ -37,22 +37,31 @@ def clean_wikitext(text: str) -> str:
     return text.strip()
 
 
-def wikipedia_articles(path: str | Path | None = None, *, min_chars: int = 500) -> Iterator[dict]:
-    """Yields ``{"id", "title", "text"}`` for the articles of a MediaWiki XML(.bz2) dump.
+def wikipedia_pages(path: str | Path | None = None) -> Iterator[tuple[str, str, str]]:
+    """Yields ``(page_id, title, text)`` for the article pages of a MediaWiki XML(.bz2) dump.
 
-    Redirects and pages shorter than ``min_chars`` after cleaning are skipped.
+    ``text`` is gensim's ``filter_wiki`` output (markup removed, one paragraph a line, headings
+    as ``== ... ==``); redirects are skipped. Default dump: gensim's shipped sample.
     """
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
     path = Path(path) if path is not None else gensim_wikipedia_dump()
     opener = bz2.open if path.suffix == ".bz2" else open
     with opener(path, "rb") as f:
-        for title, raw, page_id in extract_pages(f):
-            if raw.lstrip().upper().startswith("#REDIRECT"):
-                continue
-            text = clean_wikitext(filter_wiki(raw))
-            if len(text) >= min_chars:
-                yield {"id": str(page_id), "title": title, "text": text}
+        for title, raw, page_id in extract_pages(f, filter_namespaces=("0",)):
+            if not raw.lstrip().upper().startswith("#REDIRECT"):
+                yield str(page_id), title, filter_wiki(raw)
+
+
+def wikipedia_articles(path: str | Path | None = None, *, min_chars: int = 500) -> Iterator[dict]:
+    """Yields ``{"id", "title", "text"}`` (plain text) for the articles of a MediaWiki dump.
+
+    Pages shorter than ``min_chars`` after cleaning are skipped.
+    """
+    for page_id, title, text in wikipedia_pages(path):
+        text = clean_wikitext(text)
+        if len(text) >= min_chars:
+            yield {"id": page_id, "title": title, "text": text}
 
 
 def write_jsonl(records, path: str | Path) -> int:
