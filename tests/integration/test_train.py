@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmllm.config import compose_config
-from mmllm.train import build, train
+from mmllm.train import build, resolve_ckpt_arg
 
 TINY = ["debug=tiny"]
 
@@ -115,7 +115,10 @@ def test_resume_after_crash_reproduces_losses(tmp_path, shared_data_dir):
         _fit(cfg, first, CrashAt(5))
     second = LossRecorder()
     cfg = compose_config("train", over + ["ckpt_path=last"], output_dir=tmp_path / "b", data_dir=shared_data_dir)
-    _, trainer = _fit(cfg, second, ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
+    # The CLI's resolution of ckpt_path=last inside the old run directory.
+    ckpt = resolve_ckpt_arg(cfg.ckpt_path, tmp_path / "b")
+    assert ckpt == str(tmp_path / "b" / "checkpoints" / "last.ckpt")
+    _, trainer = _fit(cfg, second, ckpt_path=ckpt)
     assert trainer.global_step == 8
     assert sorted(second.losses) == [5, 6, 7, 8]  # resumed from the step-4 checkpoint
     resumed = {**{s: first.losses[s] for s in range(1, 5)}, **second.losses}
