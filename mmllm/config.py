@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# The configs ship inside the package (package data), so a wheel install has them too.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def _register_resolvers() -> None:
@@ -17,6 +19,19 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def to_dtype(value: "str | torch.dtype | None") -> "torch.dtype | None":
+    """``"bfloat16"``/``"bf16"``/a torch dtype/None -> torch dtype or None (clear error otherwise)."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[value]
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -8,7 +8,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from mmllm.config import CONF_DIR
+from mmllm.config import CONF_DIR, to_dtype
 
 
 def export(checkpoint: str, output_dir: str, *, dtype: str | None = None) -> Path:
@@ -18,7 +18,7 @@ def export(checkpoint: str, output_dir: str, *, dtype: str | None = None) -> Pat
 
     model, tokenizer = load_model(checkpoint)
     out = export_hf_checkpoint(model, output_dir, tokenizer=tokenizer,
-                               dtype=getattr(torch, dtype) if dtype else None)
+                               dtype=to_dtype(dtype))
     print(f"exported {checkpoint} -> {out}")
     return out
 

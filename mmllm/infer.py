@@ -9,7 +9,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mmllm.config import CONF_DIR
+from mmllm.config import CONF_DIR, to_dtype
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -32,7 +32,7 @@ def run(cfg: DictConfig) -> list[dict]:
     from mmllm.checkpoint import load_model
     from mmllm.generation import generate
 
-    model, tokenizer = load_model(cfg.checkpoint, dtype=getattr(torch, cfg.dtype))
+    model, tokenizer = load_model(cfg.checkpoint, dtype=to_dtype(cfg.dtype))
     if tokenizer is None:
         raise ValueError(f"{cfg.checkpoint} has no tokenizer recorded; export it with one")
     prompts = read_prompts(cfg)

@@ -30,6 +30,6 @@ def test_layout_check_catches_a_violation(tmp_path):
 
 
 def test_top_level_layout():
-    for name in ("mmllm", "conf", "components", "notebooks", "tests", "benchmarks",
+    for name in ("mmllm", "mmllm/conf", "components", "notebooks", "tests", "benchmarks",
                  "pyproject.toml", "README.md", "CONTRIBUTING.md", ".ci/run"):
         assert (REPO / name).exists(), name

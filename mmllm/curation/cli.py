@@ -15,9 +15,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from mmllm.config import CONF_DIR
 from mmllm.curation.pipeline import run_from_config
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 @hydra.main(config_path=CONF_DIR, config_name="curate", version_base="1.3")

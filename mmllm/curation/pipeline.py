@@ -29,6 +29,7 @@ from nemo_curator.stages.base import ProcessingStage
 from nemo_curator.tasks import FileGroupTask
 from omegaconf import DictConfig, OmegaConf
 
+from mmllm.config import CONF_DIR as _CONF_DIR
 from mmllm.curation.base import STATS_KEY, merge_stats_lists
 from mmllm.curation.corpus import Stage1Corpus, run_global_steps
 from mmllm.curation.dedup_common import GlobalDedupStep
@@ -43,7 +44,7 @@ from mmllm.curation.writer import (
     read_sidecars,
 )
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(_CONF_DIR)
 log = logging.getLogger(__name__)
 
 
@@ -74,13 +75,16 @@ class CurationResult:
 def load_config(overrides: Sequence[str] = ()) -> DictConfig:
     """Compose ``conf/curate.yaml`` with Hydra overrides, without touching Hydra's global state
     (so it also works inside another ``@hydra.main`` application)."""
-    from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.utils import create_config_search_path
-    from hydra.types import RunMode
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
-    cfg = loader.load_configuration(config_name="curate", overrides=list(overrides),
-                                    run_mode=RunMode.RUN)
+    if GlobalHydra.instance().is_initialized():
+        # Inside another Hydra app of the kit: its search path is the same config directory.
+        cfg = compose(config_name="curate", overrides=list(overrides))
+    else:
+        # initialize_config_dir restores the (uninitialised) global state on exit.
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="curate", overrides=list(overrides))
     with_hydra = OmegaConf.to_container(cfg, resolve=False)
     with_hydra.pop("hydra", None)
     return OmegaConf.create(with_hydra)

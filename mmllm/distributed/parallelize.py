@@ -25,22 +25,11 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
+from mmllm.config import to_dtype
 from mmllm.distributed.activation_checkpoint import apply_activation_checkpointing
 from mmllm.distributed.tensor_parallel import apply_tensor_parallel
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-def to_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
-    """``"bfloat16"``/``"bf16"``/a torch dtype/None -> torch dtype or None (clear error otherwise)."""
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in DTYPES:
-        raise ValueError(f"unknown dtype {value!r}: expected one of {sorted(DTYPES)}")
-    return DTYPES[value]
 
 
 def submesh(mesh: DeviceMesh | None, name: str) -> DeviceMesh | None:

@@ -16,17 +16,18 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from mmllm.config import CONF_DIR
+
 log = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load(cfg: DictConfig):
     """``(model, tokenizer)`` of ``cfg.checkpoint`` on ``cfg.device`` in ``cfg.dtype``."""
     from mmllm.checkpoint import load_model
 
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
-    model, tokenizer = load_model(str(cfg.checkpoint), dtype=DTYPES[cfg.dtype])
+    from mmllm.config import to_dtype
+
+    model, tokenizer = load_model(str(cfg.checkpoint), dtype=to_dtype(cfg.dtype))
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 
@@ -50,7 +51,7 @@ def run(cfg: DictConfig) -> dict:
     return report
 
 
-@hydra.main(config_path=str(Path(__file__).resolve().parents[2] / "conf"), config_name="eval",
+@hydra.main(config_path=CONF_DIR, config_name="eval",
             version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """The Hydra entry point of ``mmllm eval``."""

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+
+from mmllm.config import CONF_DIR
 
 # LLaMA paper Table 2 sizes (6.7B, 13.0B, 32.5B, 65.2B) and SmolLM2-135M's 134.5 M.
 EXPECTED = {"llama_7b": 6_738_415_616, "llama_13b": 13_015_864_320,
@@ -14,7 +18,7 @@ EXPECTED = {"llama_7b": 6_738_415_616, "llama_13b": 13_015_864_320,
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_preset_parameter_count(repo_root, name):
-    cfg = OmegaConf.load(repo_root / "conf" / "model" / "lm" / f"{name}.yaml")
+    cfg = OmegaConf.load(Path(CONF_DIR) / "model" / "lm" / f"{name}.yaml")
     with torch.device("meta"):
         model = instantiate(cfg)
     assert model.num_params() == EXPECTED[name]
