@@ -30,6 +30,18 @@ def test_layout_check_catches_a_violation(tmp_path):
 
 
 def test_top_level_layout():
-    for name in ("mmllm", "mmllm/conf", "components", "notebooks", "tests", "benchmarks",
+    for name in ("mmllm", "mmllm/conf", "docs/architecture.md", "notebooks", "tests", "benchmarks",
                  "pyproject.toml", "README.md", "CONTRIBUTING.md", ".ci/run"):
         assert (REPO / name).exists(), name
+
+
+def test_nothing_refers_outside_the_repository():
+    """The kit carries its own design (docs/architecture.md); no file points at a path beside it."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    needle = "../" + "shared"  # split so this file does not match itself
+    offenders = [f for f in files if (REPO / f).is_file()
+                 and needle in (REPO / f).read_text(encoding="utf-8", errors="ignore")]
+    assert offenders == []
