@@ -1,0 +1,337 @@
+"""Running one untrusted program, and many: pipes held by the harness, a nonce, bounded output.
+
+Results the program cannot fake from outside its own process: the harness never reads a file
+the program could reach; it reads the child's stdout/stderr and a separate result pipe, each
+bounded, and calls a run *passed* only when the exit code is 0 **and** the result pipe carried
+exactly this run's random nonce, which the bootstrap (:mod:`mmllm.sandbox.child`) writes only
+after the program's last statement returned. See :mod:`mmllm.sandbox` for the residual risk.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+import selectors
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from mmllm.sandbox import isolation as iso
+
+_KEEP = 8192  # bytes of stdout (head) and stderr (tail) kept in the result
+_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+@dataclass
+class ExecutionResult:
+    """What one sandboxed run did.
+
+    Attributes:
+        status: ``"passed"`` (exit 0 and the harness saw the program finish), ``"failed"``,
+            ``"timeout"`` or ``"error"`` (the harness itself failed on this sample).
+        returncode: the exit code (negative: killed by that signal); None on timeout/error.
+        stdout: the first 8 KiB of standard output.
+        stderr: the last 8 KiB of standard error (the traceback).
+        seconds: wall time.
+        reason: why it did not pass ('' when it did).
+        isolation: the layer it ran in (``"bwrap"`` or ``"none"``).
+    """
+
+    status: str
+    returncode: int | None
+    stdout: str
+    stderr: str
+    seconds: float
+    reason: str = ""
+    isolation: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+class _Capture:
+    """Keeps the head (or the tail) of a stream, at most ``limit`` bytes, and counts the rest."""
+
+    def __init__(self, *, tail: bool, limit: int = _KEEP) -> None:
+        self.tail, self.limit, self.total, self.buf = tail, limit, 0, bytearray()
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        if self.tail:
+            self.buf += data[-self.limit:]
+            del self.buf[:-self.limit]
+        elif len(self.buf) < self.limit:
+            self.buf += data[:self.limit - len(self.buf)]
+
+    def text(self) -> str:
+        return bytes(self.buf).decode("utf-8", errors="replace")
+
+
+@functools.lru_cache(maxsize=1)
+def _child_source() -> str:
+    return (Path(__file__).parent / "child.py").read_text()
+
+
+def run_program(program: str, *, timeout: float = 5.0, memory_mb: int = 1024, max_file_mb: int = 16,
+                isolation: str = "auto", packages: Sequence[str] = (), max_processes: int = 16,
+                max_open_files: int = 256, tmpfs_mb: int = 64, max_output_mb: float = 4.0) -> ExecutionResult:
+    """Runs ``program`` (Python source) in the sandbox.
+
+    Args:
+        program: the whole program (e.g. prompt + completion + tests). It passes when it runs to
+            its end without an exception (its tests ran) and exits 0.
+        timeout: wall-clock seconds before everything it started is killed.
+        memory_mb: address-space limit per process.
+        max_file_mb: largest file it may write (``RLIMIT_FSIZE``).
+        isolation: ``"auto"``, ``"bwrap"`` or ``"none"`` (see
+            :func:`mmllm.sandbox.isolation.resolve_isolation`).
+        packages: importable names it may use beyond the standard library (read-only binds).
+        max_processes: processes and threads it may have at once (``RLIMIT_NPROC``; needs a
+            per-sample uid or bwrap).
+        max_open_files: ``RLIMIT_NOFILE``.
+        tmpfs_mb: size of its writable directory (bwrap).
+        max_output_mb: stdout + stderr beyond this kill the run (it fails).
+
+    Returns:
+        An :class:`ExecutionResult`.
+
+    Raises:
+        SandboxUnavailable: the isolation asked for cannot run here.
+    """
+    layer = iso.resolve_isolation(isolation)
+    uid = iso.allocate_uid() if layer == "bwrap" or iso.weak_can_drop_uid() else None
+    try:
+        return run_in_layer(program, layer=layer, uid=uid, timeout=timeout, memory_mb=memory_mb,
+                            max_file_mb=max_file_mb, packages=packages, max_processes=max_processes,
+                            max_open_files=max_open_files, tmpfs_mb=tmpfs_mb, max_output_mb=max_output_mb)
+    finally:
+        iso.release_uid(uid)
+
+
+def _rlimits(*, timeout: float, memory_mb: int, max_file_mb: int, max_processes: int,
+             max_open_files: int, count_processes: bool) -> dict[str, int]:
+    limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": int(timeout) + 1, "RLIMIT_FSIZE": max_file_mb << 20,
+              "RLIMIT_CORE": 0, "RLIMIT_NOFILE": max_open_files}
+    if count_processes:  # otherwise NPROC would count every process of the caller's uid
+        limits["RLIMIT_NPROC"] = max_processes
+    return limits
+
+
+def run_in_layer(program: str, *, layer: str, uid: int | None, timeout: float = 5.0, memory_mb: int = 1024,
+                 max_file_mb: int = 16, packages: Sequence[str] = (), max_processes: int = 16,
+                 max_open_files: int = 256, tmpfs_mb: int = 64, max_output_mb: float = 4.0) -> ExecutionResult:
+    """One run in an already resolved layer, as a given uid (see :func:`run_program`)."""
+    rlimits = _rlimits(timeout=timeout, memory_mb=memory_mb, max_file_mb=max_file_mb, max_processes=max_processes,
+                       max_open_files=max_open_files, count_processes=uid is not None or layer == "bwrap")
+    prog_r, prog_w = os.pipe()
+    res_r, res_w = os.pipe()
+    workdir = None
+    if layer == "bwrap":
+        prefix = iso.bwrap_command(tmpfs_bytes=tmpfs_mb << 20, packages=packages)
+        env_args = [a for k, v in {**_ENV, "HOME": iso.SANDBOX_DIR, "TMPDIR": iso.SANDBOX_DIR}.items()
+                    for a in ("--setenv", k, v)]
+        prefix[-1:-1] = env_args  # before the closing "--"
+        sys_path = [iso.PACKAGES_DIR] if packages else []
+        cwd, env = "/", {}
+    else:
+        prefix = list(iso.weak_prefix())
+        sys_path = sorted({str(Path(host).parent) for host, _ in iso.package_binds(packages)})
+        workdir = tempfile.mkdtemp(prefix="mmllm-sandbox-")
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        cwd, env = workdir, {**_ENV, "HOME": workdir, "TMPDIR": workdir}
+    cfg = {"program_fd": prog_r, "result_fd": res_w, "rlimits": rlimits, "uid": uid, "gid": uid,
+           "sys_path": sys_path, "audit_hook": True}
+    cmd = [*prefix, iso.interpreter(), "-I", "-S", "-B", "-c", _child_source(), json.dumps(cfg)]
+    nonce = secrets.token_hex(16).encode()
+    payload = program.encode("utf-8", errors="replace")
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, pass_fds=(prog_r, res_w), start_new_session=True)
+    except BaseException:
+        for fd in (prog_r, prog_w, res_r, res_w):
+            os.close(fd)
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    os.close(prog_r)
+    os.close(res_w)
+    try:
+        out = _Exchange(proc, prog_w=prog_w, res_r=res_r, max_output=int(max_output_mb * 2**20))
+        out.run(struct.pack("<Q", len(payload)) + payload + nonce, deadline=start + timeout)
+    finally:
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return _verdict(out, nonce=nonce, seconds=time.monotonic() - start, layer=layer, timeout=timeout)
+
+
+def _verdict(out: _Exchange, *, nonce: bytes, seconds: float, layer: str, timeout: float) -> ExecutionResult:
+    """Decides passed/failed/timeout from what the harness itself saw."""
+    code = None if out.timed_out else out.returncode
+    result = bytes(out.result.buf)
+    if out.timed_out:
+        status, reason = "timeout", f"no result within {timeout:g} s"
+    elif out.output_limited:
+        status, reason = "failed", f"printed more than {out.max_output} bytes"
+    elif result and result != nonce or out.result.total > len(nonce):
+        status, reason = "failed", "the result channel was written by the program"
+    elif code != 0:
+        status = "failed"
+        reason = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+    elif result != nonce:
+        status, reason = "failed", "exited with code 0 before the program finished"
+    else:
+        status, reason = "passed", ""
+    return ExecutionResult(status=status, returncode=code, stdout=out.stdout.text(), stderr=out.stderr.text(),
+                           seconds=seconds, reason=reason, isolation=layer)
+
+
+class _Exchange:
+    """Feeds the program to the child and reads its three pipes until it exits or time is up."""
+
+    def __init__(self, proc: subprocess.Popen, *, prog_w: int, res_r: int, max_output: int) -> None:
+        self.proc, self.prog_w, self.max_output = proc, prog_w, max_output
+        self.stdout, self.stderr = _Capture(tail=False), _Capture(tail=True)
+        self.result = _Capture(tail=False, limit=64)
+        self.res_r = res_r
+        self.readers = {proc.stdout.fileno(): self.stdout, proc.stderr.fileno(): self.stderr, res_r: self.result}
+        self.timed_out = self.output_limited = False
+        self.returncode: int | None = None
+
+    def run(self, payload: bytes, *, deadline: float) -> None:
+        """Runs the exchange; always leaves the child (and its whole group) dead and reaped."""
+        sel = selectors.DefaultSelector()
+        try:
+            self._loop(sel, memoryview(payload), deadline)
+        finally:
+            sel.close()
+            self._kill()
+            self._drain()
+            os.close(self.res_r)
+            os.close(self.prog_w)
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+    def _loop(self, sel: selectors.BaseSelector, pending: memoryview, deadline: float) -> None:
+        for fd in self.readers:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        os.set_blocking(self.prog_w, False)
+        sel.register(self.prog_w, selectors.EVENT_WRITE)
+        pidfd = os.pidfd_open(self.proc.pid) if hasattr(os, "pidfd_open") else None
+        if pidfd is not None:
+            sel.register(pidfd, selectors.EVENT_READ)
+        try:
+            while pidfd is not None or self.proc.poll() is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.timed_out = True
+                    return
+                for key, _ in sel.select(min(left, 0.05) if pidfd is None else left):
+                    if key.fd == pidfd:
+                        return
+                    if key.fd == self.prog_w:
+                        pending = self._feed(sel, pending)
+                    elif not self._read(key.fd):
+                        sel.unregister(key.fd)
+                if self.stdout.total + self.stderr.total > self.max_output:
+                    self.output_limited = True
+                    return
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def _feed(self, sel: selectors.BaseSelector, pending: memoryview) -> memoryview:
+        """Writes the next chunk of the program; closes the pipe when all is written."""
+        try:
+            pending = pending[os.write(self.prog_w, pending[:1 << 16]):]
+        except BlockingIOError:
+            return pending
+        except OSError:  # the child closed its end (it crashed or closed fd 3): nothing more to send
+            pending = pending[:0]
+        if not pending:
+            sel.unregister(self.prog_w)
+        return pending
+
+    def _read(self, fd: int) -> bool:
+        """Reads what is there from ``fd``; False at end of file."""
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if data:
+            self.readers[fd].add(data)
+        return bool(data)
+
+    def _drain(self) -> None:
+        """After the child is dead: takes what is left in the pipes (bounded, never blocks)."""
+        budget = self.max_output + (1 << 16)
+        for fd, capture in self.readers.items():
+            while budget > 0:
+                try:
+                    data = os.read(fd, 1 << 16)
+                except OSError:
+                    break
+                if not data:
+                    break
+                budget -= len(data)
+                capture.add(data)
+
+    def _kill(self) -> None:
+        """Kills the child's session (bwrap's --die-with-parent then takes its namespace down)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.returncode = self.proc.wait()
+
+
+def run_programs(programs: Sequence[str], *, n_workers: int = 2, progress: bool = True,
+                 **kwargs) -> list[ExecutionResult]:
+    """Runs many programs, ``n_workers`` at a time (threads waiting on subprocesses).
+
+    A sample whose run breaks the harness (an OSError, say) gets status ``"error"``; the batch
+    always completes.
+
+    Args:
+        programs: Python sources.
+        n_workers: concurrent sandboxes.
+        progress: show a tqdm bar.
+        **kwargs: passed to :func:`run_program`.
+
+    Returns:
+        One result per program, in order.
+
+    Raises:
+        SandboxUnavailable: before anything runs, when the isolation cannot be provided.
+    """
+    layer = iso.resolve_isolation(kwargs.get("isolation", "auto"))  # probe once, before the threads
+    if layer == "none":
+        iso.weak_can_drop_uid()
+    with ThreadPoolExecutor(max_workers=max(1, n_workers)) as pool:
+        futures = [pool.submit(_run_safely, p, kwargs) for p in programs]
+        return [f.result() for f in tqdm(futures, desc="executing", disable=not progress, leave=False)]
+
+
+def _run_safely(program: str, kwargs: dict) -> ExecutionResult:
+    start = time.monotonic()
+    try:
+        return run_program(program, **kwargs)
+    except Exception as e:  # noqa: BLE001 (one sample must never abort the batch)
+        return ExecutionResult(status="error", returncode=None, stdout="", stderr=repr(e),
+                               seconds=time.monotonic() - start, reason=f"sandbox error: {e!r}")
