@@ -25,6 +25,7 @@ import os
 import resource
 import struct
 import sys
+import traceback as _traceback  # before the program runs (it may break imports or sys.modules)
 
 cfg = json.loads(sys.argv[1])
 _write, _read, _exit, _close = os.write, os.read, os._exit, os.close  # bound before the program runs
@@ -74,8 +75,11 @@ def _inside(path):
         return False
 
 
+_ALLOWED = tuple(cfg["hook_allows"])  # e.g. "ctypes." when packages such as numpy are granted
+
+
 def _hook(event, args):
-    if event.startswith(_BLOCKED) and event != "socket.gethostname":
+    if event.startswith(_BLOCKED) and event != "socket.gethostname" and not event.startswith(_ALLOWED or ("\0",)):
         raise PermissionError(f"sandbox: {event} is not allowed")
     if event in _PATH_EVENTS and not all(_inside(a) for a in args[:2] if isinstance(a, (str, bytes))):
         raise PermissionError(f"sandbox: {event} outside the sandbox directory")
@@ -110,9 +114,7 @@ except SystemExit as _e:
     _code = _e.code if isinstance(_e.code, int) else (0 if _e.code is None else 1)
     _finish(_code if 0 <= _code < 256 else 1, f"\nsandbox: SystemExit({_e.code!r}) before the program finished\n")
 except BaseException as _e:
-    import traceback
-
-    traceback.print_exception(type(_e), _e, _e.__traceback__.tb_next)  # from the program's frame on
+    _traceback.print_exception(type(_e), _e, _e.__traceback__.tb_next)  # from the program's frame on
     _finish(1, "")
 _nonce = _read_exactly(_program_fd, 32)  # only now: the program's last statement has returned
 _finish_flush = (sys.stdout, sys.stderr)

@@ -153,7 +153,8 @@ def run_in_layer(program: str, *, layer: str, uid: int | None, timeout: float = 
             os.chown(workdir, uid, uid)
         cwd, env = workdir, {**_ENV, "HOME": workdir, "TMPDIR": workdir}
     cfg = {"program_fd": prog_r, "result_fd": res_w, "rlimits": rlimits, "uid": uid, "gid": uid,
-           "sys_path": sys_path, "audit_hook": True}
+           "sys_path": sys_path, "audit_hook": True,
+           "hook_allows": ["ctypes."] if packages else []}  # numpy & co. load their libraries with ctypes
     cmd = [*prefix, iso.interpreter(), "-I", "-S", "-B", "-c", _child_source(), json.dumps(cfg)]
     nonce = secrets.token_hex(16).encode()
     payload = program.encode("utf-8", errors="replace")

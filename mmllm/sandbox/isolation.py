@@ -146,6 +146,36 @@ def package_binds(packages: Sequence[str]) -> list[tuple[str, str]]:
     return sorted(binds.items())
 
 
+def _read_only_view(packages: Sequence[str]) -> list[str]:
+    """bwrap arguments for the read-only part of the root: libraries, the interpreter, packages.
+
+    bwrap creates missing parents of a mount point 0700 when run as root, which the child's own
+    uid could not traverse, so every parent is made explicitly (0755) first.
+    """
+    prefix = os.path.realpath(sys.base_prefix)
+    binds = [("/etc/ld.so.cache", "/etc/ld.so.cache"), ("/usr/lib", "/usr/lib"), ("/usr/lib64", "/usr/lib64")]
+    if prefix.startswith("/usr/"):  # a system Python: its stdlib is in /usr/lib; not /usr/bin
+        binds.append((interpreter(), interpreter()))
+    else:  # pyenv, conda, /opt/python...: the whole installation
+        binds.append((prefix, prefix))
+    binds += package_binds(packages)
+    args, made = [], {"/"}
+    for host, inside in binds:
+        if not os.path.exists(host):
+            continue
+        for parent in reversed(Path(inside).parents):
+            if str(parent) not in made and not any(str(parent).startswith(d + "/") for _, d in binds[1:]):
+                args += ["--perms", "0755", "--dir", str(parent)]
+                made.add(str(parent))
+        args += ["--ro-bind", host, inside]
+    # The installation's own site-packages (and Debian's dist-packages) stay hidden.
+    for site in {sysconfig.get_path("purelib", vars={"base": prefix, "platbase": prefix}),
+                 "/usr/lib/python3/dist-packages"}:
+        if os.path.isdir(site):
+            args += ["--tmpfs", os.path.realpath(site)]
+    return args + ["--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"]
+
+
 def bwrap_command(*, tmpfs_bytes: int, packages: Sequence[str] = ()) -> list[str]:
     """The bubblewrap prefix for one run (the interpreter command follows it).
 
@@ -156,36 +186,27 @@ def bwrap_command(*, tmpfs_bytes: int, packages: Sequence[str] = ()) -> list[str
     Returns:
         argv up to and including ``--``.
     """
-    prefix = os.path.realpath(sys.base_prefix)
-    site = os.path.realpath(sysconfig.get_path("purelib", vars={"base": prefix, "platbase": prefix}))
     cmd = ["bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
            "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--clearenv"]
     if os.geteuid() == 0:  # privileged bwrap; the child drops to its own uid (child.py)
         cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         cmd += ["--unshare-user", "--uid", "65534", "--gid", "65534"]
-    cmd += ["--ro-bind", "/usr/lib", "/usr/lib", "--ro-bind-try", "/usr/lib64", "/usr/lib64",
-            "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"]
-    if not prefix.startswith("/usr/"):
-        # bwrap would create the parents 0700 when root: make them traversable.
-        for parent in reversed(Path(prefix).parents[:-1]):
-            cmd += ["--perms", "0755", "--dir", str(parent)]
-        cmd += ["--ro-bind", prefix, prefix]
-    if os.path.isdir(site):
-        cmd += ["--tmpfs", site]  # the base install's own site-packages stay hidden
-    for host, inside in package_binds(packages):
-        cmd += ["--ro-bind", host, inside]
+    cmd += _read_only_view(packages)
     cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "0777", "--size", str(tmpfs_bytes),
             "--tmpfs", SANDBOX_DIR, "--chdir", SANDBOX_DIR, "--"]
     return cmd
 
 
+_PROBE = "import os\nassert os.access(os.path.dirname(os.__file__), os.R_OK | os.X_OK), 'stdlib unreadable'\n"
+
+
 def _probe(layer: str, uid: int | None) -> str:
-    """Runs a trivial program in ``layer``; returns '' when it passed, else why not."""
+    """Runs a tiny program in ``layer``; returns '' when it passed, else why not."""
     from mmllm.sandbox.execute import run_in_layer  # noqa: PLC0415 (execute imports this module)
 
     try:
-        res = run_in_layer("pass", layer=layer, uid=uid, timeout=60.0)
+        res = run_in_layer(_PROBE, layer=layer, uid=uid, timeout=60.0)
     except OSError as e:
         return str(e)
     return "" if res.passed else f"{res.reason}: {res.stderr.strip()[-300:]}"
