@@ -107,6 +107,11 @@ def _pids_of(uid: int) -> list[int]:
 
 
 def package_binds(packages: Sequence[str]) -> list[tuple[str, str]]:
+    return list(_package_binds(tuple(packages))) if packages else []
+
+
+@functools.lru_cache(maxsize=32)
+def _package_binds(packages: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """Read-only binds that make the named packages importable in the sandbox, and only those.
 
     Every top-level file or directory of the package's distribution is bound (e.g. ``numpy`` and
@@ -143,10 +148,11 @@ def package_binds(packages: Sequence[str]) -> list[tuple[str, str]]:
         if not found:  # not from a distribution (e.g. on PYTHONPATH): the package itself
             host = Path(spec.submodule_search_locations[0] if spec.submodule_search_locations else spec.origin)
             binds[str(host)] = f"{PACKAGES_DIR}/{host.name}"
-    return sorted(binds.items())
+    return tuple(sorted(binds.items()))
 
 
-def _read_only_view(packages: Sequence[str]) -> list[str]:
+@functools.lru_cache(maxsize=32)
+def _read_only_view(packages: tuple[str, ...]) -> tuple[str, ...]:
     """bwrap arguments for the read-only part of the root: libraries, the interpreter, packages.
 
     bwrap creates missing parents of a mount point 0700 when run as root, which the child's own
@@ -173,7 +179,7 @@ def _read_only_view(packages: Sequence[str]) -> list[str]:
                  "/usr/lib/python3/dist-packages"}:
         if os.path.isdir(site):
             args += ["--tmpfs", os.path.realpath(site)]
-    return args + ["--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"]
+    return tuple(args + ["--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64"])
 
 
 def bwrap_command(*, tmpfs_bytes: int, packages: Sequence[str] = ()) -> list[str]:
@@ -192,7 +198,7 @@ def bwrap_command(*, tmpfs_bytes: int, packages: Sequence[str] = ()) -> list[str
         cmd += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         cmd += ["--unshare-user", "--uid", "65534", "--gid", "65534"]
-    cmd += _read_only_view(packages)
+    cmd += _read_only_view(tuple(packages))
     cmd += ["--proc", "/proc", "--dev", "/dev", "--perms", "0777", "--size", str(tmpfs_bytes),
             "--tmpfs", SANDBOX_DIR, "--chdir", SANDBOX_DIR, "--"]
     return cmd
