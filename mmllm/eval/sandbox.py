@@ -4,6 +4,12 @@ Kept for the eval tasks' imports; the implementation (bubblewrap isolation, nonc
 results, residual risks) lives in :mod:`mmllm.sandbox`.
 """
 
-from mmllm.sandbox import ExecutionResult, SandboxUnavailable, resolve_isolation, run_program, run_programs
+from mmllm.sandbox import (
+    ExecutionResult,
+    SandboxUnavailable,
+    resolve_isolation,
+    run_program,
+    run_programs,
+)
 
 __all__ = ["ExecutionResult", "SandboxUnavailable", "resolve_isolation", "run_program", "run_programs"]

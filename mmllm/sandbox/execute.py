@@ -135,31 +135,18 @@ def run_in_layer(program: str, *, layer: str, uid: int | None, timeout: float = 
     """One run in an already resolved layer, as a given uid (see :func:`run_program`)."""
     rlimits = _rlimits(timeout=timeout, memory_mb=memory_mb, max_file_mb=max_file_mb, max_processes=max_processes,
                        max_open_files=max_open_files, count_processes=uid is not None or layer == "bwrap")
+    workdir = None if layer == "bwrap" else tempfile.mkdtemp(prefix="mmllm-sandbox-")
     prog_r, prog_w = os.pipe()
     res_r, res_w = os.pipe()
-    workdir = None
-    if layer == "bwrap":
-        prefix = iso.bwrap_command(tmpfs_bytes=tmpfs_mb << 20, packages=packages)
-        env_args = [a for k, v in {**_ENV, "HOME": iso.SANDBOX_DIR, "TMPDIR": iso.SANDBOX_DIR}.items()
-                    for a in ("--setenv", k, v)]
-        prefix[-1:-1] = env_args  # before the closing "--"
-        sys_path = [iso.PACKAGES_DIR] if packages else []
-        cwd, env = "/", {}
-    else:
-        prefix = list(iso.weak_prefix())
-        sys_path = sorted({str(Path(host).parent) for host, _ in iso.package_binds(packages)})
-        workdir = tempfile.mkdtemp(prefix="mmllm-sandbox-")
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        cwd, env = workdir, {**_ENV, "HOME": workdir, "TMPDIR": workdir}
-    cfg = {"program_fd": prog_r, "result_fd": res_w, "rlimits": rlimits, "uid": uid, "gid": uid,
-           "sys_path": sys_path, "audit_hook": True,
-           "hook_allows": ["ctypes."] if packages else []}  # numpy & co. load their libraries with ctypes
-    cmd = [*prefix, iso.interpreter(), "-I", "-S", "-B", "-c", _child_source(), json.dumps(cfg)]
-    nonce = secrets.token_hex(16).encode()
-    payload = program.encode("utf-8", errors="replace")
-    start = time.monotonic()
     try:
+        prefix, sys_path, cwd, env = _layer(layer, uid=uid, packages=packages, tmpfs_mb=tmpfs_mb, workdir=workdir)
+        cfg = {"program_fd": prog_r, "result_fd": res_w, "rlimits": rlimits, "uid": uid, "gid": uid,
+               "sys_path": sys_path, "audit_hook": True,
+               "hook_allows": ["ctypes."] if packages else []}  # numpy & co. load their libraries with ctypes
+        cmd = [*prefix, iso.interpreter(), "-I", "-S", "-B", "-c", _child_source(), json.dumps(cfg)]
+        nonce = secrets.token_hex(16).encode()
+        payload = program.encode("utf-8", errors="replace")
+        start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, pass_fds=(prog_r, res_w), start_new_session=True)
     except BaseException:
@@ -168,7 +155,7 @@ def run_in_layer(program: str, *, layer: str, uid: int | None, timeout: float = 
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
         raise
-    os.close(prog_r)
+    os.close(prog_r)  # the child holds its ends; EOF then means every holder is gone
     os.close(res_w)
     try:
         out = _Exchange(proc, prog_w=prog_w, res_r=res_r, max_output=int(max_output_mb * 2**20))
@@ -177,6 +164,21 @@ def run_in_layer(program: str, *, layer: str, uid: int | None, timeout: float = 
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
     return _verdict(out, nonce=nonce, seconds=time.monotonic() - start, layer=layer, timeout=timeout)
+
+
+def _layer(layer: str, *, uid: int | None, packages: Sequence[str], tmpfs_mb: int,
+           workdir: str | None) -> tuple[list[str], list[str], str, dict[str, str]]:
+    """The command prefix, extra sys.path, cwd and environment of one run in ``layer``."""
+    if layer == "bwrap":
+        prefix = iso.bwrap_command(tmpfs_bytes=tmpfs_mb << 20, packages=packages)
+        env = {**_ENV, "HOME": iso.SANDBOX_DIR, "TMPDIR": iso.SANDBOX_DIR}
+        prefix[-1:-1] = [a for k, v in env.items() for a in ("--setenv", k, v)]  # before the closing "--"
+        return prefix, [iso.PACKAGES_DIR] if packages else [], "/", {}
+    assert workdir is not None
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+    sys_path = sorted({str(Path(host).parent) for host, _ in iso.package_binds(packages)})
+    return list(iso.weak_prefix()), sys_path, workdir, {**_ENV, "HOME": workdir, "TMPDIR": workdir}
 
 
 def _verdict(out: _Exchange, *, nonce: bytes, seconds: float, layer: str, timeout: float) -> ExecutionResult:

@@ -107,11 +107,6 @@ def _pids_of(uid: int) -> list[int]:
 
 
 def package_binds(packages: Sequence[str]) -> list[tuple[str, str]]:
-    return list(_package_binds(tuple(packages))) if packages else []
-
-
-@functools.lru_cache(maxsize=32)
-def _package_binds(packages: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     """Read-only binds that make the named packages importable in the sandbox, and only those.
 
     Every top-level file or directory of the package's distribution is bound (e.g. ``numpy`` and
@@ -126,6 +121,11 @@ def _package_binds(packages: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     Raises:
         ValueError: a name that is not installed, or is part of the standard library.
     """
+    return list(_package_binds(tuple(packages))) if packages else []
+
+
+@functools.lru_cache(maxsize=32)
+def _package_binds(packages: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     dists = importlib.metadata.packages_distributions()
     binds: dict[str, str] = {}
     for name in packages:
@@ -209,7 +209,7 @@ _PROBE = "import os\nassert os.access(os.path.dirname(os.__file__), os.R_OK | os
 
 def _probe(layer: str, uid: int | None) -> str:
     """Runs a tiny program in ``layer``; returns '' when it passed, else why not."""
-    from mmllm.sandbox.execute import run_in_layer  # noqa: PLC0415 (execute imports this module)
+    from mmllm.sandbox.execute import run_in_layer
 
     try:
         res = run_in_layer(_PROBE, layer=layer, uid=uid, timeout=60.0)

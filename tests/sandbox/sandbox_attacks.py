@@ -80,6 +80,10 @@ ATTACKS = [
     Attack("list_host_dirs", "import os\nfor d in ('/work', '/home', '/root', '/etc', '/tmp'):\n"
            "    try:\n        print(d, os.listdir(d))\n    except OSError as e:\n        print(d, e)\n"
            "print(open('/etc/passwd').read())\n", "failed", ("root:x:0:0", ".venv", ".bashrc")),
+    Attack("write_sandbox_root_nohook", _spawned(
+        "for d in ('/', '/dev', '/dev/shm', '/etc', '/usr/lib', '/root', '/proc'):\n"
+        "    try: open(d + '/x', 'wb').write(b'x'); print(d, 'WRITABLE')\n    except OSError as e: print(d, e)"),
+        "contained", ("WRITABLE",)),
     Attack("fill_tmpfs", "i = 0\nwhile True:\n    open(f'f{i}', 'wb').write(b'x' * (8 << 20))\n    i += 1\n",
            "failed"),
     # --- processes by every route; detached children; bombs

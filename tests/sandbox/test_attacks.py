@@ -19,11 +19,10 @@ from pathlib import Path
 from string import Template
 
 import pytest
+from sandbox_attacks import ATTACKS, Attack, _spawned
 
 from mmllm.sandbox import isolation as iso
 from mmllm.sandbox import run_program, run_programs
-
-from sandbox_attacks import ATTACKS, Attack, _spawned
 
 pytestmark = pytest.mark.skipif(bool(iso.bwrap_error()), reason=f"bubblewrap unusable: {iso.bwrap_error()}")
 REPO = Path(__file__).resolve().parents[2]
