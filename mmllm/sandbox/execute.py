@@ -117,7 +117,7 @@ def run_program(program: str, *, timeout: float = 5.0, memory_mb: int = 1024, ma
                             max_file_mb=max_file_mb, packages=packages, max_processes=max_processes,
                             max_open_files=max_open_files, tmpfs_mb=tmpfs_mb, max_output_mb=max_output_mb)
     finally:
-        iso.release_uid(uid)
+        iso.release_uid(uid, sweep=layer != "bwrap")
 
 
 def _rlimits(*, timeout: float, memory_mb: int, max_file_mb: int, max_processes: int,
@@ -136,10 +136,13 @@ def run_in_layer(program: str, *, layer: str, uid: int | None, timeout: float = 
     rlimits = _rlimits(timeout=timeout, memory_mb=memory_mb, max_file_mb=max_file_mb, max_processes=max_processes,
                        max_open_files=max_open_files, count_processes=uid is not None or layer == "bwrap")
     workdir = None if layer == "bwrap" else tempfile.mkdtemp(prefix="mmllm-sandbox-")
-    prog_r, prog_w = os.pipe()
-    res_r, res_w = os.pipe()
+    (prog_r, prog_w), (res_r, res_w) = os.pipe(), os.pipe()
+    info_r, info_w = os.pipe() if layer == "bwrap" else (None, None)  # bwrap reports its namespace's init pid
+    child_ends = [fd for fd in (prog_r, res_w, info_w) if fd is not None]
     try:
         prefix, sys_path, cwd, env = _layer(layer, uid=uid, packages=packages, tmpfs_mb=tmpfs_mb, workdir=workdir)
+        if info_w is not None:
+            prefix[1:1] = ["--info-fd", str(info_w)]
         cfg = {"program_fd": prog_r, "result_fd": res_w, "rlimits": rlimits, "uid": uid, "gid": uid,
                "sys_path": sys_path, "audit_hook": True,
                "hook_allows": ["ctypes."] if packages else []}  # numpy & co. load their libraries with ctypes
@@ -148,17 +151,18 @@ def run_in_layer(program: str, *, layer: str, uid: int | None, timeout: float = 
         payload = program.encode("utf-8", errors="replace")
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, pass_fds=(prog_r, res_w), start_new_session=True)
+                                stderr=subprocess.PIPE, pass_fds=child_ends, start_new_session=True)
     except BaseException:
-        for fd in (prog_r, prog_w, res_r, res_w):
-            os.close(fd)
+        for fd in (*child_ends, prog_w, res_r, info_r):
+            if fd is not None:
+                os.close(fd)
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
         raise
-    os.close(prog_r)  # the child holds its ends; EOF then means every holder is gone
-    os.close(res_w)
+    for fd in child_ends:  # the child holds them now; EOF then means every holder is gone
+        os.close(fd)
     try:
-        out = _Exchange(proc, prog_w=prog_w, res_r=res_r, max_output=int(max_output_mb * 2**20))
+        out = _Exchange(proc, prog_w=prog_w, res_r=res_r, info_r=info_r, max_output=int(max_output_mb * 2**20))
         out.run(struct.pack("<Q", len(payload)) + payload + nonce, deadline=start + timeout)
     finally:
         if workdir is not None:
@@ -205,12 +209,17 @@ def _verdict(out: _Exchange, *, nonce: bytes, seconds: float, layer: str, timeou
 class _Exchange:
     """Feeds the program to the child and reads its three pipes until it exits or time is up."""
 
-    def __init__(self, proc: subprocess.Popen, *, prog_w: int, res_r: int, max_output: int) -> None:
+    def __init__(self, proc: subprocess.Popen, *, prog_w: int, res_r: int, info_r: int | None,
+                 max_output: int) -> None:
         self.proc, self.prog_w, self.max_output = proc, prog_w, max_output
         self.stdout, self.stderr = _Capture(tail=False), _Capture(tail=True)
         self.result = _Capture(tail=False, limit=64)
-        self.res_r = res_r
+        self.res_r, self.info_r = res_r, info_r
+        self.info = _Capture(tail=False, limit=4096)
         self.readers = {proc.stdout.fileno(): self.stdout, proc.stderr.fileno(): self.stderr, res_r: self.result}
+        if info_r is not None:
+            self.readers[info_r] = self.info
+        self.init_pidfd: int | None = None  # the sandbox's PID-namespace init, once bwrap named it
         self.timed_out = self.output_limited = False
         self.returncode: int | None = None
 
@@ -223,8 +232,9 @@ class _Exchange:
             sel.close()
             self._kill()
             self._drain()
-            os.close(self.res_r)
-            os.close(self.prog_w)
+            for fd in (self.res_r, self.prog_w, self.info_r, self.init_pidfd):
+                if fd is not None:
+                    os.close(fd)
             self.proc.stdout.close()
             self.proc.stderr.close()
 
@@ -250,6 +260,8 @@ class _Exchange:
                         pending = self._feed(sel, pending)
                     elif not self._read(key.fd):
                         sel.unregister(key.fd)
+                    elif key.fd == self.info_r:
+                        self._watch_init()
                 if self.stdout.total + self.stderr.total > self.max_output:
                     self.output_limited = True
                     return
@@ -295,8 +307,36 @@ class _Exchange:
                 budget -= len(data)
                 capture.add(data)
 
+    def _watch_init(self) -> None:
+        """Holds a pidfd on the namespace's init as soon as bwrap's info names it (no pid reuse)."""
+        if self.init_pidfd is not None or self.info_r is None or not self.info.buf.rstrip().endswith(b"}"):
+            return
+        try:
+            pid = int(json.loads(bytes(self.info.buf))["child-pid"])
+            self.init_pidfd = os.pidfd_open(pid)
+        except (ValueError, KeyError, OSError, AttributeError):
+            pass
+
     def _kill(self) -> None:
-        """Kills the child's session (bwrap's --die-with-parent then takes its namespace down)."""
+        """Kills everything the child started and reaps it.
+
+        With bwrap: SIGKILL to the namespace's init; the kernel then kills every process in the
+        namespace and bwrap exits only after reaping that init, so once :meth:`wait` returns
+        nothing of the run is left. Otherwise (or as a fallback): SIGKILL to the whole session.
+        """
+        if self.info_r is not None:
+            self._read(self.info_r)
+            self._watch_init()
+        if self.init_pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                self.returncode = self.proc.wait(timeout=30)
+                return
+            except subprocess.TimeoutExpired:
+                pass
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

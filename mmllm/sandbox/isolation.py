@@ -72,11 +72,12 @@ def allocate_uid() -> int | None:
                 return uid
 
 
-def release_uid(uid: int | None) -> None:
-    """Kills whatever still runs as ``uid`` (escaped children of the weak layer) and frees it."""
+def release_uid(uid: int | None, *, sweep: bool = True) -> None:
+    """Frees ``uid``; with ``sweep``, first kills whatever still runs as it (the weak layer's
+    escaped children; bwrap runs need no sweep: their PID namespace is gone when they end)."""
     if uid is None:
         return
-    for _ in range(100):  # each round kills everything seen; a dying process cannot fork
+    for _ in range(100 if sweep else 0):  # each round kills everything seen; a dying process cannot fork
         pids = [p for p in _pids_of(uid)]
         if not pids:
             break
