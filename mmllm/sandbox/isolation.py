@@ -161,7 +161,7 @@ def _read_only_view(packages: tuple[str, ...]) -> tuple[str, ...]:
     """
     prefix = os.path.realpath(sys.base_prefix)
     binds = [("/etc/ld.so.cache", "/etc/ld.so.cache"), ("/usr/lib", "/usr/lib"), ("/usr/lib64", "/usr/lib64")]
-    if prefix.startswith("/usr/"):  # a system Python: its stdlib is in /usr/lib; not /usr/bin
+    if prefix == "/usr" or prefix.startswith("/usr/"):  # a system Python: stdlib in /usr/lib; not /usr/bin
         binds.append((interpreter(), interpreter()))
     else:  # pyenv, conda, /opt/python...: the whole installation
         binds.append((prefix, prefix))
