@@ -181,3 +181,12 @@ def test_canaries_catch_an_escape_from_the_weak_layer(host):
         assert path.exists()
     finally:
         path.unlink(missing_ok=True)
+
+
+def test_known_residual_a_program_aimed_at_this_harness_can_forge_a_pass():
+    """Documented limit (mmllm.sandbox docstring): the tests share the program's process, so a
+    program that knows the protocol can take the nonce from its input pipe and forge the
+    epilogue. Were this ever to fail, the protocol got stronger: update the docs."""
+    forger = ("import os, json\ncfg = json.loads(open('/proc/self/cmdline', 'rb').read().split(b'\\0')[-2])\n"
+              "os.write(cfg['result_fd'], os.read(cfg['program_fd'], 32))\nos._exit(0)\nassert False\n")
+    assert run_program(forger, isolation="bwrap").passed
