@@ -110,6 +110,10 @@ def run_program(program: str, *, timeout: float = 5.0, memory_mb: int = 1024, ma
     Raises:
         SandboxUnavailable: the isolation asked for cannot run here.
     """
+    limits = {"timeout": timeout, "memory_mb": memory_mb, "max_file_mb": max_file_mb, "max_processes": max_processes,
+              "max_open_files": max_open_files, "tmpfs_mb": tmpfs_mb, "max_output_mb": max_output_mb}
+    if bad := {k: v for k, v in limits.items() if not v > 0}:
+        raise ValueError(f"sandbox limits must be positive, got {bad}")
     layer = iso.resolve_isolation(isolation)
     uid = iso.allocate_uid() if layer == "bwrap" or iso.weak_can_drop_uid() else None
     try:
@@ -122,7 +126,8 @@ def run_program(program: str, *, timeout: float = 5.0, memory_mb: int = 1024, ma
 
 def _rlimits(*, timeout: float, memory_mb: int, max_file_mb: int, max_processes: int,
              max_open_files: int, count_processes: bool) -> dict[str, int]:
-    limits = {"RLIMIT_AS": memory_mb << 20, "RLIMIT_CPU": int(timeout) + 1, "RLIMIT_FSIZE": max_file_mb << 20,
+    limits = {"RLIMIT_AS": int(memory_mb * 2**20), "RLIMIT_CPU": int(timeout) + 1,
+              "RLIMIT_FSIZE": int(max_file_mb * 2**20),
               "RLIMIT_CORE": 0, "RLIMIT_NOFILE": max_open_files}
     if count_processes:  # otherwise NPROC would count every process of the caller's uid
         limits["RLIMIT_NPROC"] = max_processes
@@ -174,7 +179,7 @@ def _layer(layer: str, *, uid: int | None, packages: Sequence[str], tmpfs_mb: in
            workdir: str | None) -> tuple[list[str], list[str], str, dict[str, str]]:
     """The command prefix, extra sys.path, cwd and environment of one run in ``layer``."""
     if layer == "bwrap":
-        prefix = iso.bwrap_command(tmpfs_bytes=tmpfs_mb << 20, packages=packages)
+        prefix = iso.bwrap_command(tmpfs_bytes=int(tmpfs_mb * 2**20), packages=packages)
         env = {**_ENV, "HOME": iso.SANDBOX_DIR, "TMPDIR": iso.SANDBOX_DIR}
         prefix[-1:-1] = [a for k, v in env.items() for a in ("--setenv", k, v)]  # before the closing "--"
         return prefix, [iso.PACKAGES_DIR] if packages else [], "/", {}

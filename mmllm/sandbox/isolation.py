@@ -11,7 +11,8 @@ Two layers exist:
   (all mounts made as root) and the child drops to a uid of its own per sample (see
   :func:`allocate_uid`); as a normal user bwrap makes a user namespace instead (uid 65534).
 * ``"none"``: the weak layer only (rlimits, audit hook, per-sample uid when root, ``unshare
-  --net`` when allowed). A program can read the host file system and escape with ``setsid``.
+  --net`` when allowed). A program can read what its uid may read on the host, and children it
+  detaches with ``setsid`` are killed afterwards only when a per-sample uid was possible.
 
 Why not bwrap's own user namespace when root: it maps the child to host uid 0, which the kernel
 exempts from ``RLIMIT_NPROC`` (fork bombs) and which owns the host's files.
@@ -130,6 +131,8 @@ def _package_binds(packages: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     dists = importlib.metadata.packages_distributions()
     binds: dict[str, str] = {}
     for name in packages:
+        if not name.isidentifier():
+            raise ValueError(f"sandbox packages are top-level import names (e.g. 'numpy'), got {name!r}")
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None and not spec.submodule_search_locations:
             raise ValueError(f"sandbox package {name!r} is not installed")
