@@ -4,6 +4,15 @@
 # ARCHITECTURE.md); elsewhere pip downloads them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# bubblewrap: the code sandbox's OS isolation (mmllm.sandbox). Installed only when missing.
+if ! command -v bwrap >/dev/null; then
+  as_root=""
+  [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null && sudo -n true 2>/dev/null && as_root=sudo; } || as_root=none
+  if command -v apt-get >/dev/null && [ "$as_root" != none ]; then
+    { $as_root apt-get update -qq && $as_root apt-get install -y -qq bubblewrap >/dev/null; } || true
+  fi
+  command -v bwrap >/dev/null || echo "setup: bubblewrap (bwrap) not installed: the code sandbox refuses to run unless isolation='none' (weaker)" >&2
+fi
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
 if [ ! -x .venv/bin/python ]; then

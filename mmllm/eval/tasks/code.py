@@ -17,9 +17,9 @@ class CodeTask(Task):
     """Generates ``n_samples`` completions per problem and runs each against the problem's tests.
 
     The program is ``meta["program_prefix"] + completion + "\\n" + meta["tests"]`` (HumanEval:
-    prompt + completion + test + ``check(entry_point)``; MBPP: completion + asserts); exit code 0
-    means the sample passed. Execution happens only in a sandboxed child process
-    (:mod:`mmllm.eval.sandbox`), never in this process.
+    prompt + completion + test + ``check(entry_point)``; MBPP: completion + asserts); it passes
+    when it runs to its end (the tests ran) and exits 0. Execution happens only in a sandboxed
+    child process (:mod:`mmllm.sandbox`), never in this process.
 
     Args:
         ks: the k of every reported pass@k (each <= ``n_samples``).
@@ -30,13 +30,14 @@ class CodeTask(Task):
         timeout: seconds per program.
         memory_mb: address-space limit per program.
         n_workers: programs run at once.
+        isolation: the sandbox layer, ``"auto"``/``"bwrap"``/``"none"`` (:mod:`mmllm.sandbox`).
         **kwargs: see :class:`Task`.
     """
 
     def __init__(self, *, ks: Sequence[int] = (1,), n_samples: int = 1, temperature: float = 0.0,
                  top_p: float | None = 0.95, max_new_tokens: int = 384,
                  stop: Sequence[str] = HUMANEVAL_STOP, timeout: float = 5.0, memory_mb: int = 1024,
-                 n_workers: int = 2, **kwargs) -> None:
+                 n_workers: int = 2, isolation: str = "auto", **kwargs) -> None:
         super().__init__(**kwargs)
         if any(k > n_samples or k < 1 for k in ks):
             raise ValueError(f"every k of pass@k must be in [1, n_samples={n_samples}], got {list(ks)}")
@@ -47,6 +48,7 @@ class CodeTask(Task):
         self.ks, self.n_samples = list(ks), n_samples
         self.temperature, self.top_p, self.max_new_tokens = temperature, top_p, max_new_tokens
         self.stop, self.timeout, self.memory_mb, self.n_workers = list(stop), timeout, memory_mb, n_workers
+        self.isolation = isolation
 
     def demo_answer(self, example: Example) -> str:
         return example.answers[0]
@@ -61,7 +63,7 @@ class CodeTask(Task):
         """Runs every completion of every example; returns pass/fail per completion."""
         programs = [self.program(ex, c) for ex, cs in zip(examples, completions) for c in cs]
         results = run_programs(programs, n_workers=self.n_workers, timeout=self.timeout,
-                               memory_mb=self.memory_mb, progress=progress)
+                               memory_mb=self.memory_mb, isolation=self.isolation, progress=progress)
         out, i = [], 0
         for cs in completions:
             out.append([r.passed for r in results[i:i + len(cs)]])
