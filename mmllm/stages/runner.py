@@ -1,0 +1,232 @@
+"""Runs the stages of a pipeline in order, skipping the finished ones (see :mod:`mmllm.stages.base`).
+
+    stages = build_stages(cfg.pipeline.stages)          # {name: _target_ node}, in order
+    run_stages(stages, cfg, run_dir, select=["pretrain"])
+
+A stage is *up to date* when its marker's fingerprint matches the current one and its outputs
+exist; it is then skipped. Otherwise it reruns when selected (all stages by default). A selected
+stage whose inputs are not up to date is refused with an error naming the missing stage; a stage
+that fails raises :class:`StageError` naming it, writes no marker and stops the run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from mmllm.stages.base import (Marker, Stage, StageContext, apply_config_updates, config_diff,
+                               fingerprint, new_run_id, now_iso, stage_dir, _relative)
+from mmllm.stages.capture import CapturedOutput
+
+
+class StageError(RuntimeError):
+    """A stage failed, or cannot run because an input stage has not finished.
+
+    Attributes:
+        stage: the stage's name.
+        log: its log file (None when it did not start).
+        tail: the last lines it printed.
+    """
+
+    def __init__(self, stage: str, message: str, *, log: Path | None = None, tail: Sequence[str] = ()):
+        super().__init__(message)
+        self.stage, self.log, self.tail = stage, log, list(tail)
+
+
+@dataclasses.dataclass
+class PlannedStage:
+    """A stage of the pipeline with what the runner knows about it."""
+
+    name: str
+    stage: Stage
+    node: dict  # the resolved config node (target and options): part of the fingerprint
+    deps: list[str]  # the stages it reads, resolved against the pipeline
+
+
+@dataclasses.dataclass
+class StageStatus:
+    """What happened to one stage in this invocation.
+
+    ``status`` is "ran", "skipped" (up to date), "outdated" (not selected and not up to date),
+    "failed" or "pending" (after a failure).
+    """
+
+    name: str
+    status: str
+    seconds: float | None = None
+    reason: str = ""
+
+
+def build_stages(nodes: DictConfig | dict) -> list[PlannedStage]:
+    """Instantiates the ``{name: _target_ node}`` mapping of ``pipeline.stages``, keeping its order.
+
+    A node set to null removes that stage (``pipeline.stages.curate=null``). Raises ValueError when
+    a stage reads a stage that is not listed before it.
+    """
+    planned: list[PlannedStage] = []
+    for name, node in (nodes or {}).items():
+        if node is None:
+            continue
+        if "_target_" not in node:
+            raise ValueError(f"pipeline stage {name!r} has no _target_ (the Stage class to run)")
+        stage = instantiate(node, _convert_="all")
+        if not isinstance(stage, Stage):
+            raise TypeError(f"pipeline stage {name!r}: {node['_target_']} is not a mmllm.stages.Stage")
+        stage.name = name
+        container = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+        planned.append(PlannedStage(name, stage, container, _deps(stage, name, [p.name for p in planned],
+                                                                  list(nodes))))
+    return planned
+
+
+def _deps(stage: Stage, name: str, earlier: list[str], everything: list[str]) -> list[str]:
+    deps = []
+    for dep in stage.inputs:
+        if dep not in earlier:
+            where = "listed after it" if dep in everything else "not in pipeline.stages"
+            raise ValueError(f"pipeline stage {name!r} reads stage {dep!r}, which is {where}: "
+                             f"the stages are {everything}")
+        deps.append(dep)
+    for dep in stage.optional_inputs:  # read when the pipeline has them; "*": every earlier stage
+        deps += [e for e in (earlier if dep == "*" else [dep]) if e in earlier and e not in deps]
+    return deps
+
+
+def _section(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def stage_config(p: PlannedStage, cfg: DictConfig, done: dict[str, Marker]) -> dict:
+    """What the fingerprint of ``p`` covers: its node, its config sections, its inputs' run ids."""
+    return {"stage": p.node, "config": {k: _section(cfg, k) for k in p.stage.config_keys},
+            "inputs": {d: done[d].run_id for d in p.deps}}
+
+
+def _outdated(p: PlannedStage, marker: Marker | None, config: dict, run_dir: Path) -> str:
+    """Why ``p`` is not up to date ("" when it is)."""
+    if marker is None:
+        return "not run yet"
+    if marker.fingerprint != fingerprint(config):
+        changed = config_diff(marker.config, config)
+        inputs = sorted({k.split(".")[1] for k in changed if k.startswith("inputs.")})
+        keys = [k for k in changed if not k.startswith("inputs.")]
+        parts = ([f"input {', '.join(inputs)} reran"] if inputs else []) + \
+                ([f"changed {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"] if keys else [])
+        return "; ".join(parts) or "fingerprint changed"
+    missing = [str(v) for v in marker.output_paths(run_dir).values() if not Path(v).exists()]
+    return f"output missing: {missing[0]}" if missing else ""
+
+
+def _progress(i: int, n: int, s: StageStatus) -> None:
+    secs = f"{s.seconds:.1f} s" if s.seconds is not None else "-"
+    note = f" ({s.reason})" if s.reason else ""
+    print(f"[pipeline] stage {i}/{n} {s.name}: {s.status} {secs}{note}", flush=True)
+
+
+def run_stages(stages: list[PlannedStage], cfg: DictConfig, run_dir: str | Path, *,
+               select: Sequence[str] | None = None, force: Sequence[str] = ()) -> list[StageStatus]:
+    """Runs the pipeline in ``run_dir``; returns one status per stage.
+
+    Args:
+        stages: from :func:`build_stages`.
+        cfg: the full config (not modified: stages see a copy with earlier stages' updates).
+        run_dir: the run directory (markers in ``<run_dir>/stages/<name>/DONE.json``).
+        select: run only these stages (None: all); the others are used when up to date.
+        force: rerun these stages even when up to date.
+
+    Raises:
+        StageError: a stage failed, or a selected stage's input has not finished.
+    """
+    run_dir = Path(run_dir)
+    names = [p.name for p in stages]
+    for key, given in (("stages", select or []), ("force", force)):
+        unknown = [s for s in given if s not in names]
+        if unknown:
+            raise ValueError(f"{key}={list(given)}: unknown stage(s) {unknown}; the stages are {names}")
+    selected = set(names if select is None else select) | set(force)
+    cfg = copy.deepcopy(cfg)
+    done: dict[str, Marker] = {}
+    outdated: dict[str, str] = {}
+    statuses = [StageStatus(n, "pending") for n in names]
+    for i, p in enumerate(stages):
+        missing = [d for d in p.deps if d not in done]
+        if missing and p.name in selected:
+            raise _missing_input(p.name, missing[0], outdated.get(missing[0], ""), run_dir)
+        marker = Marker.read(run_dir, p.name)
+        config = stage_config(p, cfg, done) if not missing else None
+        reason = _outdated(p, marker, config, run_dir) if config is not None else "inputs outdated"
+        if p.name in force and not reason:
+            reason = "forced"
+        if not reason:
+            done[p.name] = marker
+            apply_config_updates(cfg, marker.config_updates)
+            statuses[i] = StageStatus(p.name, "skipped", 0.0,
+                                      f"up to date: ran {marker.seconds:.1f} s at {marker.finished_at}")
+        elif p.name not in selected:
+            outdated[p.name] = reason
+            statuses[i] = StageStatus(p.name, "outdated", None, reason)
+        else:
+            try:
+                done[p.name] = _execute(p, cfg, run_dir, config, done, reason)
+            except StageError:
+                _progress(i + 1, len(stages), StageStatus(p.name, "failed", None, reason))
+                raise
+            statuses[i] = StageStatus(p.name, "ran", done[p.name].seconds, reason)
+        _progress(i + 1, len(stages), statuses[i])
+    return statuses
+
+
+def _missing_input(name: str, dep: str, why: str, run_dir: Path) -> StageError:
+    marker = stage_dir(run_dir, dep) / "DONE.json"
+    state = f"is out of date ({why})" if why and why != "not run yet" else f"has not finished (no {marker})"
+    return StageError(name, f"stage {name!r} needs the outputs of stage {dep!r}, which {state}: run it "
+                            f"first, e.g. `mmllm pipeline stages=[{dep},{name}] hydra.run.dir={run_dir}`")
+
+
+def _seed(cfg: DictConfig) -> None:
+    # Each stage starts from the same RNG state, so running it alone gives what the full run gives.
+    if cfg.get("seed") is not None:
+        import lightning as L
+
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+
+def _execute(p: PlannedStage, cfg: DictConfig, run_dir: Path, config: dict, done: dict[str, Marker],
+             reason: str) -> Marker:
+    """Runs one stage; writes its marker last. Raises StageError when it fails."""
+    ctx = StageContext(name=p.name, run_dir=run_dir, cfg=cfg, markers={d: done[d] for d in p.deps})
+    old = stage_dir(run_dir, p.name) / "DONE.json"
+    old.unlink(missing_ok=True)  # from here on the stage is unfinished until its new marker lands
+    log = ctx.dir / "log.txt"
+    print(f"\n=== [{p.name}] === ({reason})", flush=True)
+    started, t0 = now_iso(), time.perf_counter()
+    out = CapturedOutput(log)
+    try:
+        with out:
+            p.stage.clean(ctx)
+            _seed(cfg)
+            p.stage.run(ctx)
+            outputs = p.stage.outputs(ctx)
+            absent = {k: str(v) for k, v in outputs.items() if not Path(v).exists()}
+            if absent:
+                raise FileNotFoundError(f"the stage finished without writing its outputs {absent}")
+    except Exception as e:
+        tail = "\n".join(f"  | {line}" for line in out.tail) if out.tail else "  (nothing printed)"
+        raise StageError(p.name, f"stage {p.name!r} failed: {type(e).__name__}: {e}\n"
+                                 f"last lines printed (full log: {log}):\n{tail}\n"
+                                 f"earlier stages are kept: rerun with hydra.run.dir={run_dir} to resume "
+                                 f"from {p.name!r}", log=log, tail=out.tail) from e
+    marker = Marker(stage=p.name, target=p.node["_target_"], fingerprint=fingerprint(config),
+                    run_id=new_run_id(), started_at=started, finished_at=now_iso(),
+                    seconds=round(time.perf_counter() - t0, 2),
+                    outputs={k: _relative(run_dir, v) for k, v in outputs.items()},
+                    record=ctx.record, config_updates=ctx.config_updates, config=config)
+    marker.write(run_dir)
+    return marker
