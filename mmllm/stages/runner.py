@@ -153,15 +153,15 @@ def run_stages(stages: list[PlannedStage], cfg: DictConfig, run_dir: str | Path,
     selected = set(names if select is None else select) | set(force)
     cfg = copy.deepcopy(cfg)
     done: dict[str, Marker] = {}
-    outdated: dict[str, str] = {}
+    outdated: dict[str, tuple[str, str | None]] = {}  # name -> (why, the input that is why)
     statuses = [StageStatus(n, "pending") for n in names]
     for i, p in enumerate(stages):
         missing = [d for d in p.deps if d not in done]
         if missing and p.name in selected:
-            raise _missing_input(p.name, missing[0], outdated.get(missing[0], ""), run_dir)
+            raise _missing_input(p.name, missing[0], outdated, names, run_dir)
         marker = Marker.read(run_dir, p.name)
-        config = stage_config(p, cfg, done) if not missing else None
-        reason = _outdated(p, marker, config, run_dir) if config is not None else "inputs outdated"
+        config = None if missing else stage_config(p, cfg, done)
+        reason = f"input {missing[0]} is not up to date" if missing else _outdated(p, marker, config, run_dir)
         if p.name in force and not reason:
             reason = "forced"
         if not reason:
@@ -170,7 +170,7 @@ def run_stages(stages: list[PlannedStage], cfg: DictConfig, run_dir: str | Path,
             statuses[i] = StageStatus(p.name, "skipped", 0.0,
                                       f"up to date: ran {marker.seconds:.1f} s at {marker.finished_at}")
         elif p.name not in selected:
-            outdated[p.name] = reason
+            outdated[p.name] = (reason, missing[0] if missing else None)
             statuses[i] = StageStatus(p.name, "outdated", None, reason)
         else:
             try:
@@ -183,11 +183,20 @@ def run_stages(stages: list[PlannedStage], cfg: DictConfig, run_dir: str | Path,
     return statuses
 
 
-def _missing_input(name: str, dep: str, why: str, run_dir: Path) -> StageError:
-    marker = stage_dir(run_dir, dep) / "DONE.json"
-    state = f"is out of date ({why})" if why and why != "not run yet" else f"has not finished (no {marker})"
-    return StageError(name, f"stage {name!r} needs the outputs of stage {dep!r}, which {state}: run it "
-                            f"first, e.g. `mmllm pipeline stages=[{dep},{name}] hydra.run.dir={run_dir}`")
+def _missing_input(name: str, dep: str, outdated: dict, names: list[str], run_dir: Path) -> StageError:
+    """The error for a selected stage whose input ``dep`` is not up to date (names the stage to run)."""
+    chain = [dep]
+    while chain[-1] in outdated and outdated[chain[-1]][1]:  # follow "input X is not up to date"
+        chain.append(outdated[chain[-1]][1])
+    root = chain[-1]
+    why = outdated.get(root, ("not run yet", None))[0]
+    state = (f"has not finished (no {stage_dir(run_dir, root) / 'DONE.json'})" if why == "not run yet"
+             else f"is out of date ({why})")
+    via = f" (through {' <- '.join(chain[:-1])})" if len(chain) > 1 else ""
+    todo = [n for n in names[names.index(root):names.index(name) + 1] if n in outdated or n == name]
+    return StageError(name, f"stage {name!r} needs the outputs of stage {root!r}{via}, which {state}: "
+                            f"run it first, e.g. `mmllm pipeline stages=[{','.join(todo)}] "
+                            f"hydra.run.dir={run_dir}`")
 
 
 def _seed(cfg: DictConfig) -> None:
