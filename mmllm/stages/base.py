@@ -30,6 +30,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 MARKER = "DONE.json"
+ATTEMPT = "ATTEMPT.json"  # written when a stage starts, removed when its marker is written
 
 
 def stage_dir(run_dir: Path, name: str) -> Path:
@@ -172,6 +173,8 @@ class StageContext:
         markers: the markers of this stage's finished inputs, by name.
         record: what this stage reports (JSON-serialisable; gathered by the summary stage).
         config_updates: the updates this stage made (recorded in its marker).
+        resuming: an earlier attempt of this stage with the same fingerprint did not finish; the
+            stage may continue from what it left behind (pretraining: its last checkpoint).
     """
 
     name: str
@@ -180,6 +183,7 @@ class StageContext:
     markers: dict[str, Marker]
     record: dict[str, Any] = dataclasses.field(default_factory=dict)
     config_updates: dict[str, Any] = dataclasses.field(default_factory=dict)
+    resuming: bool = False
 
     @property
     def dir(self) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from omegaconf import OmegaConf
 from mmllm.stages.base import Stage, StageContext
 
 # The top-level config sections that decide what pretraining produces.
-TRAIN_KEYS = ("seed", "model", "data", "module", "trainer", "strategy", "callbacks", "logger", "ckpt_path")
+# (Not ckpt_path: resuming an interrupted training of the same config gives the same model.)
+TRAIN_KEYS = ("seed", "model", "data", "module", "trainer", "strategy", "callbacks", "logger")
 
 
 class CurateStage(Stage):
@@ -110,9 +112,9 @@ class PretrainStage(Stage):
     """Pretrains the model (``model``/``module``/``trainer``/... of the config) on the tokenized data.
 
     Measures the validation perplexity before and after training and saves the trained weights
-    as ``<run>/checkpoints/final.ckpt`` (what export/evaluate/samples load). ``ckpt_path=last``
-    continues an interrupted training from ``<run>/checkpoints/last.ckpt``; otherwise a rerun
-    starts from scratch and first removes the old checkpoints of the run.
+    as ``<run>/checkpoints/final.ckpt`` (what export/evaluate/samples load). A rerun after an
+    interrupted attempt with the same config continues from its ``last.ckpt`` (as does an explicit
+    ``ckpt_path=...``); a rerun for a changed config first removes the run's old checkpoints.
     """
 
     inputs = ("tokenize",)
@@ -125,9 +127,14 @@ class PretrainStage(Stage):
                 "config": ctx.run_dir / "config.yaml"}
 
     def clean(self, ctx: StageContext) -> None:
-        if ctx.cfg.get("ckpt_path"):  # resuming: keep the checkpoints it resumes from
-            return
-        super().clean(ctx)
+        if not self._resume_from(ctx):  # else keep the checkpoints it continues from
+            super().clean(ctx)
+
+    def _resume_from(self, ctx: StageContext) -> str | None:
+        if ctx.cfg.get("ckpt_path"):
+            return str(ctx.cfg.ckpt_path)
+        last = self.outputs(ctx)["checkpoints"] / "last.ckpt"  # a file, or a DCP directory
+        return str(last) if ctx.resuming and last.exists() else None
 
     def run(self, ctx: StageContext) -> None:
         from mmllm.config import save_resolved
@@ -139,22 +146,27 @@ class PretrainStage(Stage):
         datamodule.prepare_data()
         before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         print(f"validation perplexity before training: {before['val/ppl']:.1f}")
-        ckpt = resolve_ckpt_arg(cfg.get("ckpt_path"), ctx.run_dir, strategy=trainer.strategy)
+        ckpt = resolve_ckpt_arg(self._resume_from(ctx), ctx.run_dir, strategy=trainer.strategy)
+        if ckpt:
+            print(f"resuming training from {ckpt}")
         t0 = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        finally:  # a distributed checkpoint consolidated for this fit (see mmllm.train)
+            if ckpt and Path(ckpt).parent.name.startswith("consolidated-"):
+                shutil.rmtree(Path(ckpt).parent, ignore_errors=True)
         seconds = time.perf_counter() - t0
         train_loss = float(trainer.callback_metrics.get("train/loss", math.nan))  # validate resets them
         after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
         # Weights and metadata only: the resumable state is last.ckpt, written by ModelCheckpoint.
         trainer.save_checkpoint(paths["checkpoint"], weights_only=True)
-        ctx.record.update({
-            "val_ppl_before": before["val/ppl"], "val_ppl_after": after["val/ppl"],
-            "train": {"steps": trainer.global_step, "tokens": module.tokens_seen,
-                      "seconds": round(seconds, 1), "tokens_per_s": round(module.tokens_seen / seconds, 1),
-                      "params": module.model.num_params(),
-                      "final_train_loss": train_loss},
-            "checkpoint": str(paths["checkpoint"]),
-        })
+        train = {"steps": trainer.global_step, "tokens": module.tokens_seen, "seconds": round(seconds, 1),
+                 "tokens_per_s": round(module.tokens_seen / seconds, 1),
+                 "params": module.model.num_params(), "final_train_loss": train_loss}
+        if ckpt:
+            train["resumed_from"] = str(self._resume_from(ctx))
+        ctx.record.update({"val_ppl_before": before["val/ppl"], "val_ppl_after": after["val/ppl"],
+                           "train": train, "checkpoint": str(paths["checkpoint"])})
         print(f"validation perplexity: {before['val/ppl']:.1f} -> {after['val/ppl']:.1f}")
 
 

@@ -71,16 +71,23 @@ def _console_handlers(streams) -> list[logging.StreamHandler]:
 class CapturedOutput:
     """Context manager: while active, stdout/stderr/logging also go to ``path``.
 
+    Args:
+        path: the log file (appended to).
+        n: how many of the last lines to keep.
+        header: a first line for the log file (not part of the tail).
+
     Attributes:
-        tail: the last ``n`` lines printed (available during and after the block).
+        tail: the last ``n`` lines printed (available after the block).
     """
 
-    def __init__(self, path: Path, *, n: int = 20):
-        self.path, self.n = Path(path), n
+    def __init__(self, path: Path, *, n: int = 20, header: str = ""):
+        self.path, self.n, self.header = Path(path), n, header
         self.tail: list[str] = []
 
     def __enter__(self) -> "CapturedOutput":
         self._sink = _Sink(self.path, self.n)
+        if self.header:  # into the file only: it separates the attempts of a stage in its log
+            self._sink.file.write(self.header + "\n")
         self._saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _Tee(sys.stdout, self._sink), _Tee(sys.stderr, self._sink)
         # Log records reach the console through handlers holding the original streams: point them

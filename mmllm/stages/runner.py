@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mmllm.stages.base import (Marker, Stage, StageContext, apply_config_updates, config_diff,
+from mmllm.stages.base import (ATTEMPT, MARKER, Marker, Stage, StageContext, apply_config_updates, config_diff,
                                fingerprint, new_run_id, now_iso, stage_dir, _relative)
 from mmllm.stages.capture import CapturedOutput
 
@@ -112,7 +113,8 @@ def stage_config(p: PlannedStage, cfg: DictConfig, done: dict[str, Marker]) -> d
 def _outdated(p: PlannedStage, marker: Marker | None, config: dict, run_dir: Path) -> str:
     """Why ``p`` is not up to date ("" when it is)."""
     if marker is None:
-        return "not run yet"
+        unfinished = (stage_dir(run_dir, p.name) / ATTEMPT).exists()
+        return "an earlier attempt did not finish" if unfinished else "not run yet"
     if marker.fingerprint != fingerprint(config):
         changed = config_diff(marker.config, config)
         inputs = sorted({k.split(".")[1] for k in changed if k.startswith("inputs.")})
@@ -174,7 +176,7 @@ def run_stages(stages: list[PlannedStage], cfg: DictConfig, run_dir: str | Path,
             statuses[i] = StageStatus(p.name, "outdated", None, reason)
         else:
             try:
-                done[p.name] = _execute(p, cfg, run_dir, config, done, reason)
+                done[p.name] = _execute(p, cfg, run_dir, config, done, reason, forced=p.name in force)
             except StageError:
                 _progress(i + 1, len(stages), StageStatus(p.name, "failed", None, reason))
                 raise
@@ -190,7 +192,8 @@ def _missing_input(name: str, dep: str, outdated: dict, names: list[str], run_di
         chain.append(outdated[chain[-1]][1])
     root = chain[-1]
     why = outdated.get(root, ("not run yet", None))[0]
-    state = (f"has not finished (no {stage_dir(run_dir, root) / 'DONE.json'})" if why == "not run yet"
+    unfinished = why in ("not run yet", "an earlier attempt did not finish")
+    state = (f"has not finished (no {stage_dir(run_dir, root) / MARKER})" if unfinished
              else f"is out of date ({why})")
     via = f" (through {' <- '.join(chain[:-1])})" if len(chain) > 1 else ""
     todo = [n for n in names[names.index(root):names.index(name) + 1] if n in outdated or n == name]
@@ -207,16 +210,32 @@ def _seed(cfg: DictConfig) -> None:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
 
 
+def _start_attempt(run_dir: Path, name: str, fp: str, forced: bool) -> bool:
+    """Records that ``name`` starts with fingerprint ``fp``; True when an unfinished attempt had it too."""
+    path = stage_dir(run_dir, name) / ATTEMPT
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        previous = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"fingerprint": fp, "started_at": now_iso()}))
+    return previous == fp and not forced  # force=[...] starts over
+
+
 def _execute(p: PlannedStage, cfg: DictConfig, run_dir: Path, config: dict, done: dict[str, Marker],
-             reason: str) -> Marker:
+             reason: str, *, forced: bool = False) -> Marker:
     """Runs one stage; writes its marker last. Raises StageError when it fails."""
     ctx = StageContext(name=p.name, run_dir=run_dir, cfg=cfg, markers={d: done[d] for d in p.deps})
-    old = stage_dir(run_dir, p.name) / "DONE.json"
-    old.unlink(missing_ok=True)  # from here on the stage is unfinished until its new marker lands
+    (ctx.dir / MARKER).unlink(missing_ok=True)  # from here on the stage is unfinished
+    fp = fingerprint(config)
+    ctx.resuming = _start_attempt(run_dir, p.name, fp, forced)
+    if ctx.resuming:
+        reason += "; resuming an unfinished attempt"
     log = ctx.dir / "log.txt"
-    print(f"\n=== [{p.name}] === ({reason})", flush=True)
     started, t0 = now_iso(), time.perf_counter()
-    out = CapturedOutput(log)
+    header = f"=== [{p.name}] === ({reason})"
+    print(f"\n{header}", flush=True)
+    out = CapturedOutput(log, header=f"{header} {started}")
     try:
         with out:
             p.stage.clean(ctx)
@@ -232,10 +251,11 @@ def _execute(p: PlannedStage, cfg: DictConfig, run_dir: Path, config: dict, done
                                  f"last lines printed (full log: {log}):\n{tail}\n"
                                  f"earlier stages are kept: rerun with hydra.run.dir={run_dir} to resume "
                                  f"from {p.name!r}", log=log, tail=out.tail) from e
-    marker = Marker(stage=p.name, target=p.node["_target_"], fingerprint=fingerprint(config),
+    marker = Marker(stage=p.name, target=p.node["_target_"], fingerprint=fp,
                     run_id=new_run_id(), started_at=started, finished_at=now_iso(),
                     seconds=round(time.perf_counter() - t0, 2),
                     outputs={k: _relative(run_dir, v) for k, v in outputs.items()},
                     record=ctx.record, config_updates=ctx.config_updates, config=config)
     marker.write(run_dir)
+    (ctx.dir / ATTEMPT).unlink(missing_ok=True)
     return marker

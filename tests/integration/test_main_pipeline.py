@@ -130,3 +130,26 @@ def test_stages_subset_reads_earlier_outputs_and_names_a_missing_stage(tmp_path,
     samples = Marker.read(run, "samples").record["samples"]
     assert len(samples) == 3 and all(s["completion"] for s in samples)
     assert not (run / "hf").exists() and not (run / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_pretrain_continues_from_its_last_checkpoint(tmp_path, shared_data_dir, monkeypatch):
+    from mmllm.modules.causal_lm import CausalLMModule
+
+    run, tiny = tmp_path / "run", [*_tiny(shared_data_dir), "stages=[tokenize,pretrain]"]
+    step = CausalLMModule.training_step
+
+    def crash_at_step_7(self, batch, batch_idx):
+        if self.global_step == 7:
+            raise RuntimeError("simulated crash")
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(CausalLMModule, "training_step", crash_at_step_7)
+    with pytest.raises(StageError, match="stage 'pretrain' failed: RuntimeError: simulated crash"):
+        _run(run, tiny)
+    assert (run / "checkpoints" / "last.ckpt").is_file() and Marker.read(run, "pretrain") is None
+    monkeypatch.undo()
+    assert _run(run, tiny)["pretrain"] == "ran"
+    train = Marker.read(run, "pretrain").record["train"]
+    assert train["steps"] == 10 and train["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    assert "resuming training from" in (run / "stages" / "pretrain" / "log.txt").read_text()

@@ -43,6 +43,22 @@ class Echo(Stage):
         ctx.record[self.name] = self.text
 
 
+class Writes(Stage):
+    """Writes ``paths``; records which of them existed when it started."""
+
+    def __init__(self, *, paths: list[str]):
+        self.paths = [Path(p) for p in paths]
+
+    def outputs(self, ctx):
+        return {str(i): p for i, p in enumerate(self.paths)}
+
+    def run(self, ctx):
+        ctx.record["existed"] = [p.exists() for p in self.paths]
+        for p in self.paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text("new")
+
+
 class SetsConfig(Stage):
     def outputs(self, ctx):
         return {}
@@ -57,6 +73,17 @@ class ReadsConfig(Stage):
 
     def run(self, ctx):
         ctx.record["seen"] = ctx.cfg.data.source
+
+
+class Flaky(Stage):
+    """Fails while ``<run>/fail`` exists; records whether it was resuming an unfinished attempt."""
+
+    config_keys = ("data",)
+
+    def run(self, ctx):
+        ctx.record["resuming"] = ctx.resuming
+        if (ctx.run_dir / "fail").exists():
+            raise RuntimeError("flag file present")
 
 
 def _nodes(**stages) -> dict:
@@ -145,6 +172,39 @@ def test_config_updates_reach_later_stages_also_when_the_setter_is_skipped(tmp_p
     assert Marker.read(tmp_path, "setter").config_updates == {"data.source": "made by setter"}
     assert _run(tmp_path, nodes, force=["reader"]) == {"setter": "skipped", "reader": "ran"}
     assert Marker.read(tmp_path, "reader").record == {"seen": "made by setter"}
+
+
+def test_a_stage_knows_when_it_resumes_its_own_unfinished_attempt(tmp_path):
+    nodes = _nodes(flaky=("Flaky", {}))
+    assert _run(tmp_path, nodes) == {"flaky": "ran"}
+    assert Marker.read(tmp_path, "flaky").record == {"resuming": False}
+    assert not (tmp_path / "stages" / "flaky" / "ATTEMPT.json").exists()
+    (tmp_path / "fail").touch()
+    with pytest.raises(StageError, match="flag file present"):
+        _run(tmp_path, nodes, force=["flaky"])
+    assert (tmp_path / "stages" / "flaky" / "ATTEMPT.json").is_file()
+    (tmp_path / "fail").unlink()
+    assert _run(tmp_path, nodes) == {"flaky": "ran"}
+    assert Marker.read(tmp_path, "flaky").record == {"resuming": True}
+    # force=[...] starts over; an attempt with another config is not continued either.
+    (tmp_path / "fail").touch()
+    with pytest.raises(StageError):
+        _run(tmp_path, nodes, data={"v": 2})
+    (tmp_path / "fail").unlink()
+    _run(tmp_path, nodes, force=["flaky"], data={"v": 2})
+    assert Marker.read(tmp_path, "flaky").record == {"resuming": False}
+
+
+def test_rerun_removes_stale_outputs_inside_the_run_dir_only(tmp_path):
+    outside = tmp_path / "shared.txt"
+    outside.write_text("cache")
+    run = tmp_path / "run"
+    nodes = _nodes(w=("Writes", {"paths": [str(run / "inside.txt"), str(outside)]}))
+    _run(run, nodes)
+    (run / "stale").write_text("left by the first run")
+    (run / "inside.txt").write_text("stale")
+    _run(run, nodes, force=["w"])
+    assert Marker.read(run, "w").record == {"existed": [False, True]}  # inside removed, outside kept
 
 
 def test_marker_is_written_whole_and_atomically(tmp_path):
