@@ -80,7 +80,7 @@ class Marker:
         return path
 
     @classmethod
-    def read(cls, run_dir: Path, name: str) -> "Marker | None":
+    def read(cls, run_dir: Path, name: str) -> Marker | None:
         """The marker of stage ``name``, or None when absent or unreadable (an unfinished stage)."""
         path = stage_dir(run_dir, name) / MARKER
         try:
@@ -99,7 +99,7 @@ def _absolute(run_dir: Path, path: str | Path) -> Path:
     return path if path.is_absolute() else Path(run_dir) / path
 
 
-def _relative(run_dir: Path, path: str | Path) -> str:
+def run_relative(run_dir: Path, path: str | Path) -> str:
     path, run_dir = Path(path).resolve(), Path(run_dir).resolve()
     return str(path.relative_to(run_dir)) if path.is_relative_to(run_dir) else str(path)
 
@@ -138,11 +138,11 @@ class Stage:
     config_keys: tuple[str, ...] = ()
     name: str = ""  # set by the runner from the node's key in pipeline.stages
 
-    def outputs(self, ctx: "StageContext") -> dict[str, Path]:
+    def outputs(self, ctx: StageContext) -> dict[str, Path]:
         """The paths this stage writes, by name (checked after ``run``, recorded in the marker)."""
         return {}
 
-    def clean(self, ctx: "StageContext") -> None:
+    def clean(self, ctx: StageContext) -> None:
         """Removes what an earlier, unfinished or outdated run of this stage left behind.
 
         Only outputs inside the run directory are removed: a shared cache elsewhere (e.g. a
@@ -157,7 +157,7 @@ class Stage:
                 elif path.exists():
                     path.unlink()
 
-    def run(self, ctx: "StageContext") -> None:
+    def run(self, ctx: StageContext) -> None:
         raise NotImplementedError(f"{type(self).__name__}.run")
 
 

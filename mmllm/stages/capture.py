@@ -18,7 +18,7 @@ class _Sink:
 
     def __init__(self, path: Path, n: int):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the whole stage)
         self.tail: collections.deque[str] = collections.deque(maxlen=n)
         self._partial = ""
 
@@ -84,7 +84,7 @@ class CapturedOutput:
         self.path, self.n, self.header = Path(path), n, header
         self.tail: list[str] = []
 
-    def __enter__(self) -> "CapturedOutput":
+    def __enter__(self) -> CapturedOutput:  # noqa: PYI034
         self._sink = _Sink(self.path, self.n)
         if self.header:  # into the file only: it separates the attempts of a stage in its log
             self._sink.file.write(self.header + "\n")

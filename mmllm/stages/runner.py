@@ -15,14 +15,27 @@ import copy
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mmllm.stages.base import (ATTEMPT, MARKER, Marker, Stage, StageContext, apply_config_updates, config_diff,
-                               fingerprint, new_run_id, now_iso, stage_dir, _relative)
+from mmllm.stages.base import (
+    ATTEMPT,
+    MARKER,
+    Marker,
+    Stage,
+    StageContext,
+    apply_config_updates,
+    config_diff,
+    fingerprint,
+    new_run_id,
+    now_iso,
+    run_relative,
+    stage_dir,
+)
 from mmllm.stages.capture import CapturedOutput
 
 
@@ -101,7 +114,9 @@ def _deps(stage: Stage, name: str, earlier: list[str], everything: list[str]) ->
 
 def _section(cfg: DictConfig, key: str) -> Any:
     value = OmegaConf.select(cfg, key, default=None)
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
 
 
 def stage_config(p: PlannedStage, cfg: DictConfig, done: dict[str, Marker]) -> dict:
@@ -254,7 +269,7 @@ def _execute(p: PlannedStage, cfg: DictConfig, run_dir: Path, config: dict, done
     marker = Marker(stage=p.name, target=p.node["_target_"], fingerprint=fp,
                     run_id=new_run_id(), started_at=started, finished_at=now_iso(),
                     seconds=round(time.perf_counter() - t0, 2),
-                    outputs={k: _relative(run_dir, v) for k, v in outputs.items()},
+                    outputs={k: run_relative(run_dir, v) for k, v in outputs.items()},
                     record=ctx.record, config_updates=ctx.config_updates, config=config)
     marker.write(run_dir)
     (ctx.dir / ATTEMPT).unlink(missing_ok=True)

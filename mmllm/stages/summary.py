@@ -22,10 +22,11 @@ def summary_markdown(summary: dict) -> str:
     lines = ["# mmllm pipeline run", ""]
     if "val_ppl_before" in summary:
         t = summary["train"]
-        lines += [f"- validation perplexity: {summary['val_ppl_before']:.1f} -> {summary['val_ppl_after']:.1f}",
-                  f"- training: {t['steps']} steps, {t['tokens']:,} tokens, {t['tokens_per_s']:,.0f} "
-                  f"tokens/s, {t['params']:,} parameters",
-                  f"- checkpoint: {summary['checkpoint']}"]
+        lines += [
+            f"- validation perplexity: {summary['val_ppl_before']:.1f} -> {summary['val_ppl_after']:.1f}",
+            (f"- training: {t['steps']} steps, {t['tokens']:,} tokens, {t['tokens_per_s']:,.0f} "
+             f"tokens/s, {t['params']:,} parameters"),
+            f"- checkpoint: {summary['checkpoint']}"]
     lines.append(f"- HF export: {summary.get('hf_export')}")
     if "curation" in summary:
         c = summary["curation"]
@@ -36,7 +37,8 @@ def summary_markdown(summary: dict) -> str:
         lines += [f"- {task}: " + ", ".join(f"{k} {v}" for k, v in m.items())
                   for task, m in summary["evaluation"].items()]
     if "samples" in summary:
-        lines += ["", "## Samples", ""] + [f"- **{s['prompt']}**{s['completion']}" for s in summary["samples"]]
+        lines += ["", "## Samples", ""]
+        lines += [f"- **{s['prompt']}**{s['completion']}" for s in summary["samples"]]
     lines += ["", "## Seconds per stage", ""] + [f"- {k}: {v}" for k, v in summary["seconds"].items()]
     return "\n".join(lines) + "\n"
 
