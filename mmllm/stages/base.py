@@ -5,7 +5,8 @@ the node's keys). It declares
 
 * ``inputs``: the stages whose outputs it reads (they must be listed before it and be finished);
 * ``optional_inputs``: stages it reads when the pipeline has them (``"*"``: every earlier stage);
-* ``config_keys``: the top-level config sections it reads (``model``, ``data``, ...);
+* ``config_keys``: the config sections it reads (``model``, ``data``, ...; ``config_ignore``
+  lists keys inside them that do not change its result);
 * ``outputs(ctx)``: the paths it writes, by name;
 * ``run(ctx)``: the work; what it reports goes into ``ctx.record``.
 
@@ -136,6 +137,7 @@ class Stage:
     inputs: tuple[str, ...] = ()
     optional_inputs: tuple[str, ...] = ()
     config_keys: tuple[str, ...] = ()
+    config_ignore: tuple[str, ...] = ()  # dotted keys inside config_keys that do not matter
     name: str = ""  # set by the runner from the node's key in pipeline.stages
 
     def outputs(self, ctx: StageContext) -> dict[str, Path]:

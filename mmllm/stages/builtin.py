@@ -86,10 +86,17 @@ class TokenizeStage(Stage):
 
     The data module caches both under ``data.cache_dir``; a cache inside the run directory is
     rebuilt when this stage reruns, one elsewhere is shared and checked by the data module.
+
+    Args:
+        ignore: keys of ``data`` that do not change the tokenizer or the shards (changing them
+            reruns pretraining but not this stage); every other key of ``data`` counts.
     """
 
     optional_inputs = ("curate",)
     config_keys = ("data",)
+
+    def __init__(self, *, ignore: list[str] = ()) -> None:
+        self.config_ignore = tuple(f"data.{k}" for k in ignore)
 
     def _datamodule(self, ctx: StageContext):
         return instantiate(ctx.cfg.data)

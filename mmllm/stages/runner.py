@@ -121,8 +121,15 @@ def _section(cfg: DictConfig, key: str) -> Any:
 
 def stage_config(p: PlannedStage, cfg: DictConfig, done: dict[str, Marker]) -> dict:
     """What the fingerprint of ``p`` covers: its node, its config sections, its inputs' run ids."""
-    return {"stage": p.node, "config": {k: _section(cfg, k) for k in p.stage.config_keys},
-            "inputs": {d: done[d].run_id for d in p.deps}}
+    sections = {k: _section(cfg, k) for k in p.stage.config_keys}
+    for key in p.stage.config_ignore:  # "data.batch_size": drop sections["data"]["batch_size"]
+        *parents, leaf = key.split(".")
+        node = sections
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return {"stage": p.node, "config": sections, "inputs": {d: done[d].run_id for d in p.deps}}
 
 
 def _outdated(p: PlannedStage, marker: Marker | None, config: dict, run_dir: Path) -> str:

@@ -131,6 +131,9 @@ def test_stages_subset_reads_earlier_outputs_and_names_a_missing_stage(tmp_path,
     samples = Marker.read(run, "samples").record["samples"]
     assert len(samples) == 3 and all(s["completion"] for s in samples)
     assert not (run / "hf").exists() and not (run / "summary.json").exists()
+    # A data key that does not change the tokenizer or the shards outdates pretrain, not tokenize.
+    status = _run(run, [*tiny, "data.batch_size=4", "stages=[tokenize]"])
+    assert status["tokenize"] == "skipped" and status["pretrain"] == "outdated"
 
 
 @pytest.mark.slow

@@ -25,9 +25,10 @@ class Echo(Stage):
 
     config_keys = ("data",)
 
-    def __init__(self, *, text: str = "x", reads: list[str] = (), fail: bool = False):
+    def __init__(self, *, text: str = "x", reads: list[str] = (), fail: bool = False,
+                 ignore: list[str] = ()):
         self.text, self.fail = text, fail
-        self.inputs = tuple(reads)
+        self.inputs, self.config_ignore = tuple(reads), tuple(ignore)
 
     def outputs(self, ctx: StageContext) -> dict[str, Path]:
         return {"file": ctx.run_dir / f"{self.name}.txt"}
@@ -120,8 +121,14 @@ def test_changed_option_reruns_the_stage_and_its_downstream_only(tmp_path, capsy
     assert (tmp_path / "c.txt").read_text() == "A+B2+C"
     out = capsys.readouterr().out
     assert "=== [b] === (changed stage.text)" in out and "=== [c] === (input b reran)" in out
-    # A config section a stage reads (config_keys) is part of its fingerprint: all rerun.
+    # A config section a stage reads (config_keys) is part of its fingerprint: all rerun ...
     assert set(_run(tmp_path, changed, data={"v": 2}).values()) == {"ran"}
+    # ... except the keys it ignores (config_ignore).
+    ignoring = _nodes(**{**CHAIN, "a": ("Echo", {"text": "A", "ignore": ["data.batch"]})})
+    _run(tmp_path, ignoring, data={"v": 2, "batch": 1})
+    assert _run(tmp_path, ignoring, data={"v": 2, "batch": 8}) == {"a": "skipped", "b": "ran", "c": "ran",
+                                                                  "d": "ran"}  # b-d read all of data
+    assert _run(tmp_path, ignoring, data={"v": 3, "batch": 8})["a"] == "ran"
 
 
 def test_failed_stage_is_named_keeps_earlier_work_and_the_rerun_resumes_from_it(tmp_path, capsys):
