@@ -52,6 +52,13 @@ class StageError(RuntimeError):
         super().__init__(message)
         self.stage, self.log, self.tail = stage, log, list(tail)
 
+    def __reduce__(self):  # picklable (e.g. across processes) despite the keyword arguments
+        return (_stage_error, (self.stage, str(self), self.log, self.tail))
+
+
+def _stage_error(stage: str, message: str, log: Path | None, tail: list[str]) -> StageError:
+    return StageError(stage, message, log=log, tail=tail)
+
 
 @dataclasses.dataclass
 class PlannedStage:
@@ -67,8 +74,8 @@ class PlannedStage:
 class StageStatus:
     """What happened to one stage in this invocation.
 
-    ``status`` is "ran", "skipped" (up to date), "outdated" (not selected and not up to date),
-    "failed" or "pending" (after a failure).
+    ``status`` is "ran", "skipped" (up to date) or "outdated" (not selected and not up to date);
+    a failed stage raises :class:`StageError` instead (its progress line says "failed").
     """
 
     name: str
@@ -178,7 +185,7 @@ def run_stages(stages: list[PlannedStage], cfg: DictConfig, run_dir: str | Path,
     cfg = copy.deepcopy(cfg)
     done: dict[str, Marker] = {}
     outdated: dict[str, tuple[str, str | None]] = {}  # name -> (why, the input that is why)
-    statuses = [StageStatus(n, "pending") for n in names]
+    statuses: list[StageStatus] = []
     for i, p in enumerate(stages):
         missing = [d for d in p.deps if d not in done]
         if missing and p.name in selected:
@@ -191,19 +198,20 @@ def run_stages(stages: list[PlannedStage], cfg: DictConfig, run_dir: str | Path,
         if not reason:
             done[p.name] = marker
             apply_config_updates(cfg, marker.config_updates)
-            statuses[i] = StageStatus(p.name, "skipped", 0.0,
-                                      f"up to date: ran {marker.seconds:.1f} s at {marker.finished_at}")
+            status = StageStatus(p.name, "skipped", 0.0,
+                                 f"up to date: ran {marker.seconds:.1f} s at {marker.finished_at}")
         elif p.name not in selected:
             outdated[p.name] = (reason, missing[0] if missing else None)
-            statuses[i] = StageStatus(p.name, "outdated", None, reason)
+            status = StageStatus(p.name, "outdated", None, reason)
         else:
             try:
                 done[p.name] = _execute(p, cfg, run_dir, config, done, reason, forced=p.name in force)
             except StageError:
                 _progress(i + 1, len(stages), StageStatus(p.name, "failed", None, reason))
                 raise
-            statuses[i] = StageStatus(p.name, "ran", done[p.name].seconds, reason)
-        _progress(i + 1, len(stages), statuses[i])
+            status = StageStatus(p.name, "ran", done[p.name].seconds, reason)
+        statuses.append(status)
+        _progress(i + 1, len(stages), status)
     return statuses
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,8 @@ def test_failed_stage_is_named_keeps_earlier_work_and_the_rerun_resumes_from_it(
     assert Marker.read(tmp_path, "a") is not None and (tmp_path / "a.txt").is_file()
     assert Marker.read(tmp_path, "b") is None and Marker.read(tmp_path, "c") is None
     assert _calls(tmp_path) == ["a", "b"]  # c and d never started
+    again = pickle.loads(pickle.dumps(err.value))
+    assert (again.stage, str(again), again.tail) == ("b", msg, err.value.tail)
     assert _run(tmp_path, _nodes(**CHAIN)) == {"a": "skipped", "b": "ran", "c": "ran", "d": "ran"}
 
 
