@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from mmllm.distributed import clip_grad_norm_, grad_norm, load_full_state_dict, parallelize
 from mmllm.distributed.parallelize import model_class_path
+from mmllm.distributed.strategy import data_parallel_rank
 from mmllm.losses import causal_lm_loss
 
 NAN_POLICIES = ("skip", "stop")
@@ -144,11 +145,9 @@ class CausalLMModule(L.LightningModule):
 
     @property
     def data_parallel_size(self) -> int:
-        """Ranks that see different batches (tensor-parallel ranks share theirs)."""
-        mesh = getattr(self, "device_mesh", None)
-        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
-            return mesh["data_parallel"].size()
-        return self.trainer.world_size
+        """Ranks that see different batches (tensor-parallel ranks share theirs); the same
+        helper shards the kit's datamodules, so ``tokens_seen`` counts what was really read."""
+        return data_parallel_rank(self._trainer)[1]
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         # Every rank must take the same branch, or collectives would hang.
