@@ -21,6 +21,7 @@ from mmllm.distributed import clip_grad_norm_, grad_norm, load_full_state_dict, 
 from mmllm.distributed.parallelize import model_class_path
 from mmllm.distributed.strategy import data_parallel_rank
 from mmllm.losses import causal_lm_loss
+from mmllm.nn.moe import GroupedExperts
 
 NAN_POLICIES = ("skip", "stop")
 
@@ -210,7 +211,8 @@ class CausalLMModule(L.LightningModule):
                 if not p.requires_grad or id(p) in seen:
                     continue
                 seen.add(id(p))
-                is_matrix = isinstance(module, nn.Linear) and name == "weight"
+                is_matrix = (isinstance(module, nn.Linear) and name == "weight") or \
+                    (isinstance(module, GroupedExperts) and name.endswith("_proj"))
                 tied = isinstance(module, nn.Linear) and p is getattr(getattr(self.model, "embed_tokens", None), "weight", None)
                 (decay if is_matrix and not tied else no_decay).append(p)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
