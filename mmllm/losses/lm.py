@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +41,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
 FUSED_IMPLS = ("liger", "chunked")
 
 
+@functools.cache
 def liger_available() -> bool:
     """Whether liger-kernel's fused linear + cross-entropy can run here (CUDA and the library)."""
     if not torch.cuda.is_available():
@@ -87,8 +90,12 @@ def linear_cross_entropy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels
         # NaN, for a batch without a counted token). fp32 accumulation as in the plain path.
         fn = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum",
                                               accum_dtype=torch.float32)
-        # Autocast does not reach the Triton kernel: the weight takes the activations' dtype.
-        total = fn(weight.to(flat.dtype), flat, target, bias).float()
+        # Autocast does not reach the Triton kernel: cast as autocast would cast the head's
+        # matmul (bf16 under bf16-mixed), else the weight takes the activations' dtype.
+        dtype = torch.get_autocast_dtype(flat.device.type) \
+            if torch.is_autocast_enabled(flat.device.type) else flat.dtype
+        total = fn(weight.to(dtype), flat.to(dtype), target,
+                   None if bias is None else bias.to(dtype)).float()
     else:
         total = _chunked_ce_sum(flat, weight, bias, target, ignore_index, chunk_size)
     if reduction == "sum":

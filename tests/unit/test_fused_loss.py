@@ -98,3 +98,19 @@ def test_liger_kernel_matches_plain_loss_on_cuda(dtype):
     torch.testing.assert_close(got, ref, atol=tol, rtol=tol)
     for g, r in zip(_grads(got, hidden, weight), _grads(ref, hidden, weight), strict=True):
         torch.testing.assert_close(g.float(), r.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+def test_module_auto_uses_liger_on_cuda_under_bf16_autocast(tiny_lm_kwargs):
+    pytest.importorskip("liger_kernel")
+    batch = {"input_ids": torch.randint(0, 96, (2, 32), device="cuda"),
+             "labels": torch.randint(0, 96, (2, 32), device="cuda")}
+    batch["labels"][:, :8] = IGNORE_INDEX
+    losses = {}
+    for fused in ("auto", False):
+        module = _module(tiny_lm_kwargs, fused).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses[fused] = module.forward_loss(batch)[1].item()
+        if fused == "auto":
+            assert module.fused_loss_impl() == "liger"
+    assert losses["auto"] == pytest.approx(losses[False], abs=2e-2)
