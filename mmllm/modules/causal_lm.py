@@ -135,8 +135,9 @@ class CausalLMModule(L.LightningModule):
         """
         doc_ids = batch.get("doc_ids") if self.document_masking else None
         impl = self.fused_loss_impl()
+        fused = {"return_hidden": True, "return_logits": False} if impl else {}
         out = self.model(batch["input_ids"], doc_ids=doc_ids, attention_mask=batch.get("attention_mask"),
-                         return_hidden=impl is not None, return_logits=impl is None)
+                         **fused)
         if impl is None:
             lm_loss, n = causal_lm_loss(out.logits, batch["labels"])
         else:
