@@ -39,6 +39,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: 
 
 
 FUSED_IMPLS = ("liger", "chunked")
+CHUNK_BYTES = 2**28  # fp32 logits of one chunk of the "chunked" fallback
 
 
 @functools.cache
@@ -56,7 +57,7 @@ def liger_available() -> bool:
 def linear_cross_entropy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                               bias: torch.Tensor | None = None, ignore_index: int = IGNORE_INDEX,
                               reduction: str = "mean", impl: str = "liger",
-                              chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+                              chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`causal_lm_loss` of ``hidden @ weight.T (+ bias)`` without the (B, T, V) logits.
 
     The LM head's matmul is fused into the loss, so logits exist one chunk of tokens at a time:
@@ -71,7 +72,8 @@ def linear_cross_entropy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels
         reduction: "mean" over counted tokens, or "sum".
         impl: "liger" (liger-kernel's Triton kernel, CUDA) or "chunked" (any device: logits per
             chunk of tokens under activation checkpointing, recomputed in backward).
-        chunk_size: tokens per chunk of "chunked".
+        chunk_size: tokens per chunk of "chunked"; None: as many as keep a chunk's fp32 logits
+            within 256 MiB (2048 tokens at V=32k, 512 at V=128k).
 
     Returns:
         ``(loss, n_tokens)`` with the same meaning as :func:`causal_lm_loss`.
@@ -97,7 +99,8 @@ def linear_cross_entropy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels
         total = fn(weight.to(dtype), flat.to(dtype), target,
                    None if bias is None else bias.to(dtype)).float()
     else:
-        total = _chunked_ce_sum(flat, weight, bias, target, ignore_index, chunk_size)
+        chunk = chunk_size if chunk_size is not None else max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+        total = _chunked_ce_sum(flat, weight, bias, target, ignore_index, chunk)
     if reduction == "sum":
         return total, n
     return total / n.clamp(min=1), n
