@@ -1,7 +1,9 @@
 """Script run by the distributed tests: ``python dist_worker.py spec.json``.
 
-Trains the tiny model under Lightning's ModelParallelStrategy with ``Trainer(accelerator="cpu",
-devices=N)``, the way a user would: Lightning re-runs this script for rank 1 (gloo). Every run
+Trains the tiny model under Lightning's ModelParallelStrategy (DDPStrategy with
+``find_unused_parameters=False`` for runs with ``strategy: ddp``) with ``Trainer(accelerator="cpu",
+devices=N)``, on random tokens or (``data: pretrain``) the kit's PretrainDataModule over
+``spec["shards"]``, the way a user would: Lightning re-runs this script for rank 1 (gloo). Every run
 of the spec is one ``Trainer.fit`` in the same processes; rank 0 writes the losses, the logits of
 a probe batch after training, and the meta-device checks to ``spec["result"]`` as JSON.
 """
