@@ -6,7 +6,9 @@ One run compares, on the same Llama config, batch, precision, attention backend 
   against the same loop around ``LlamaForCausalLM``; ratio ours/HF, peak memory, and on CUDA the
   achieved TFLOP/s and MFU (FLOPs: ``6 N + 12 L T d``, see mmllm.callbacks.throughput);
 * memory: our step's peak memory without / with full / with selective activation checkpointing,
-  and with bitsandbytes AdamW8bit instead of AdamW.
+  with bitsandbytes AdamW8bit instead of AdamW, and with the LM head fused into the loss;
+* fused loss (``ours_fused`` side on CUDA): our step with ``fused_loss=true`` (liger-kernel's
+  fused linear + cross-entropy; the chunked fallback on CPU), tokens/s, MFU and peak memory.
 
 Each measurement runs in a fresh subprocess. On CPU both sides share one process and alternate
 ``rounds`` chunks of ``steps`` steps (a shared machine's load drifts: the ratio is the median of
@@ -61,7 +63,7 @@ def build(side: str, cfg: dict, case: dict, device):
                          attn_implementation="flash_attention_2" if attn == "flash_attn" else "sdpa")
     torch.manual_seed(0)
     hf = LlamaForCausalLM(hf_cfg)
-    if side == "hf":
+    if side == "hf":  # every other side ("ours", "ours_fused") is our DecoderLM
         model = hf
         if case["ac"] != "none":
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -101,7 +103,8 @@ def make_step(side: str, case: dict, device):
     model = build(side, case["model"], case, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, case["optimizer"], device)
-    module = CausalLMModule(model=model) if side == "ours" else None
+    fused = case.get("fused_loss", False) or side == "ours_fused"
+    module = CausalLMModule(model=model, fused_loss=fused) if side != "hf" else None
 
     def loss_of(ids, labels):
         if module is not None:  # our training step's loss: CausalLMModule.forward_loss
@@ -227,7 +230,7 @@ def throughput(base: dict) -> dict:
             result["device"] = "cpu"
         return result
     result = {side: spawn({**base, "kind": "throughput", "sides": [side]}).get(side, {"error": "?"})
-              for side in ("ours", "hf")}
+              for side in ("ours", "ours_fused", "hf")}
     if all("error" not in r for r in result.values()):
         result["ratio"] = result["ours"]["tokens_per_s"] / result["hf"]["tokens_per_s"]
     return result
@@ -241,15 +244,17 @@ def print_throughput(tp: dict) -> None:
     if "error" in tp:
         print(f"error: {tp['error']}")
         return
-    print(f"{'side':<6} {'tokens/s':>11} {'step s':>8} {'peak GB':>8} {'TFLOP/s':>8} {'MFU':>6} "
+    print(f"{'side':<10} {'tokens/s':>11} {'step s':>8} {'peak GB':>8} {'TFLOP/s':>8} {'MFU':>6} "
           f"{'loss0':>7} {'lossN':>7}  tokens/s per round")
-    for side in ("ours", "hf"):
+    for side in ("ours", "ours_fused", "hf"):
+        if side not in tp:
+            continue
         r = tp[side]
         if "error" in r:
-            print(f"{side:<6} error: {r['error']}")
+            print(f"{side:<10} error: {r['error']}")
             continue
         rounds = ", ".join(f"{v:.0f}" for v in r["round_tokens_per_s"])
-        print(f"{side:<6} {r['tokens_per_s']:>11.1f} {r['step_s']:>8.3f} {fmt(r, 'peak_mem_gb', '8.2f'):>8} "
+        print(f"{side:<10} {r['tokens_per_s']:>11.1f} {r['step_s']:>8.3f} {fmt(r, 'peak_mem_gb', '8.2f'):>8} "
               f"{fmt(r, 'tflops', '8.1f'):>8} {fmt(r, 'mfu', '6.1%'):>6} {r['first_loss']:>7.3f} "
               f"{r['last_loss']:>7.3f}  [{rounds}]")
     if "ratio" in tp:
@@ -260,7 +265,7 @@ def print_throughput(tp: dict) -> None:
 
 
 MEMORY_CASES = {"adamw": {}, "adamw+ac_full": {"ac": "full"}, "adamw+ac_selective": {"ac": "selective"},
-                "adamw8bit": {"optimizer": "adamw8bit"}}
+                "adamw8bit": {"optimizer": "adamw8bit"}, "adamw+fused_loss": {"fused_loss": True}}
 
 
 def memory(base: dict) -> dict:

@@ -2,9 +2,11 @@
 
 Order of the training stream. The mixture (:class:`mmllm.data.mixture.Mixture`) fixes the
 (source, window) at every global position. Global batch ``b`` holds positions
-``[b*B*W, (b+1)*B*W)``; rank ``r`` of ``W`` takes ``[b*B*W + r*B, b*B*W + (r+1)*B)``. An
+``[b*B*W, (b+1)*B*W)``; data-parallel rank ``r`` of ``W`` takes ``[b*B*W + r*B, b*B*W + (r+1)*B)``. An
 epoch ("cycle") is ``N // (B*W)`` global batches (the last incomplete one is dropped so every rank
-runs the same number of steps); the next cycle re-shuffles with new permutations.
+runs the same number of steps); the next cycle re-shuffles with new permutations. ``W`` counts
+data-parallel ranks only (:func:`mmllm.distributed.data_parallel_rank`): under FSDP2 + tensor
+parallel the ranks of one TP group read the same batch.
 
 Resuming. The DataModule counts the training batches the model consumed in
 ``on_before_batch_transfer`` (the prefetched batches do not count) and saves the position in
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from mmllm.data.mixture import Mixture, MixtureSource
 from mmllm.data.shards import TokenShards
+from mmllm.distributed.strategy import data_parallel_rank
 
 BATCH_KEYS = ("input_ids", "labels", "doc_ids")
 
@@ -52,9 +55,9 @@ class MixtureBatches(IterableDataset):
         shards: one :class:`TokenShards` per mixture source.
         mixture: the mixture (cycle 0); :meth:`set_position` picks the cycle.
         seq_len: tokens per sample.
-        batch_size: samples per batch and rank.
-        rank: this process's rank.
-        world_size: number of ranks.
+        batch_size: samples per batch and data-parallel rank.
+        rank: this process's data-parallel rank.
+        world_size: number of data-parallel ranks.
     """
 
     def __init__(self, shards: list[TokenShards], mixture: Mixture, *, seq_len: int,
@@ -210,8 +213,8 @@ class PretrainDataModule(L.LightningDataModule):
         return self.mixture.summary()
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        # Data-parallel rank and size: the ranks of one tensor-parallel group share batches.
+        return data_parallel_rank(self.trainer)
 
     # ------------------------------------------------------------------------ dataloaders
     def train_dataloader(self) -> DataLoader:

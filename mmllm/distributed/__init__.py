@@ -24,7 +24,7 @@ from mmllm.distributed.parallelize import (
     sync_module_states,
 )
 from mmllm.distributed.pipeline import DecoderStage, PipelineRunner, stage_layers
-from mmllm.distributed.strategy import ModelParallelStrategy
+from mmllm.distributed.strategy import ModelParallelStrategy, data_parallel_rank
 from mmllm.distributed.tensor_parallel import apply_tensor_parallel, check_tp_compatible
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "checkpoint_block",
     "clip_grad_norm_",
     "consolidate_checkpoint",
+    "data_parallel_rank",
     "grad_norm",
     "is_distributed_checkpoint",
     "load_distributed_state",

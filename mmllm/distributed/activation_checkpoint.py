@@ -19,6 +19,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+from mmllm.distributed.tensor_parallel import decoder_of
+
 AC_MODES = ("none", "full", "selective")
 
 
@@ -73,7 +75,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, *, every: int = 
     """Wraps every ``every``-th block of ``model.layers`` in place.
 
     Args:
-        model: a model with a ``layers`` ModuleList (DecoderLM).
+        model: a model with a ``layers`` ModuleList (DecoderLM) or a wrapper of one (its
+            ``decoder``'s blocks are wrapped).
         mode: "none", "full" or "selective".
         every: checkpoint blocks 0, every, 2*every, ... (1 = all blocks).
 
@@ -86,7 +89,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, *, every: int = 
         raise ValueError(f"activation_checkpointing_every must be >= 1, got {every}")
     if mode == "none":
         return model
-    for i, block in enumerate(model.layers):
+    layers = decoder_of(model).layers
+    for i, block in enumerate(layers):
         if i % every == 0:
-            model.layers[i] = checkpoint_block(block, mode)
+            layers[i] = checkpoint_block(block, mode)
     return model

@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor
 
 from mmllm.config import to_dtype
 from mmllm.distributed.activation_checkpoint import apply_activation_checkpointing
-from mmllm.distributed.tensor_parallel import apply_tensor_parallel
+from mmllm.distributed.tensor_parallel import apply_tensor_parallel, decoder_of
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,12 @@ def sync_module_states(model: nn.Module, src: int = 0) -> None:
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, reshard_after_forward: bool = True,
                param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = torch.float32,
                cpu_offload: bool = False) -> nn.Module:
-    """FSDP2 ``fully_shard`` on every block of ``model.layers``, then on the root.
+    """FSDP2 ``fully_shard`` on every block of the decoder, then on the root.
 
     Args:
-        model: the model (blocks may already be TP'd / checkpoint-wrapped / compiled).
+        model: the model, a DecoderLM or a wrapper of one (:func:`decoder_of`); blocks may
+            already be TP'd / checkpoint-wrapped / compiled. The root unit holds everything
+            outside the blocks: embeddings, final norm, LM head and a wrapper's own modules.
         dp_mesh: the data-parallel mesh (1-D).
         reshard_after_forward: free each block's gathered parameters after its forward (ZeRO-3;
             False keeps them until backward: ZeRO-2-like, more memory, one all-gather less). The
@@ -174,7 +176,7 @@ def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, *, reshard_after_forward: 
     # Pinned memory makes H2D copies async and makes FSDP move shards back to the host if a
     # later `.to(cuda)` (Lightning's model_to_device) touches them; it needs CUDA.
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
-    blocks = list(model.layers)
+    blocks = list(decoder_of(model).layers)
     for i, block in enumerate(blocks):
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, offload_policy=offload,
                     reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
@@ -189,7 +191,7 @@ def apply_compile(model: nn.Module, *, backend: str = "inductor", fullgraph: boo
     Per-block compilation compiles one block once (all blocks share the code) and leaves FSDP's
     hooks between blocks, where its communication overlaps with compute.
     """
-    for block in model.layers:
+    for block in decoder_of(model).layers:
         block.compile(backend=backend, fullgraph=fullgraph)
     return model
 
@@ -203,8 +205,12 @@ def parallelize(model: nn.Module, device_mesh: DeviceMesh | None = None, *, comp
     """Applies tensor parallel, activation checkpointing, compile and FSDP2 to a DecoderLM.
 
     Args:
-        model: a model with a ``layers`` ModuleList (DecoderLM), materialised or on the meta
-            device (then it is materialised after sharding: ``to_empty`` + ``init_weights``).
+        model: a model with a ``layers`` ModuleList (DecoderLM), or a wrapper with a
+            ``decoder`` that has them (reward model, policy + value head, vision-language model:
+            see :func:`~mmllm.distributed.tensor_parallel.decoder_of`; an optional
+            ``parallel_plan(sequence_parallel=...)`` adds TP entries for the wrapper's modules),
+            materialised or on the meta device (then it is materialised after sharding:
+            ``to_empty`` + ``init_weights``).
         device_mesh: Lightning's ``ModelParallelStrategy`` mesh (dims "data_parallel",
             "tensor_parallel"), a 1-D data-parallel mesh, or None (one device: only activation
             checkpointing / compile apply).

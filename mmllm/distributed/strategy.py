@@ -61,3 +61,25 @@ class ModelParallelStrategy(_LightningModelParallel):
             for name, buf in module.named_buffers(recurse=False):
                 if buf is not None:
                     module._buffers[name] = buf.to(self.root_device)
+
+
+def data_parallel_rank(trainer) -> tuple[int, int]:
+    """``(rank, size)`` of this process among the ranks that read different batches.
+
+    Tensor-parallel ranks of one group must read the same batch, so data is sharded over the
+    data-parallel dim of the device mesh, not over the global rank. Every Lightning strategy
+    that shards data says how in ``distributed_sampler_kwargs`` (DDP: the global rank and world;
+    ModelParallelStrategy: the "data_parallel" mesh dim); single-device strategies have none.
+
+    Args:
+        trainer: a Lightning Trainer, or None (no trainer: one rank).
+
+    Returns:
+        ``(data_parallel_rank, data_parallel_size)``.
+    """
+    if trainer is None:
+        return 0, 1
+    kwargs = getattr(getattr(trainer, "strategy", None), "distributed_sampler_kwargs", None)
+    if kwargs:
+        return int(kwargs["rank"]), int(kwargs["num_replicas"])
+    return trainer.global_rank, trainer.world_size

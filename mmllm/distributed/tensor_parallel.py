@@ -25,6 +25,22 @@ from torch.distributed.tensor.parallel import (
 )
 
 
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder whose blocks are parallelised: ``model`` itself when it has ``layers``
+    (DecoderLM), else its ``decoder`` attribute (reward model, policy + value, VLM).
+
+    Raises:
+        ValueError: neither ``model.layers`` nor ``model.decoder.layers`` exists.
+    """
+    if hasattr(model, "layers"):
+        return model
+    inner = getattr(model, "decoder", None)
+    if inner is not None and hasattr(inner, "layers"):
+        return inner
+    raise ValueError(f"{type(model).__name__} has neither `layers` (a decoder) nor a `decoder` "
+                     "with `layers`: parallelize() cannot find the blocks to shard")
+
+
 def check_tp_compatible(model: nn.Module, tp: int) -> None:
     """Raises a ValueError when ``model`` cannot be split ``tp`` ways.
 
@@ -106,7 +122,11 @@ def root_plan(model: nn.Module, *, sequence_parallel: bool) -> dict[str, Paralle
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *,
                           sequence_parallel: bool = False) -> nn.Module:
-    """Shards ``model`` (a DecoderLM) in place over ``tp_mesh``.
+    """Shards ``model`` (a DecoderLM, or a wrapper of one) in place over ``tp_mesh``.
+
+    A wrapper (see :func:`decoder_of`) has its decoder sharded with the plan below; a
+    ``model.parallel_plan(sequence_parallel=...)`` method returns the plan entries of the
+    wrapper's own modules (relative to the wrapper); modules it does not name stay replicated.
 
     Args:
         model: the model, on the meta device or materialised (then every rank must hold the same
@@ -118,15 +138,19 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *,
     Returns:
         ``model`` (modified in place).
     """
-    tp = tp_mesh.size()
-    check_tp_compatible(model, tp)
-    for block in model.layers:
+    decoder = decoder_of(model)
+    check_tp_compatible(decoder, tp_mesh.size())
+    for block in decoder.layers:
         parallelize_module(block, tp_mesh, block_plan(block, sequence_parallel=sequence_parallel))
     if sequence_parallel:
         # Embeddings come out replicated; each rank keeps its slice of the sequence (no comm).
-        parallelize_module(model.layers[0], tp_mesh, PrepareModuleInput(
+        parallelize_module(decoder.layers[0], tp_mesh, PrepareModuleInput(
             input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_output=True))
-    plan = root_plan(model, sequence_parallel=sequence_parallel)
+    plan = root_plan(decoder, sequence_parallel=sequence_parallel)
     if plan:
-        parallelize_module(model, tp_mesh, plan)
+        parallelize_module(decoder, tp_mesh, plan)
+    extra = model.parallel_plan(sequence_parallel=sequence_parallel) \
+        if model is not decoder and hasattr(model, "parallel_plan") else {}
+    if extra:
+        parallelize_module(model, tp_mesh, extra)
     return model

@@ -16,6 +16,7 @@ from torch import nn
 from mmllm.nn.attention import KVCache, build_attention_inputs
 from mmllm.nn.block import DecoderBlock
 from mmllm.nn.mlp import llama_hidden_dim
+from mmllm.nn.moe import GroupedExperts
 from mmllm.nn.norms import build_norm
 from mmllm.nn.position import RotaryEmbedding, alibi_slopes
 
@@ -137,6 +138,8 @@ class DecoderLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=self.init_std)
+            elif isinstance(module, GroupedExperts):  # stacked MoE experts: same rule as Linear
+                module.init_weights(std=self.init_std, out_std=out_std)
             elif hasattr(module, "reset_parameters") and not isinstance(module, DecoderLM):
                 if not list(module.children()):  # norms, rotary tables
                     module.reset_parameters()

@@ -19,9 +19,12 @@ from torch.distributed.tensor import DTensor
 
 from mmllm.distributed import clip_grad_norm_, grad_norm, load_full_state_dict, parallelize
 from mmllm.distributed.parallelize import model_class_path
-from mmllm.losses import causal_lm_loss
+from mmllm.distributed.strategy import data_parallel_rank
+from mmllm.losses import causal_lm_loss, liger_available, linear_cross_entropy_loss
+from mmllm.nn.moe import GroupedExperts
 
 NAN_POLICIES = ("skip", "stop")
+FUSED_LOSS = ("auto", True, False, "liger", "chunked")
 
 
 class CausalLMModule(L.LightningModule):
@@ -42,6 +45,11 @@ class CausalLMModule(L.LightningModule):
             mixed precision), plus ``meta_init``: build the model on the meta device and
             materialise it shard by shard after sharding (with a device mesh).
         compile: ``torch.compile`` each block.
+        fused_loss: fuse the LM head into the cross-entropy so the (B, T, V) logits are never
+            materialised (:func:`mmllm.losses.linear_cross_entropy_loss`): "auto" = liger-kernel
+            on CUDA when installed, else the plain loss; true = liger on CUDA when installed,
+            else the chunked fallback; "liger"/"chunked" force one; false = plain. Not with
+            tensor parallelism (the head is vocabulary-sharded): "auto" falls back, true fails.
     """
 
     def __init__(self, *, model: nn.Module | Callable[[], nn.Module],
@@ -49,10 +57,13 @@ class CausalLMModule(L.LightningModule):
                  scheduler: Callable[..., Any] | None = None, document_masking: bool = True,
                  moe_aux_coef: float = 0.01, nan_policy: str = "skip", max_nan_skips: int = 20,
                  init_from: str | None = None, parallelism: dict | None = None,
-                 compile: bool = False) -> None:
+                 compile: bool = False, fused_loss: bool | str = "auto") -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        if fused_loss not in FUSED_LOSS:
+            raise ValueError(f"fused_loss must be one of {FUSED_LOSS}, got {fused_loss!r}")
+        self.fused_loss = fused_loss
         if isinstance(model, nn.Module):
             self.model: nn.Module | None = model
             self._model_factory = None
@@ -123,9 +134,39 @@ class CausalLMModule(L.LightningModule):
             ``(loss, lm_loss, n_tokens)``: loss includes the MoE aux term.
         """
         doc_ids = batch.get("doc_ids") if self.document_masking else None
-        out = self.model(batch["input_ids"], doc_ids=doc_ids, attention_mask=batch.get("attention_mask"))
-        lm_loss, n = causal_lm_loss(out.logits, batch["labels"])
+        impl = self.fused_loss_impl()
+        fused = {"return_hidden": True, "return_logits": False} if impl else {}
+        out = self.model(batch["input_ids"], doc_ids=doc_ids, attention_mask=batch.get("attention_mask"),
+                         **fused)
+        if impl is None:
+            lm_loss, n = causal_lm_loss(out.logits, batch["labels"])
+        else:
+            head = self.model.lm_head
+            if isinstance(head.weight, DTensor):  # FSDP2 leaves the root gathered after forward
+                raise RuntimeError("fused_loss needs the LM head's gathered weight, got a DTensor "
+                                   f"{head.weight.placements}: set module.fused_loss=false")
+            lm_loss, n = linear_cross_entropy_loss(out.hidden, head.weight, batch["labels"],
+                                                   bias=head.bias, impl=impl)
         return lm_loss + self.moe_aux_coef * out.aux_loss, lm_loss, n
+
+    def fused_loss_impl(self) -> str | None:
+        """The fused linear + cross-entropy to use ("liger", "chunked"), or None (plain loss)."""
+        if self.fused_loss is False:
+            return None
+        mesh = getattr(self, "device_mesh", None)
+        tp = mesh["tensor_parallel"].size() \
+            if mesh is not None and "tensor_parallel" in (mesh.mesh_dim_names or ()) else 1
+        usable = tp == 1 and isinstance(getattr(self.model, "lm_head", None), nn.Linear)
+        liger = self.device.type == "cuda" and liger_available()
+        if self.fused_loss == "auto":
+            return "liger" if usable and liger else None
+        if not usable:
+            raise ValueError(f"fused_loss={self.fused_loss!r} needs a model with an nn.Linear "
+                             "lm_head and no tensor parallelism (a vocabulary-sharded head): "
+                             "use fused_loss=auto or false")
+        if self.fused_loss is True:
+            return "liger" if liger else "chunked"
+        return self.fused_loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
         loss, lm_loss, n = self.forward_loss(batch)
@@ -144,11 +185,9 @@ class CausalLMModule(L.LightningModule):
 
     @property
     def data_parallel_size(self) -> int:
-        """Ranks that see different batches (tensor-parallel ranks share theirs)."""
-        mesh = getattr(self, "device_mesh", None)
-        if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
-            return mesh["data_parallel"].size()
-        return self.trainer.world_size
+        """Ranks that see different batches (tensor-parallel ranks share theirs); the same
+        helper shards the kit's datamodules, so ``tokens_seen`` counts what was really read."""
+        return data_parallel_rank(self._trainer)[1]
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         # Every rank must take the same branch, or collectives would hang.
@@ -211,7 +250,8 @@ class CausalLMModule(L.LightningModule):
                 if not p.requires_grad or id(p) in seen:
                     continue
                 seen.add(id(p))
-                is_matrix = isinstance(module, nn.Linear) and name == "weight"
+                is_matrix = (isinstance(module, nn.Linear) and name == "weight") or \
+                    (isinstance(module, GroupedExperts) and name.endswith("_proj"))
                 tied = isinstance(module, nn.Linear) and p is getattr(getattr(self.model, "embed_tokens", None), "weight", None)
                 (decay if is_matrix and not tied else no_decay).append(p)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]

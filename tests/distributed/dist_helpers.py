@@ -2,7 +2,8 @@
 launcher that runs a Lightning script with 2 CPU processes and leaves no process behind.
 
 The synthetic data are random token batches with ``input_ids``/``labels`` (no dependency on the
-data modules of the kit), in a fixed order so that a single process with the global batch sees
+data modules of the kit; :func:`pretrain_datamodule` is the kit's own for the data tests), in a
+fixed order so that a single process with the global batch sees
 exactly the tokens that the data-parallel ranks see together (DistributedSampler without shuffle
 deals sample ``i`` to rank ``i % world``).
 """
@@ -23,6 +24,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from mmllm.data import PretrainDataModule
 from mmllm.distributed import grad_norm
 from mmllm.models import DecoderLM
 from mmllm.modules import CausalLMModule
@@ -64,18 +66,79 @@ class RandomTokensDataModule(L.LightningDataModule):
         return DataLoader(self.data, batch_size=self.batch_size, sampler=sampler)
 
 
-def build_model(init_path: str, tie: bool) -> DecoderLM:
-    """The tiny model with the weights saved at ``init_path`` (identical in every process)."""
-    model = DecoderLM(**MODEL, tie_embeddings=tie)
-    model.load_state_dict(torch.load(init_path))
-    return model
+def build_model(init_path: str, tie: bool, model: dict | None = None,
+                idle_expert: int | None = None) -> DecoderLM:
+    """The tiny model (``MODEL`` updated by ``model``) with the weights saved at ``init_path``
+    (identical in every process); ``idle_expert`` is never routed to (see :func:`force_idle`)."""
+    lm = DecoderLM(**{**MODEL, **(model or {})}, tie_embeddings=tie)
+    lm.load_state_dict(torch.load(init_path))
+    if idle_expert is not None:
+        force_idle(lm, idle_expert)
+    return lm
 
 
-def make_module(init_path: str, *, tie: bool, parallelism: dict | None) -> CausalLMModule:
+def force_idle(model: DecoderLM, expert: int) -> None:
+    """Makes every MoE router leave ``expert`` without tokens (its logit drops by 1e4)."""
+    def hook(module, inputs, logits):
+        penalty = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        penalty[expert] = 1e4
+        return logits - penalty
+
+    for layer in model.layers:
+        layer.mlp.router.register_forward_hook(hook)
+
+
+def make_module(init_path: str, *, tie: bool, parallelism: dict | None, model: dict | None = None,
+                idle_expert: int | None = None, **module_kwargs) -> CausalLMModule:
     """CausalLMModule with AdamW (lr 1e-2, so that a wrong gradient shows within a few steps)."""
     opt = partial(torch.optim.AdamW, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-    return CausalLMModule(model=partial(build_model, init_path, tie), optimizer=opt,
-                          parallelism=parallelism)
+    return CausalLMModule(model=partial(build_model, init_path, tie, model, idle_expert),
+                          optimizer=opt, parallelism=parallelism, **module_kwargs)
+
+
+def pretrain_datamodule(shards: str, *, global_batch: int, data_parallel: int) -> PretrainDataModule:
+    """The kit's own PretrainDataModule over ``shards`` (SEQ tokens, 3 global batches a cycle)."""
+    return PretrainDataModule(sources=[{"name": "web", "path": shards, "weight": 1.0}],
+                              seq_len=SEQ, batch_size=global_batch // data_parallel,
+                              num_samples=3 * global_batch, seed=7)
+
+
+def write_shards(root: Path) -> str:
+    """Token shards of a small synthetic corpus, tokenised with a byte-level BPE (< 320 ids)."""
+    import random
+
+    from mmllm.data import tokenize_to_shards, train_bpe_tokenizer
+
+    rng = random.Random(0)
+    words = "alpha beta gamma delta river stone garden window market tower boat".split()
+    docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 40))) for _ in range(120)]
+    tok = train_bpe_tokenizer(docs, vocab_size=300, show_progress=False)
+    text = root / "docs.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tokenize_to_shards(text, root / "shards", tok)
+    return str(root / "shards")
+
+
+class BatchRecorder(L.Callback):
+    """A fingerprint of every training batch this rank reads, and at the end those of all ranks."""
+
+    def __init__(self) -> None:
+        self.mine: list[int] = []
+        self.per_rank: list[list[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        ids = batch["input_ids"].long()
+        weights = torch.arange(1, ids.numel() + 1).view_as(ids)  # order-sensitive
+        self.mine.append(int((ids * weights).sum()))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            self.per_rank = [None] * dist.get_world_size()
+            dist.all_gather_object(self.per_rank, self.mine)
+        else:
+            self.per_rank = [self.mine]
 
 
 class LossRecorder(L.Callback):
@@ -101,9 +164,9 @@ def trainer_kwargs(max_steps: int, recorder: LossRecorder, callbacks=(), acceler
                 enable_checkpointing=bool(callbacks))
 
 
-def save_init(path: Path, tie: bool, seed: int = 0) -> Path:
+def save_init(path: Path, tie: bool, seed: int = 0, model: dict | None = None) -> Path:
     torch.manual_seed(seed)
-    torch.save(DecoderLM(**MODEL, tie_embeddings=tie).state_dict(), path)
+    torch.save(DecoderLM(**{**MODEL, **(model or {})}, tie_embeddings=tie).state_dict(), path)
     return path
 
 

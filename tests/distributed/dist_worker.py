@@ -1,7 +1,9 @@
 """Script run by the distributed tests: ``python dist_worker.py spec.json``.
 
-Trains the tiny model under Lightning's ModelParallelStrategy with ``Trainer(accelerator="cpu",
-devices=N)``, the way a user would: Lightning re-runs this script for rank 1 (gloo). Every run
+Trains the tiny model under Lightning's ModelParallelStrategy (DDPStrategy with
+``find_unused_parameters=False`` for runs with ``strategy: ddp``) with ``Trainer(accelerator="cpu",
+devices=N)``, on random tokens or (``data: pretrain``) the kit's PretrainDataModule over
+``spec["shards"]``, the way a user would: Lightning re-runs this script for rank 1 (gloo). Every run
 of the spec is one ``Trainer.fit`` in the same processes; rank 0 writes the losses, the logits of
 a probe batch after training, and the meta-device checks to ``spec["result"]`` as JSON.
 """
@@ -17,14 +19,17 @@ import torch
 import torch.distributed as dist
 from dist_helpers import (
     MODEL,
+    BatchRecorder,
     LossRecorder,
     RandomTokens,
     RandomTokensDataModule,
     make_module,
+    pretrain_datamodule,
     trainer_kwargs,
 )
 from lightning import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import DDPStrategy
 from mmllm.distributed.strategy import ModelParallelStrategy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,
@@ -41,6 +46,8 @@ PROBE = RandomTokens(2, seed=123).tokens[:, :-1]
 
 def describe(model) -> dict:
     """How the model was parallelised: shard fraction held locally, placements, wrappers, offload."""
+    if not isinstance(model, FSDPModule):  # DDP: nothing is sharded
+        return {}
     for m in model.modules():  # the root and last block keep parameters gathered after forward
         if isinstance(m, FSDPModule):
             m.reshard()
@@ -56,18 +63,27 @@ def describe(model) -> dict:
     }
 
 
-def fit(run: dict, world: int, out: Path) -> tuple[dict, Trainer]:
-    module = make_module(run["init"], tie=run["tie"], parallelism=run["parallelism"])
-    dm = RandomTokensDataModule(global_batch=run.get("global_batch", 4), data_parallel=run["dp"])
+def fit(run: dict, world: int, out: Path, shards: str | None = None) -> tuple[dict, Trainer]:
+    module = make_module(run["init"], tie=run["tie"], parallelism=run.get("parallelism"),
+                         model=run.get("model"), idle_expert=run.get("idle_expert"),
+                         **run.get("module", {}))
+    batch = run.get("global_batch", 4)
+    dm = pretrain_datamodule(shards, global_batch=batch, data_parallel=run["dp"]) \
+        if run.get("data") == "pretrain" else RandomTokensDataModule(global_batch=batch,
+                                                                     data_parallel=run["dp"])
     callbacks = []
     if run.get("ckpt_every"):
         callbacks.append(ModelCheckpoint(dirpath=out / run["name"], filename="step{step}",
                                          every_n_train_steps=run["ckpt_every"], save_top_k=-1,
                                          auto_insert_metric_name=False))
-    recorder = LossRecorder()
-    strategy = ModelParallelStrategy(data_parallel_size=run["dp"], tensor_parallel_size=run["tp"])
-    trainer = Trainer(devices=world, strategy=strategy,
-                      **trainer_kwargs(run["steps"], recorder, callbacks, run.get("accelerator", "cpu")))
+    recorder, batches = LossRecorder(), BatchRecorder()
+    if run.get("strategy") == "ddp":
+        strategy = DDPStrategy(find_unused_parameters=False, process_group_backend="gloo")
+    else:
+        strategy = ModelParallelStrategy(data_parallel_size=run["dp"], tensor_parallel_size=run["tp"])
+    kwargs = trainer_kwargs(run["steps"], recorder, callbacks, run.get("accelerator", "cpu"))
+    kwargs["callbacks"].append(batches)
+    trainer = Trainer(devices=world, strategy=strategy, **kwargs)
     trainer.fit(module, datamodule=dm, ckpt_path=run.get("resume"))
     if run.get("probe"):
         with torch.no_grad():
@@ -75,6 +91,8 @@ def fit(run: dict, world: int, out: Path) -> tuple[dict, Trainer]:
         if trainer.is_global_zero:
             torch.save(logits, out / f"probe_{run['name']}.pt")
     result = {"losses": recorder.losses, "grad_norms": recorder.grad_norms, **describe(module.model),
+              "batches": batches.per_rank, "tokens_seen": module.tokens_seen,
+              "data_position": dm.state_dict().get("position") if run.get("data") else None,
               "bnb_error": bnb_refusal(module)}
     return result, trainer
 
@@ -140,7 +158,7 @@ def main() -> None:
     results: dict = {"runs": {}, "meta": {}}
     trainer, spawned = None, []
     for run in spec["runs"]:
-        results["runs"][run["name"]], trainer = fit(run, world, out)
+        results["runs"][run["name"]], trainer = fit(run, world, out, spec.get("shards"))
         spawned += getattr(trainer.strategy.launcher, "procs", [])
     for check in spec.get("meta_checks", []):
         shape = tuple(check["mesh"])

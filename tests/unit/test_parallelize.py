@@ -216,3 +216,17 @@ def test_adamw8bit_config_trains_on_cpu(tiny_lm_kwargs):
 @pytest.mark.gpu
 def test_paged_adamw8bit_config_trains_on_cuda(tiny_lm_kwargs):
     check_optimizer_config_trains("paged_adamw8bit", "cuda", tiny_lm_kwargs)
+
+
+def test_data_parallel_rank_follows_the_strategy_sampler_kwargs():
+    from types import SimpleNamespace
+
+    from mmllm.distributed import data_parallel_rank
+
+    # FSDP2 + TP (dp=2 x tp=2): global rank 3 is data-parallel rank 1 of 2.
+    mesh_strategy = SimpleNamespace(distributed_sampler_kwargs={"rank": 1, "num_replicas": 2})
+    assert data_parallel_rank(SimpleNamespace(strategy=mesh_strategy, global_rank=3,
+                                              world_size=4)) == (1, 2)
+    single = SimpleNamespace(strategy=SimpleNamespace(), global_rank=0, world_size=1)
+    assert data_parallel_rank(single) == (0, 1)
+    assert data_parallel_rank(None) == (0, 1)
