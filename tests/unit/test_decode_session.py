@@ -194,6 +194,7 @@ def test_stop_string_spanning_tokens_is_found_incrementally(tiny_lm_kwargs, slow
         assert max(tok.lengths) <= 2 and len(tok.lengths) == 2 * n_tokens
 
 
+@pytest.mark.slow
 def test_stop_strings_stream_unicode_and_report_the_first_match():
     from transformers import AutoTokenizer
 
