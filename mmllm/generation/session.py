@@ -88,12 +88,17 @@ class DecodeSession:
         generator: random generator for sampling.
         recompute: no KV cache reuse: every forward re-feeds each row from its first token
             (the reference for tests; O(T^2)).
+        static_decode: decode steps run as one fixed-shape forward over all ``max_rows`` slots
+            reading all ``max_len`` cached positions (idle slots ride along as padding).
+        compile_decode: also ``torch.compile(mode="reduce-overhead")`` that step, so on CUDA it is
+            captured once as a CUDA graph and replayed (implies ``static_decode``).
     """
 
     def __init__(self, model: nn.Module, *, max_rows: int, max_len: int,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
                  tokenizer=None, generator: torch.Generator | None = None,
-                 recompute: bool = False) -> None:
+                 recompute: bool = False, static_decode: bool = False,
+                 compile_decode: bool = False) -> None:
         if max_rows < 1 or max_len < 1:
             raise ValueError(f"max_rows ({max_rows}) and max_len ({max_len}) must be positive")
         self.model, self.max_rows, self.max_len = model, max_rows, max_len
@@ -106,6 +111,10 @@ class DecodeSession:
         self._free = list(range(max_rows))
         self._next_id = 0
         self._logits: torch.Tensor | None = None  # (max_rows, V) float32 next-token logits per slot
+        self.static_decode = (static_decode or compile_decode) and not recompute
+        self._step_fn = self._static_forward
+        if compile_decode:
+            self._step_fn = torch.compile(self._static_forward, mode="reduce-overhead")
 
     # ------------------------------------------------------------------------ rows in / out
     def add_rows(self, prompts: Sequence[Sequence[int]] | None = None, *,
@@ -215,9 +224,16 @@ class DecodeSession:
         row_ids = self.running if row_ids is None else list(row_ids)
         pending = [r for r in row_ids if self.rows[r].cached < self.rows[r].length or self.recompute]
         decoding = [r for r in pending if self.rows[r].length - self.rows[r].cached == 1]
-        for group in (decoding, [r for r in pending if r not in set(decoding)]):
-            if group:
-                self._forward(group)
+        prompts = [r for r in pending if r not in set(decoding)]
+        if prompts:  # first: a new row's prompt allocates the cache a static step needs
+            self._forward(prompts)
+        if self.static_decode and self.cache.k is not None:
+            by_id = [r for r in decoding if not isinstance(self._pending(self.rows[r]), torch.Tensor)]
+            if by_id:
+                self._static_step(by_id)
+            decoding = [r for r in decoding if r not in set(by_id)]
+        if decoding:
+            self._forward(decoding)
         return {r: self._logits[self.rows[r].slot] for r in row_ids}
 
     def _forward(self, row_ids: list[int]) -> None:
@@ -241,6 +257,28 @@ class DecodeSession:
         self._logits[torch.tensor([r.slot for r in rows], device=self.device)] = logits
         for row in rows:
             row.cached = row.length
+
+    def _static_step(self, row_ids: list[int]) -> None:
+        """One token for each of ``row_ids`` in a fixed-shape forward of every slot."""
+        rows = [self.rows[r] for r in row_ids]
+        ids = torch.full((self.max_rows, 1), self.pad_token_id, dtype=torch.long)
+        for row in rows:
+            ids[row.slot, 0] = self._pending(row)[0]
+        active = [False] * self.max_rows
+        for row in rows:
+            active[row.slot] = True
+        self.cache.plan_static_step(active)
+        logits = self._step_fn(ids.to(self.device))  # (max_rows, V)
+        if self._logits is None:
+            self._logits = torch.zeros_like(logits)
+        slots = torch.tensor([r.slot for r in rows], device=self.device)
+        self._logits[slots] = logits[slots]
+        for row in rows:
+            row.cached = row.length
+
+    def _static_forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(ids, kv_cache=self.cache, return_hidden=True, return_logits=False).hidden
+        return self.model.lm_head(hidden[:, -1]).float()  # (max_rows, V)
 
     def _batch_slots(self, rows: list[Row]) -> tuple[list[int], list[int]]:
         """The cache rows of one forward and the new tokens of each.

@@ -150,6 +150,7 @@ class KVCache:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self._plan: _Plan | None = None
+        self._static: _Plan | None = None
         if None not in (n_kv_heads, head_dim, device, dtype):
             self._allocate(n_kv_heads, head_dim, torch.device(device), dtype)
 
@@ -195,6 +196,8 @@ class KVCache:
             ``(offset, kv_len)``: the first query's position per row (int when shared, else a
             (B,) tensor) and the number of keys the attention reads.
         """
+        if self._plan is not None and self._plan is self._static:
+            return self._plan.offset, self._plan.kv_len  # device tensors only: graph-capturable
         plan = self._plan or _Plan(rows=list(range(self.batch_size)), offset=0, kv_len=0)
         rows = plan.rows
         n_new = plan.n_new or [q_len] * len(rows)
@@ -253,6 +256,32 @@ class KVCache:
         keys = store[:, :, :plan.kv_len]
         return keys[plan.rows] if isinstance(plan.rows, slice) else keys.index_select(0, plan.rows)
 
+    def plan_static_step(self, active: Sequence[bool]) -> None:
+        """Plans a one-token forward of every row that reads all ``max_len`` keys (fixed shapes).
+
+        The offsets and write positions live in persistent device buffers updated in place, so
+        the forward can be captured once as a CUDA graph (``torch.compile(mode="reduce-overhead")``)
+        and replayed every step; ``active[b]`` False: row b's token is padding (written to scratch).
+        Needs the storage allocated (after a first forward).
+        """
+        if self.k is None:
+            raise RuntimeError("a static step needs the cache allocated: prefill first")
+        if len(active) != self.batch_size:
+            raise ValueError(f"{len(active)} flags for {self.batch_size} rows")
+        if self._static is None:
+            zeros = torch.zeros(self.batch_size, dtype=torch.long, device=self.device)
+            self._static = _Plan(rows=slice(0, self.batch_size), offset=zeros, kv_len=self.max_len,
+                                 pos=zeros.clone()[:, None])
+            for t in (self.k, self.v, self._static.offset, self._static.pos):
+                torch._dynamo.mark_static_address(t)
+        if any(a and n >= self.max_len for a, n in zip(active, self.lengths)):
+            raise ValueError(f"KV cache overflow: a row is full (max_len {self.max_len})")
+        pos = [n if a else self.max_len for a, n in zip(active, self.lengths)]
+        self._static.offset.copy_(torch.tensor(self.lengths), non_blocking=True)
+        self._static.pos.copy_(torch.tensor(pos)[:, None], non_blocking=True)
+        self.lengths = [n + int(a) for a, n in zip(active, self.lengths)]
+        self._plan = self._static
+
     def advance(self, n: int) -> None:
         """Ends the forward (the lengths were already extended by :meth:`begin`)."""
         self._plan = None
@@ -277,6 +306,7 @@ class KVCache:
         """
         index = torch.as_tensor(index, dtype=torch.long)
         self.lengths = [self.lengths[i] for i in index.tolist()]
+        self._static = None
         if self.k is not None:
             index = index.to(self.k.device)
             self.k = self.k[:, index]  # (L, N, Hkv, max_len + 1, hd)

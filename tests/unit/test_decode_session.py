@@ -238,3 +238,19 @@ def test_kv_cache_sized_from_the_local_attention_shard(tiny_lm_kwargs):
                     device="cpu", dtype=torch.float32)
     with pytest.raises(ValueError, match="local shard"):
         model(torch.tensor([[1, 2]]), kv_cache=wrong)
+
+
+def test_static_decode_steps_equal_the_dynamic_ones(model):
+    """Fixed-shape decode steps (all slots, all max_len keys: the CUDA-graph layout) change nothing."""
+    prompts, budgets = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]], [9, 4, 7]
+    session = DecodeSession(model, max_rows=4, max_len=24, static_decode=True)
+    rows = [session.add_rows([p], max_new_tokens=n)[0] for p, n in zip(prompts[:2], budgets[:2])]
+    session.step()
+    session.step()
+    rows.append(session.add_rows([prompts[2]], max_new_tokens=budgets[2])[0])  # joins mid-decode
+    session.append(rows[0], [30, 31])
+    run(session)
+    assert session.rows[rows[0]].tokens[2:4] == [30, 31]
+    assert session.rows[rows[0]].tokens[4:] == greedy_reference(model, prompts[0] + session.rows[rows[0]].tokens[:4], 7)
+    for r, p, n in zip(rows[1:], prompts[1:], budgets[1:]):
+        assert session.rows[r].tokens == greedy_reference(model, p, n)
