@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TINYLLAMA = dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
-                 max_seq_len=2048, rope_base=10_000.0)
+TINYLLAMA = {"vocab_size": 32000, "dim": 2048, "n_layers": 22, "n_heads": 32, "n_kv_heads": 4,
+             "hidden_dim": 5632, "max_seq_len": 2048, "rope_base": 10_000.0}
 
 
 def load_models(args) -> tuple[torch.nn.Module, torch.nn.Module]:

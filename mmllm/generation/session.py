@@ -120,7 +120,7 @@ class DecodeSession:
     def add_rows(self, prompts: Sequence[Sequence[int]] | None = None, *,
                  inputs_embeds: Sequence[torch.Tensor] | None = None,
                  max_new_tokens: int | None = None, stop: Sequence[str] | None = None,
-                 stop_ids: Sequence[int] = (), sampling: SamplingParams = SamplingParams()) -> list[int]:
+                 stop_ids: Sequence[int] = (), sampling: SamplingParams | None = None) -> list[int]:
         """Adds sequences (a running batch keeps decoding); their prompts are fed at the next forward.
 
         Args:
@@ -129,7 +129,7 @@ class DecodeSession:
             max_new_tokens: cap on sampled tokens per row.
             stop: strings that end a row (needs the session's tokenizer).
             stop_ids: ids that end a row besides the session's eos ids.
-            sampling: how these rows sample.
+            sampling: how these rows sample (default: greedy).
 
         Returns:
             The ids of the new rows (keys of :attr:`rows`).
@@ -139,11 +139,15 @@ class DecodeSession:
         items = list(prompts if prompts is not None else inputs_embeds)
         if len(items) > len(self._free):
             raise ValueError(f"{len(items)} new rows but {len(self._free)} free slots of {self.max_rows}")
+        sampling = sampling or SamplingParams()
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need the session's tokenizer")
+        dim = self.model.embed_tokens.weight.shape[1]
         for p in items:
             if len(p) == 0 or len(p) >= self.max_len:
                 raise ValueError(f"a prompt needs 1 to {self.max_len - 1} positions, got {len(p)}")
+            if inputs_embeds is not None and (p.dim() != 2 or p.shape[1] != dim):
+                raise ValueError(f"inputs_embeds rows must be (T, {dim}) tensors, got {tuple(p.shape)}")
         ids = []
         for p in items:
             prompt = [int(t) for t in p] if prompts is not None else p.to(self.device)
@@ -340,7 +344,7 @@ class DecodeSession:
             toks = sample_next_token(self._logits[slots], temperature=params.temperature,
                                      top_k=params.top_k, top_p=params.top_p,
                                      generator=self.generator).tolist()
-            new.update({r: t for r, t in zip(group, toks) if r in running})
+            new.update(zip(group, toks))
         for r in running:
             self._record(r, new[r])
         return {r: new[r] for r in running}

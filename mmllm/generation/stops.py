@@ -60,7 +60,7 @@ class StopStrings:
         if self._stream is not None:
             return self._stream.step(self._backend, token) or ""
         self._ids.append(token)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip)  # noqa: E731
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip)
         before = decode(self._ids[self._prefix:self._read])
         now = decode(self._ids[self._prefix:])
         if len(now) <= len(before) or now.endswith("\ufffd"):

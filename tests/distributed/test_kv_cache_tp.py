@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-MODEL = dict(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
+MODEL = {"vocab_size": 64, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 64,
+         "max_seq_len": 64}
 PROMPTS = [[5, 6, 7, 8, 9], [10], [11, 12, 13]]
 TOOL = [40, 41, 42]
 

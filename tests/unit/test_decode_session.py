@@ -146,6 +146,8 @@ def test_bad_input_is_refused(model):
         session.add_rows([list(range(8))])
     with pytest.raises(ValueError, match="tokenizer"):
         session.add_rows([[1]], stop=["x"])
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        session.add_rows(inputs_embeds=[torch.zeros(3, 7)])
     session.add_rows([[1, 2]])
     with pytest.raises(ValueError, match="free slots"):
         session.add_rows([[3]])
@@ -254,3 +256,22 @@ def test_static_decode_steps_equal_the_dynamic_ones(model):
     assert session.rows[rows[0]].tokens[4:] == greedy_reference(model, prompts[0] + session.rows[rows[0]].tokens[:4], 7)
     for r, p, n in zip(rows[1:], prompts[1:], budgets[1:]):
         assert session.rows[r].tokens == greedy_reference(model, p, n)
+
+
+@pytest.mark.gpu
+def test_compiled_decode_steps_on_cuda_equal_eager(tiny_lm_kwargs):
+    """CUDA graphs (torch.compile reduce-overhead) of the static decode step change no token."""
+    torch.manual_seed(3)
+    model = DecoderLM(**tiny_lm_kwargs).cuda().eval()
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
+
+    def decode(**kwargs):
+        session = DecodeSession(model, max_rows=4, max_len=32, **kwargs)
+        rows = session.add_rows(prompts, max_new_tokens=12)
+        for _ in range(3):
+            session.step()
+        rows += session.add_rows([[16, 17]], max_new_tokens=6)
+        run(session)
+        return [session.rows[r].tokens for r in rows]
+
+    assert decode(compile_decode=True) == decode()
