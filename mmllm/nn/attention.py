@@ -242,13 +242,16 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.n_kv_heads} kv heads of {self.head_dim} per row "
                              f"but layer {layer} wrote {k.shape[1]} of {k.shape[3]}: under tensor "
                              "parallelism size it from the local shard (n_kv_heads=None)")
-        for store, new in ((self.k[layer], k), (self.v[layer], v)):  # (B_all, Hkv, S, hd)
-            if plan.pos is None and isinstance(plan.rows, slice):
-                store[plan.rows, :, plan.start:plan.start + new.shape[2]] = new
-            else:
-                rows = _row_index(plan.rows, new.shape[0], store.device)
-                store[rows[:, None], :, plan.pos if plan.pos is not None else
-                      plan.start + torch.arange(new.shape[2], device=store.device)[None]] = new.transpose(1, 2)
+        B, _, T, _ = k.shape
+        if plan.pos is None and isinstance(plan.rows, slice):  # contiguous rows and columns
+            self.k[layer, plan.rows, :, plan.start:plan.start + T] = k
+            self.v[layer, plan.rows, :, plan.start:plan.start + T] = v
+        else:  # scatter: row b's token t goes to column cols[b, t]
+            rows = _row_index(plan.rows, B, k.device)[:, None]  # (B, 1)
+            cols = plan.pos if plan.pos is not None else \
+                plan.start + torch.arange(T, device=k.device)[None]  # (B, T)
+            self.k[layer][rows, :, cols] = k.transpose(1, 2)  # indexed as (B, T, Hkv, hd)
+            self.v[layer][rows, :, cols] = v.transpose(1, 2)
         return self._read(self.k[layer], plan), self._read(self.v[layer], plan)
 
     @staticmethod
