@@ -35,6 +35,9 @@ class Row:
         prompt: token ids, or a (T, C) tensor of input embeddings (image features, ...).
         tokens: every token after the prompt, sampled or appended.
         sampled: per entry of ``tokens``, True if it was sampled (False: appended).
+        logprobs: per entry of ``tokens``, the log-probability it was sampled with under
+            softmax(logits / temperature) (temperature 1 when greedy; before top-k/top-p), as
+            PPO needs; None for appended tokens. Kept when the session has ``logprobs=True``.
         cached: positions of the sequence in the KV cache (the rest is fed at the next forward).
         n_sampled: sampled entries of ``tokens``.
         max_new_tokens: cap on sampled tokens (None: until the cache is full).
@@ -52,6 +55,7 @@ class Row:
     stop: tuple[str, ...] = ()
     tokens: list[int] = field(default_factory=list)
     sampled: list[bool] = field(default_factory=list)
+    logprobs: list[float | None] = field(default_factory=list)
     cached: int = 0
     n_sampled: int = 0
     stops: StopStrings | None = None
@@ -90,6 +94,7 @@ class DecodeSession:
             (the reference for tests; O(T^2)).
         static_decode: decode steps run as one fixed-shape forward over all ``max_rows`` slots
             reading all ``max_len`` cached positions (idle slots ride along as padding).
+        logprobs: record the log-probability of every sampled token (:attr:`Row.logprobs`).
         compile_decode: also ``torch.compile(mode="reduce-overhead")`` that step, so on CUDA it is
             captured once as a CUDA graph and replayed (implies ``static_decode``).
     """
@@ -97,14 +102,14 @@ class DecodeSession:
     def __init__(self, model: nn.Module, *, max_rows: int, max_len: int,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
                  tokenizer=None, generator: torch.Generator | None = None,
-                 recompute: bool = False, static_decode: bool = False,
+                 recompute: bool = False, logprobs: bool = False, static_decode: bool = False,
                  compile_decode: bool = False) -> None:
         if max_rows < 1 or max_len < 1:
             raise ValueError(f"max_rows ({max_rows}) and max_len ({max_len}) must be positive")
         self.model, self.max_rows, self.max_len = model, max_rows, max_len
         self.eos = frozenset([eos_token_id] if isinstance(eos_token_id, int) else eos_token_id or ())
         self.pad_token_id, self.tokenizer, self.generator = pad_token_id, tokenizer, generator
-        self.recompute = recompute
+        self.recompute, self.logprobs = recompute, logprobs
         self.device = next(model.parameters()).device
         self.cache = model.new_kv_cache(max_rows, max_len)
         self.rows: dict[int, Row] = {}
@@ -194,6 +199,7 @@ class DecodeSession:
                              f"the session holds {self.max_len}")
         row.tokens += [int(t) for t in ids]
         row.sampled += [False] * len(ids)
+        row.logprobs += [None] * len(ids)
         row.finish_reason = None
         self._reset_stops(row)
 
@@ -204,9 +210,10 @@ class DecodeSession:
             raise ValueError(f"cannot truncate row {row_id} of length {row.length} to {length}")
         n_prompt = len(row.prompt)
         if length < n_prompt:
-            row.prompt, row.tokens, row.sampled = row.prompt[:length], [], []
+            row.prompt, row.tokens, row.sampled, row.logprobs = row.prompt[:length], [], [], []
         else:
-            del row.tokens[length - n_prompt:], row.sampled[length - n_prompt:]
+            cut = length - n_prompt
+            del row.tokens[cut:], row.sampled[cut:], row.logprobs[cut:]
         row.n_sampled = sum(row.sampled)
         # The last kept position is re-fed: its logits predict the next token.
         row.cached = min(row.cached, length - 1)
@@ -339,14 +346,19 @@ class DecodeSession:
             return {}
         self.prefill(running)
         new: dict[int, int] = {}
+        logprobs: dict[int, float | None] = {}
         for params, group in self._sampling_groups(running).items():
             slots = torch.tensor([self.rows[r].slot for r in group], device=self.device)
-            toks = sample_next_token(self._logits[slots], temperature=params.temperature,
-                                     top_k=params.top_k, top_p=params.top_p,
-                                     generator=self.generator).tolist()
-            new.update(zip(group, toks))
+            logits = self._logits[slots]  # (n, V)
+            toks = sample_next_token(logits, temperature=params.temperature, top_k=params.top_k,
+                                     top_p=params.top_p, generator=self.generator)
+            new.update(zip(group, toks.tolist()))
+            if self.logprobs:
+                scaled = logits / params.temperature if params.temperature > 0 else logits
+                lp = scaled.log_softmax(-1).gather(-1, toks[:, None]).squeeze(-1)
+                logprobs.update(zip(group, lp.tolist()))
         for r in running:
-            self._record(r, new[r])
+            self._record(r, new[r], logprobs.get(r))
         return {r: new[r] for r in running}
 
     def _sampling_groups(self, running: list[int]) -> dict[SamplingParams, list[int]]:
@@ -362,10 +374,11 @@ class DecodeSession:
                 groups.setdefault(self.rows[r].sampling, []).append(r)
         return groups
 
-    def _record(self, row_id: int, token: int) -> None:
+    def _record(self, row_id: int, token: int, logprob: float | None) -> None:
         row = self.rows[row_id]
         row.tokens.append(token)
         row.sampled.append(True)
+        row.logprobs.append(logprob)
         row.n_sampled += 1
         if token in row.stop_ids:
             row.finish_reason = "eos"

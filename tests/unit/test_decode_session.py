@@ -131,13 +131,26 @@ def test_embedding_prefill_equals_id_prefill(model):
                                atol=1e-5, rtol=0)
 
 
-def test_rows_sample_with_their_own_params(model):
-    session = DecodeSession(model, max_rows=2, max_len=16, generator=torch.Generator().manual_seed(0))
+def test_rows_sample_with_their_own_params_and_record_logprobs(model):
+    session = DecodeSession(model, max_rows=2, max_len=16, generator=torch.Generator().manual_seed(0),
+                            logprobs=True)
     (greedy,) = session.add_rows([[5, 6]], max_new_tokens=6)
     (hot,) = session.add_rows([[5, 6]], max_new_tokens=6, sampling=SamplingParams(temperature=50.0))
     run(session)
     assert session.rows[greedy].tokens == greedy_reference(model, [5, 6], 6)
     assert session.rows[hot].tokens != session.rows[greedy].tokens  # near-uniform over 96 ids
+    # The behaviour policy's log-probabilities (what PPO's ratio needs), from full forwards.
+    for r, temperature in ((greedy, 1.0), (hot, 50.0)):
+        seq = [5, 6] + session.rows[r].tokens
+        want = [float((full_logits(model, seq[:i]) / temperature).log_softmax(-1)[seq[i]])
+                for i in range(2, len(seq))]
+        torch.testing.assert_close(torch.tensor(session.rows[r].logprobs), torch.tensor(want),
+                                   atol=1e-5, rtol=0)
+    first = session.rows[greedy].logprobs[:3]
+    session.append(greedy, [7])
+    assert session.rows[greedy].logprobs[-1] is None
+    session.truncate(greedy, 5)  # the prompt and 3 sampled tokens stay
+    assert session.rows[greedy].logprobs == first
 
 
 def test_bad_input_is_refused(model):
