@@ -235,17 +235,18 @@ class DecodeSession:
         row_ids = self.running if row_ids is None else list(row_ids)
         pending = [r for r in row_ids if self.rows[r].cached < self.rows[r].length or self.recompute]
         decoding = [r for r in pending if self.rows[r].length - self.rows[r].cached == 1]
-        prompts = [r for r in pending if r not in set(decoding)]
+        is_decoding = set(decoding)
+        prompts = [r for r in pending if r not in is_decoding]
         if prompts:  # first: a new row's prompt allocates the cache a static step needs
             self._forward(prompts)
         if self.static_decode and self.cache.k is not None:
             by_id = [r for r in decoding if not isinstance(self._pending(self.rows[r]), torch.Tensor)]
             if by_id:
                 self._static_step(by_id)
-            decoding = [r for r in decoding if r not in set(by_id)]
+            decoding = [r for r in decoding if r not in set(by_id)]  # an embedding to feed
         if decoding:
             self._forward(decoding)
-        return {r: self._logits[self.rows[r].slot] for r in row_ids}
+        return {r: self._logits[self.rows[r].slot].clone() for r in row_ids}
 
     def _forward(self, row_ids: list[int]) -> None:
         rows = [self.rows[r] for r in row_ids]
