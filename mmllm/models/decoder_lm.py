@@ -157,11 +157,10 @@ class DecoderLM(nn.Module):
         return n
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """A KV cache sized for this model on its device and dtype."""
-        w = self.embed_tokens.weight
+        """A KV cache for this model's dtype; its kv heads are those the attention writes (the
+        rank's local heads under tensor parallelism), so the storage is sized at the first write."""
         return KVCache(n_layers=self.n_layers, batch_size=batch_size,
-                       max_len=max_len or self.max_seq_len, n_kv_heads=self.n_kv_heads,
-                       head_dim=self.head_dim, device=w.device, dtype=w.dtype)
+                       max_len=max_len or self.max_seq_len, dtype=self.embed_tokens.weight.dtype)
 
     def resize_token_embeddings(self, new_size: int) -> None:
         """Grows (or shrinks) the vocabulary; new rows are the mean of the old rows."""
@@ -207,14 +206,15 @@ class DecoderLM(nn.Module):
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
-        past = kv_cache.length if kv_cache is not None else 0
+        # Cached positions per row (an int when all rows agree) and the keys attention reads.
+        past, kv_len = kv_cache.begin(B, T, x.device) if kv_cache is not None else (0, T)
         if position_ids is None:
             position_ids = self._default_positions(B, T, past, doc_ids, attention_mask, x.device)
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_ids)
-        inputs = build_attention_inputs(q_len=T, kv_len=past + T, device=x.device, dtype=x.dtype,
+        inputs = build_attention_inputs(q_len=T, kv_len=kv_len, device=x.device, dtype=x.dtype,
                                         doc_ids=doc_ids, padding_mask=attention_mask,
-                                        alibi_slopes=self.alibi)
+                                        alibi_slopes=self.alibi, q_offset=past)
         rope = self.rotary(position_ids, x.dtype) if self.rotary is not None else None
         aux = x.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
@@ -227,11 +227,17 @@ class DecoderLM(nn.Module):
         return DecoderOutput(logits=logits, aux_loss=aux, hidden=x if return_hidden else None)
 
     @staticmethod
-    def _default_positions(B: int, T: int, past: int, doc_ids, attention_mask, device) -> torch.Tensor:
+    def _default_positions(B: int, T: int, past: int | torch.Tensor, doc_ids, attention_mask,
+                           device) -> torch.Tensor:
         if doc_ids is not None:
             return positions_from_docs(doc_ids)
+        steps = torch.arange(T, device=device)
         if attention_mask is not None:
             # Left padding: positions count real tokens only, as HF does.
-            pos = attention_mask.long().cumsum(-1) - 1
-            return pos.clamp(min=0)[:, past:past + T]
-        return torch.arange(past, past + T, device=device).expand(B, T)
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            if isinstance(past, torch.Tensor):  # rows of a ragged cache: (B, T) key indices
+                return pos.gather(1, past[:, None] + steps)
+            return pos[:, past:past + T]
+        if isinstance(past, torch.Tensor):
+            return past[:, None] + steps  # (B, T): each row continues from its own length
+        return (steps + past).expand(B, T)
