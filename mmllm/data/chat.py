@@ -137,16 +137,21 @@ def _apply(tokenizer, messages: Sequence[Mapping], template: str, where: int) ->
 
 
 def _split_turn(tokenizer, messages: Sequence[Mapping], k: int, template: str,
-                prev: str) -> tuple[str, str, str, str]:
-    """(text of messages[:k+1], header, content, footer) of message k (checked, see module doc)."""
+                prev: str, starts: Sequence[int] = ()) -> tuple[str, str, str, str]:
+    """(text of messages[:k+1], header, content, footer) of message k (checked, see module doc).
+
+    ``starts`` are the character offsets where messages 0..k-1 begin in ``prev`` (to name the
+    turn a template rewrites)."""
     text = _apply(tokenizer, messages[:k + 1], template, k + 1)
     role = messages[k]["role"]
     if not text.startswith(prev):
+        diverge = next((i for i, (a, b) in enumerate(zip(text, prev)) if a != b), min(len(text), len(prev)))
+        j = max([i for i, st in enumerate(starts) if st <= diverge], default=0)
         raise ChatFormatError(
-            f"the chat template is not prefix-stable at message {k} ({role}): rendering "
-            f"messages[:{k + 1}] does not start with the rendering of messages[:{k}], so the "
-            "template rewrites earlier turns (e.g. drops earlier reasoning or marks the last turn)"
-            "; a loss mask computed from it would be wrong. Use another chat_template.")
+            f"the chat template is not prefix-stable at message {j} ({messages[j]['role']}): "
+            f"adding message {k} ({role}) changes how message {j} renders, so the template "
+            "rewrites earlier turns (e.g. drops earlier reasoning or marks the last turn) and "
+            "a loss mask computed from it would be wrong. Use another chat_template.")
     delta = text[len(prev):]
     probe = [*messages[:k], {**messages[k], "content": _SENTINEL}]
     probed = _apply(tokenizer, probe, template, k + 1)
@@ -206,8 +211,10 @@ def render_chat(messages: Sequence[Mapping], tokenizer, *, chat_template: str | 
     mask: list[bool] = []
     spans: list[Span] = []
     prev = ""
+    starts: list[int] = []  # character offset of each message in the rendering
     for k, msg in enumerate(messages):
-        prev, header, content, footer = _split_turn(tokenizer, messages, k, template, prev)
+        starts.append(len(prev))
+        prev, header, content, footer = _split_turn(tokenizer, messages, k, template, prev, starts)
         role = msg["role"]
         train = (role == "assistant" and msg.get("train", True) is not False
                  and (train_on_all_assistant or k == last_assistant))
