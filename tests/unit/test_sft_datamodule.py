@@ -142,8 +142,8 @@ def test_format_batch_marks_supervised_tokens(tmp_path):
 def flan_cfg(tmp_path, monkeypatch):
     monkeypatch.setenv("MMLLM_EVAL_DATA", str(FIX))
     return compose_config("train", ["data=sft_flan", "debug=tiny", "data.seq_len=256",
-                                    "data.vocab_size=512", "trainer.max_steps=6",
-                                    "trainer.val_check_interval=3", "trainer.enable_progress_bar=false",
+                                    "data.vocab_size=512", "trainer.max_steps=8",
+                                    "trainer.val_check_interval=4", "trainer.enable_progress_bar=false",
                                     "logger=csv"],
                           output_dir=tmp_path / "run", data_dir=tmp_path / "data")
 
@@ -158,9 +158,13 @@ def test_inspect_batch_on_the_flan_config(flan_cfg):
 
 @pytest.mark.slow
 def test_causal_lm_module_trains_on_flan_sft_batches(flan_cfg):
-    """The FLAN config end to end through mmllm.train: CausalLMModule takes the packed batches."""
+    """The FLAN config end to end through mmllm.train: CausalLMModule learns from packed batches."""
+    import csv
+
     from mmllm.train import train
 
     metrics = train(flan_cfg)
-    assert metrics["val/loss"] == pytest.approx(metrics["val/loss"])  # finite
     assert metrics["train/tokens_seen"] > 0
+    rows = csv.DictReader(open(Path(flan_cfg.paths.output_dir) / "csv" / "metrics.csv"))
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    assert len(val) == 2 and val[1] < val[0]  # held-out supervised loss goes down
