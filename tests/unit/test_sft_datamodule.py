@@ -64,9 +64,10 @@ def test_row_formats_become_messages():
         {"role": "assistant", "content": "Bonjour"}]
 
 
-@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
-def test_batches_supervise_exactly_the_assistant_turns(tmp_path, packing):
-    dm = _dm(tmp_path, _write(tmp_path / "chat.jsonl", CHATS), packing=packing)
+@pytest.mark.parametrize("tokenizer,packing", [(None, True), (None, False), ("smollm2", True)],
+                         ids=["kit-packed", "kit-padded", "smollm2-packed"])
+def test_batches_supervise_exactly_the_assistant_turns(tmp_path, tokenizer, packing):
+    dm = _dm(tmp_path, _write(tmp_path / "chat.jsonl", CHATS), packing=packing, tokenizer=tokenizer)
     dm.setup("fit")
     batches = list(dm.train_dataloader())
     keys = {"input_ids", "labels", "doc_ids", "position_ids"} if packing else {"input_ids", "labels"}
@@ -74,11 +75,11 @@ def test_batches_supervise_exactly_the_assistant_turns(tmp_path, packing):
     got = sorted(t for b in batches for t in _supervised_texts(b, dm.tokenizer))
     want = sorted(["Paris.<|im_end|>", "Four.<|im_end|>Six.<|im_end|>", "Blue.<|im_end|>",
                    "Bonjour<|im_end|>"])
+    assert got == want
     if packing:
-        assert got == want
         assert sum(b["input_ids"].shape[0] for b in batches) < len(CHATS)  # rows were shared
-    else:
-        assert got == want
+    if tokenizer == "smollm2":  # its own template: a default system prompt, never supervised
+        assert "You are a helpful AI assistant named SmolLM" in dm.tokenizer.decode(batches[0]["input_ids"][0])
     stats = dm.summary()["sources"]["chat"]
     assert stats["rows"] == 4 and 0 < stats["supervised_fraction"] < 0.5
 
@@ -154,6 +155,22 @@ def test_inspect_batch_on_the_flan_config(flan_cfg):
     stats = json.loads(text.split("##### data statistics\n")[1])
     assert set(stats["sources"]) == {"capitals", "arc_easy", "boolq", "triviaqa", "gsm8k_cot", "gsm8k"}
     assert all(0 < s["supervised_fraction"] < 1 for s in stats["sources"].values())
+
+
+@pytest.mark.slow
+def test_inspect_batch_command_prints_the_marked_batch(tmp_path):
+    import subprocess
+    import sys
+
+    path = _write(tmp_path / "chat.jsonl", CHATS)
+    out = subprocess.run(
+        [sys.executable, "-m", "mmllm.data.inspect", "data=sft", f"data.sources=[{{name: c, path: '{path}'}}]",
+         f"paths.data_dir={tmp_path / 'data'}", "data.vocab_size=320", "data.seq_len=256",
+         "+inspect.rows=1"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "=== row 0" in out.stdout and "=== row 1" not in out.stdout and "[[" in out.stdout
+    assert '"supervised_fraction"' in out.stdout
+    assert not (tmp_path / "outputs").exists()  # no run directory for an inspection
 
 
 @pytest.mark.slow
