@@ -30,20 +30,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from mmllm.data.packing import collate_packed, collate_padded, fit_examples, pack  # noqa: E402
-from mmllm.losses import IGNORE_INDEX, causal_lm_loss  # noqa: E402
-from mmllm.models import DecoderLM  # noqa: E402
+from mmllm.data.packing import collate_packed, collate_padded, fit_examples, pack
+from mmllm.losses import IGNORE_INDEX, causal_lm_loss
+from mmllm.models import DecoderLM
 
 PRESETS = {
-    "cpu": dict(model=dict(vocab_size=8192, dim=192, n_layers=4, n_heads=6, n_kv_heads=2,
-                           hidden_dim=512), seq=1024, examples=512, padded_batch=8, packed_batch=2,
-                steps=2, rounds=5),
-    "cuda": dict(model=dict(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4,
-                            hidden_dim=2048), seq=2048, examples=8192, padded_batch=16,
-                 packed_batch=4, steps=10, rounds=4),
+    "cpu": {"model": {"vocab_size": 8192, "dim": 192, "n_layers": 4, "n_heads": 6,
+                      "n_kv_heads": 2, "hidden_dim": 512},
+            "seq": 1024, "examples": 512, "padded_batch": 8, "packed_batch": 2, "steps": 2,
+            "rounds": 5},
+    "cuda": {"model": {"vocab_size": 32000, "dim": 768, "n_layers": 12, "n_heads": 12,
+                       "n_kv_heads": 4, "hidden_dim": 2048},
+             "seq": 2048, "examples": 8192, "padded_batch": 16, "packed_batch": 4, "steps": 10,
+             "rounds": 4},
 }
 
 
@@ -80,7 +82,7 @@ def step_fn(model, opt, device, dtype):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model(batch["input_ids"], doc_ids=batch.get("doc_ids"))
-            loss, n = causal_lm_loss(out.logits, batch["labels"])
+            loss, _ = causal_lm_loss(out.logits, batch["labels"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -33,15 +33,15 @@ TEMPLATES: dict[str, list[tuple[str, str]]] = {
         ("Question: {question}\nOptions:\n{options}\nWhich option is correct?", "{letter}. {answer}"),
         ("Choose the best answer.\n\n{question}\n{options}", "The answer is {letter}. {answer}"),
         ("{question}\nPick one of the following:\n{options}", "{answer}"),
-        ("Read the question and select the right answer from the choices.\n\nQuestion: {question}\n"
-         "Choices:\n{options}", "{letter}"),
+        (("Read the question and select the right answer from the choices.\n\n"
+          "Question: {question}\nChoices:\n{options}"), "{letter}"),
         ("Here is a multiple-choice question.\n{question}\n\n{options}\n\nWhat is the answer?",
          "{letter}. {answer}"),
     ],
     "yes_no": [
         ("{passage}\n\nBased on the passage above, {question}? Answer yes or no.", "{answer}"),
-        ("Read the text and answer the question with yes or no.\n\nText: {passage}\n"
-         "Question: {question}?", "{answer}"),
+        (("Read the text and answer the question with yes or no.\n\nText: {passage}\n"
+          "Question: {question}?"), "{answer}"),
         ("Passage: {passage}\n\nIs it true that {question}?", "{Answer}."),
         ("{passage}\n\nCan we conclude from this that the answer to \"{question}?\" is yes?",
          "{Answer}."),

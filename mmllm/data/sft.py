@@ -320,7 +320,7 @@ class SFTDataModule(L.LightningDataModule):
         rng = random.Random(self.seed)
         for name, pool in pools.items():
             order = rng.sample(range(len(pool)), len(pool))
-            n_val = int(round(self.val_fraction * len(pool)))
+            n_val = round(self.val_fraction * len(pool))
             val += [pool[i] for i in order[:n_val]]
             train_pools[name] = [pool[i] for i in sorted(order[n_val:])]
         if not any(train_pools.values()):
