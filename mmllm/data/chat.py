@@ -23,7 +23,8 @@ How the mask cannot go wrong silently:
   with neighbouring text and rendering(messages[:k+1]) starts with rendering(messages[:k])
   token for token, by construction.
 * Supervised = the content of assistant turns plus their end token (the footer through its
-  first special token, e.g. ``<|im_end|>``), never the role header. :func:`check_rendered`
+  first special token, e.g. ``<|im_end|>``), never the role header. :class:`ChatRenderer`
+  renders many conversations with one tokenizer (template-text ids cached). :func:`check_rendered`
   verifies it independently; :class:`SupervisionStats` counts per-source supervised fractions.
 """
 
@@ -167,85 +168,126 @@ def _split_turn(tokenizer, messages: Sequence[Mapping], k: int, template: str,
                           "beyond stripping whitespace; its loss mask cannot be located")
 
 
-def _encode_template_text(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+class ChatRenderer:
+    """Renders conversations with one tokenizer and template (see the module docstring).
 
-
-def _encode_content(tokenizer, text: str) -> list[int]:
-    # split_special_tokens: "<|im_end|>" typed inside a message stays text.
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
-
-
-def _end_length(tokenizer, footer_ids: list[int]) -> int:
-    """Tokens of an assistant footer that are supervised: through its first special token
-    (``<|im_end|>``, ``<|eot_id|>``, ``</s>``), or the whole footer when it has none."""
-    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-    for i, t in enumerate(footer_ids):
-        if t in special:
-            return i + 1
-    return len(footer_ids)
-
-
-def render_chat(messages: Sequence[Mapping], tokenizer, *, chat_template: str | None = None,
-                train_on_all_assistant: bool = True) -> RenderedChat:
-    """Token ids, loss mask and spans of a conversation (see the module docstring).
+    Holds what every conversation shares: the template, the set of special-token ids (to find
+    end tokens) and the token ids of template text seen before (headers and footers repeat), so
+    a dataset costs two template renderings per message and one batched tokenizer call for the
+    contents of each conversation.
 
     Args:
-        messages: OpenAI-style messages. An assistant message with ``"train": False`` is
-            rendered but not supervised (few-shot demonstrations in earlier turns).
         tokenizer: a transformers tokenizer.
         chat_template: a Jinja chat template overriding the tokenizer's (default: the
             tokenizer's own, else :data:`CHATML_TEMPLATE`).
         train_on_all_assistant: supervise every assistant turn; False supervises only the last.
-
-    Returns:
-        The :class:`RenderedChat`.
-
-    Raises:
-        ChatFormatError: a malformed conversation, or a template whose mask cannot be sound.
     """
-    validate_messages(messages)
-    template = chat_template_of(tokenizer, chat_template)
-    last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    ids: list[int] = []
-    mask: list[bool] = []
-    spans: list[Span] = []
-    prev = ""
-    starts: list[int] = []  # character offset of each message in the rendering
-    for k, msg in enumerate(messages):
-        starts.append(len(prev))
-        prev, header, content, footer = _split_turn(tokenizer, messages, k, template, prev, starts)
-        role = msg["role"]
-        train = (role == "assistant" and msg.get("train", True) is not False
-                 and (train_on_all_assistant or k == last_assistant))
-        footer_ids = _encode_template_text(tokenizer, footer)
-        n_end = _end_length(tokenizer, footer_ids) if role == "assistant" else 0
-        parts = [("header", _encode_template_text(tokenizer, header), False),
-                 ("content", _encode_content(tokenizer, content), train),
-                 ("end", footer_ids[:n_end], train), ("footer", footer_ids[n_end:], False)]
-        for part, part_ids, supervised in parts:
-            if part_ids:
-                spans.append(Span(role, k, part, len(ids), len(ids) + len(part_ids), supervised))
-                ids += part_ids
-                mask += [supervised] * len(part_ids)
-    return RenderedChat(input_ids=ids, loss_mask=mask, spans=spans)
+
+    _CACHE_SIZE = 4096
+
+    def __init__(self, tokenizer, *, chat_template: str | None = None,
+                 train_on_all_assistant: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.template = chat_template_of(tokenizer, chat_template)
+        self.train_on_all_assistant = train_on_all_assistant
+        self._special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+        self._template_ids: dict[str, list[int]] = {}
+
+    def _encode_template_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Template text, special tokens parsed (``<|im_start|>`` is one control token)."""
+        missing = sorted({t for t in texts if t and t not in self._template_ids})
+        if missing:
+            if len(self._template_ids) > self._CACHE_SIZE:
+                self._template_ids.clear()
+            encoded = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
+            self._template_ids.update(zip(missing, encoded))
+        return [list(self._template_ids[t]) if t else [] for t in texts]
+
+    def _encode_contents(self, texts: Sequence[str]) -> list[list[int]]:
+        # split_special_tokens: "<|im_end|>" typed inside a message stays text.
+        present = [t for t in texts if t]
+        encoded = iter(self.tokenizer(present, add_special_tokens=False, split_special_tokens=True)
+                       ["input_ids"] if present else [])
+        return [next(encoded) if t else [] for t in texts]
+
+    def _end_length(self, footer_ids: list[int]) -> int:
+        """Tokens of an assistant footer that are supervised: through its first special token
+        (``<|im_end|>``, ``<|eot_id|>``, ``</s>``), or the whole footer when it has none."""
+        for i, t in enumerate(footer_ids):
+            if t in self._special:
+                return i + 1
+        return len(footer_ids)
+
+    def _turns(self, messages: Sequence[Mapping]) -> tuple[list[tuple[str, str, str]], str]:
+        """(header, content, footer) of every message, and the whole rendering."""
+        turns, prev, starts = [], "", []  # starts: character offset of each message
+        for k in range(len(messages)):
+            starts.append(len(prev))
+            prev, header, content, footer = _split_turn(self.tokenizer, messages, k, self.template,
+                                                        prev, starts)
+            turns.append((header, content, footer))
+        return turns, prev
+
+    def __call__(self, messages: Sequence[Mapping]) -> RenderedChat:
+        """Token ids, loss mask and spans of a conversation.
+
+        Args:
+            messages: OpenAI-style messages. An assistant message with ``"train": False`` is
+                rendered but not supervised (few-shot demonstrations in earlier turns).
+
+        Raises:
+            ChatFormatError: a malformed conversation, or a template whose mask cannot be sound.
+        """
+        validate_messages(messages)
+        last_assistant = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        turns, _ = self._turns(messages)
+        headers = self._encode_template_texts([h for h, _, _ in turns])
+        contents = self._encode_contents([c for _, c, _ in turns])
+        footers = self._encode_template_texts([f for _, _, f in turns])
+        ids: list[int] = []
+        mask: list[bool] = []
+        spans: list[Span] = []
+        for k, msg in enumerate(messages):
+            role = msg["role"]
+            train = (role == "assistant" and msg.get("train", True) is not False
+                     and (self.train_on_all_assistant or k == last_assistant))
+            n_end = self._end_length(footers[k]) if role == "assistant" else 0
+            parts = [("header", headers[k], False), ("content", contents[k], train),
+                     ("end", footers[k][:n_end], train), ("footer", footers[k][n_end:], False)]
+            for part, part_ids, supervised in parts:
+                if part_ids:
+                    spans.append(Span(role, k, part, len(ids), len(ids) + len(part_ids), supervised))
+                    ids += part_ids
+                    mask += [supervised] * len(part_ids)
+        return RenderedChat(input_ids=ids, loss_mask=mask, spans=spans)
+
+    def prompt(self, messages: Sequence[Mapping]) -> list[int]:
+        """Token ids of a generation prompt: the conversation plus the assistant header,
+        tokenised exactly as training data is."""
+        turns, prev = self._turns(messages)
+        full = self.tokenizer.apply_chat_template(list(messages), chat_template=self.template,
+                                                  tokenize=False, add_generation_prompt=True)
+        if not full.startswith(prev):
+            raise ChatFormatError("the chat template's generation prompt rewrites the conversation")
+        headers = self._encode_template_texts([h for h, _, _ in turns] + [full[len(prev):]])
+        contents = self._encode_contents([c for _, c, _ in turns])
+        footers = self._encode_template_texts([f for _, _, f in turns])
+        ids: list[int] = []
+        for h, c, f in zip(headers, contents, footers):
+            ids += h + c + f
+        return ids + headers[-1]
+
+
+def render_chat(messages: Sequence[Mapping], tokenizer, *, chat_template: str | None = None,
+                train_on_all_assistant: bool = True) -> RenderedChat:
+    """One conversation rendered by a :class:`ChatRenderer` (build one to render many)."""
+    return ChatRenderer(tokenizer, chat_template=chat_template,
+                        train_on_all_assistant=train_on_all_assistant)(messages)
 
 
 def render_prompt(messages: Sequence[Mapping], tokenizer, *, chat_template: str | None = None) -> list[int]:
-    """Token ids of a prompt for generation: the conversation plus the assistant header,
-    tokenised exactly as :func:`render_chat` tokenises training data."""
-    template = chat_template_of(tokenizer, chat_template)
-    ids: list[int] = []
-    prev = ""
-    for k in range(len(messages)):
-        prev, header, content, footer = _split_turn(tokenizer, messages, k, template, prev)
-        ids += (_encode_template_text(tokenizer, header) + _encode_content(tokenizer, content)
-                + _encode_template_text(tokenizer, footer))
-    full = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
-                                         add_generation_prompt=True)
-    if not full.startswith(prev):
-        raise ChatFormatError("the chat template's generation prompt rewrites the conversation")
-    return ids + _encode_template_text(tokenizer, full[len(prev):])
+    """Token ids of a generation prompt, tokenised as :func:`render_chat` tokenises training data."""
+    return ChatRenderer(tokenizer, chat_template=chat_template).prompt(messages)
 
 
 def check_rendered(rendered: RenderedChat, messages: Sequence[Mapping] | None = None) -> None:

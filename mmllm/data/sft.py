@@ -37,13 +37,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from mmllm.data.chat import (
-    ChatFormatError,
-    MaskError,
-    SupervisionStats,
-    check_rendered,
-    render_chat,
-)
+from mmllm.data.chat import ChatFormatError, ChatRenderer, MaskError, SupervisionStats, check_rendered
 from mmllm.data.flan import FlanTask, mix_rows
 from mmllm.data.packing import PackingStats, collate_packed, collate_padded, fit_examples, pack
 
@@ -282,7 +276,8 @@ class SFTDataModule(L.LightningDataModule):
 
     def render_sources(self) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
         """Every source's examples ``(input_ids, labels)``; fills :attr:`stats`."""
-        tok = self.tokenizer
+        render = ChatRenderer(self.tokenizer, chat_template=self.chat_template,
+                              train_on_all_assistant=self.train_on_all_assistant)
         pools: dict[str, list] = {}
         self.stats = {}
         for name, where, row, system in self.source_rows():
@@ -293,8 +288,7 @@ class SFTDataModule(L.LightningDataModule):
                 continue
             try:
                 messages = to_messages(row, system)
-                rendered = render_chat(messages, tok, chat_template=self.chat_template,
-                                       train_on_all_assistant=self.train_on_all_assistant)
+                rendered = render(messages)
                 check_rendered(rendered, messages)
             except ChatFormatError as e:
                 self._bad(stats, "malformed", where, e)
