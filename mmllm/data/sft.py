@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import json
+import os
 import random
+import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -89,7 +92,7 @@ def to_messages(row: Mapping, system_prompt: str | None = None) -> list[dict]:
 
 
 def _files(path: str | Sequence[str]) -> list[Path]:
-    patterns = [path] if isinstance(path, str) else list(path)
+    patterns = [str(path)] if isinstance(path, (str, os.PathLike)) else [str(p) for p in path]
     files: list[Path] = []
     for p in patterns:
         matches = sorted(glob.glob(str(Path(p).expanduser()))) if glob.has_magic(str(p)) else [p]
@@ -237,7 +240,15 @@ class SFTDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------- preparing
     def prepare_data(self) -> None:
-        """Loads (or trains) the tokenizer once and saves it under ``cache_dir/tokenizer``."""
+        """Loads (or trains) the tokenizer once (``cache_dir/tokenizer``), then renders every
+        source once into ``cache_dir/rendered/<fingerprint>`` (reused while the sources, the
+        tokenizer and the rendering options are unchanged), so all ranks load the same rows."""
+        self._prepare_tokenizer()
+        out = self._rendered_dir()
+        if not (out / "stats.json").is_file():
+            _save_rendered(out, self.render_sources(), self.stats)
+
+    def _prepare_tokenizer(self) -> None:
         stamp = self.cache_dir / "tokenizer.json.key"
         key = json.dumps({"tokenizer": self.tokenizer_spec, "vocab_size": self.vocab_size,
                           "sources": [s["name"] for s in self.sources]
@@ -305,11 +316,46 @@ class SFTDataModule(L.LightningDataModule):
             stats.check_fraction(src["name"], src.get("supervised_fraction"))
         return pools
 
+    def _fingerprint(self) -> str:
+        """Identity of the rendered rows: source files (size, mtime), FLAN task settings and
+        data, the tokenizer files and every rendering option."""
+        def files(path) -> list:
+            return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in _files(path)]
+
+        def task(t: FlanTask) -> dict:
+            d = t.data
+            local = d.local_path(t.split)
+            return {k: getattr(t, k) for k in ("name", "kind", "split", "cot", "num_fewshot",
+                                               "fewshot_format", "templates", "limit", "seed")} | {
+                "convert": getattr(d.convert, "__qualname__", repr(d.convert)),
+                "hub": [d.hub_path, d.hub_name], "local": files(local) if local else None,
+                "inline": hashlib.sha1(json.dumps(d.inline.get(t.split), sort_keys=True,
+                                                  default=str).encode()).hexdigest()}
+
+        tok_files = sorted(Path(self.tokenizer_dir).glob("*.json"))
+        key = {"tokenizer": [hashlib.sha1(f.read_bytes()).hexdigest() for f in tok_files],
+               "chat_template": self.chat_template, "on_bad_row": self.on_bad_row,
+               "train_on_all_assistant": self.train_on_all_assistant,
+               "sources": [{**{k: v for k, v in src.items() if k != "path"},
+                            "files": files(src["path"])} for src in self.sources],
+               "flan": [task(t) for t in self.flan_tasks]}
+        return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _rendered_dir(self) -> Path:
+        return self.cache_dir / "rendered" / self._fingerprint()
+
     def setup(self, stage: str | None = None) -> None:
-        """Renders, checks, splits, mixes and packs every source (deterministic on every rank)."""
+        """Loads the rendered rows (rendering them here when ``prepare_data`` did not), then
+        splits, mixes and packs them (deterministic, so every rank gets the same rows)."""
         if self._train is not None:
             return
-        pools = self.render_sources()
+        cached = self._rendered_dir()
+        if (cached / "stats.json").is_file():
+            pools, self.stats = _load_rendered(cached)
+            for src in self.sources:  # the bounds may have changed since the cache was written
+                self.stats[src["name"]].check_fraction(src["name"], src.get("supervised_fraction"))
+        else:
+            pools = self.render_sources()
         train_pools, val = {}, []
         rng = random.Random(self.seed)
         for name, pool in pools.items():
@@ -358,3 +404,32 @@ class SFTDataModule(L.LightningDataModule):
         if self._train is None:
             self.setup("validate")
         return self._loader(self._val, shuffle=False) if self._val else []
+
+
+# ------------------------------------------------------------------------------ rendered cache
+def _save_rendered(out: Path, pools: dict[str, list], stats: dict[str, SupervisionStats]) -> None:
+    """Writes every source's examples as flat int32 arrays + offsets, atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for i, (name, pool) in enumerate(pools.items()):
+        lengths = np.array([len(ids) for ids, _ in pool], dtype=np.int64)
+        flat = (lambda k: np.concatenate([x[k] for x in pool]).astype(np.int32) if pool
+                else np.zeros(0, np.int32))
+        np.savez(tmp / f"source{i}.npz", input_ids=flat(0), labels=flat(1),
+                 offsets=np.concatenate([[0], np.cumsum(lengths)]))
+    meta = {name: {"file": f"source{i}.npz", **vars(stats[name])} for i, name in enumerate(pools)}
+    (tmp / "stats.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def _load_rendered(out: Path) -> tuple[dict[str, list], dict[str, SupervisionStats]]:
+    meta = json.loads((out / "stats.json").read_text())
+    pools, stats = {}, {}
+    for name, m in meta.items():
+        arrays = np.load(out / m.pop("file"))
+        ids, labels, off = (arrays[k] for k in ("input_ids", "labels", "offsets"))
+        pools[name] = [(ids[a:b].astype(np.int64), labels[a:b].astype(np.int64))
+                       for a, b in zip(off[:-1], off[1:])]
+        stats[name] = SupervisionStats(**m)
+    return pools, stats

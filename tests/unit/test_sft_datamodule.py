@@ -34,10 +34,11 @@ def _write(path: Path, rows: list, extra_lines: tuple[str, ...] = ()) -> Path:
     return path
 
 
-def _dm(tmp_path: Path, path: Path, **kw) -> SFTDataModule:
+def _dm(tmp_path: Path, path: Path, prepare: bool = True, **kw) -> SFTDataModule:
     kw = {"seq_len": 160, "batch_size": 4, "vocab_size": 320, **kw}
     dm = SFTDataModule(sources=[{"name": "chat", "path": str(path)}], cache_dir=str(tmp_path / "cache"), **kw)
-    dm.prepare_data()
+    if prepare:
+        dm.prepare_data()
     return dm
 
 
@@ -90,9 +91,9 @@ def test_bad_rows_name_file_and_line_or_are_counted(tmp_path):
         {"messages": [{"role": "assistant"}]},
         {"prompt": "no known format"},
     ], extra_lines=("{not json",))
-    dm = _dm(tmp_path, path)
+    dm = _dm(tmp_path, path, prepare=False)
     with pytest.raises(BadRowError, match=r"chat.jsonl:3: message 1: empty assistant turn"):
-        dm.setup("fit")
+        dm.prepare_data()  # rank 0 renders once: a bad row stops the run before training starts
     dm = _dm(tmp_path, path, on_bad_row="skip")
     dm.setup("fit")
     stats = dm.stats["chat"]
@@ -105,9 +106,25 @@ def test_unexpected_supervised_fraction_stops_the_run(tmp_path):
     path = _write(tmp_path / "chat.jsonl", CHATS)
     dm = SFTDataModule(sources=[{"name": "chat", "path": str(path), "supervised_fraction": [0.6, 1.0]}],
                        cache_dir=str(tmp_path / "cache"), seq_len=64, batch_size=2, vocab_size=320)
-    dm.prepare_data()
     with pytest.raises(MaskError, match="source 'chat': supervised fraction"):
-        dm.setup("fit")
+        dm.prepare_data()
+
+
+def test_rendered_rows_are_cached_and_invalidated(tmp_path, monkeypatch):
+    path = _write(tmp_path / "chat.jsonl", CHATS)
+    first = _dm(tmp_path, path)
+    first.setup("fit")
+    again = _dm(tmp_path, path, prepare=False)
+    monkeypatch.setattr(again, "render_sources", lambda: pytest.fail("rendered twice"))
+    again.prepare_data()
+    again.setup("fit")
+    assert again.summary() == first.summary()
+    for a, b in zip(first.train_dataloader(), again.train_dataloader()):
+        assert set(a) == set(b)
+    _write(path, CHATS[:3])  # the data changed: a new fingerprint, rendered again
+    changed = _dm(tmp_path, path)
+    changed.setup("fit")
+    assert changed.stats["chat"].rows == 3
 
 
 def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path):
