@@ -12,8 +12,14 @@ Every row is rendered once with :func:`mmllm.data.chat.render_chat` (loss mask f
 template's spans) and checked with :func:`~mmllm.data.chat.check_rendered`; a malformed row (bad
 JSON, unknown format, missing roles, empty assistant turn, nothing supervised) raises an error
 naming ``file:line``, or is counted and skipped with ``on_bad_row="skip"``. The supervised-token
-fraction of every source is reported (:attr:`SFTDataModule.stats`) and can be bounded per source
+fraction of every source is reported (:attr:`SFTDataModule.stats`, logged as
+``data/<source>/supervised_fraction``) and can be bounded per source
 (``supervised_fraction: [lo, hi]``) so a wrong template or role mapping stops the run.
+
+Rendering happens once, in ``prepare_data`` (rank 0), into ``<cache_dir>/rendered/<fingerprint>/``
+(flat int32 arrays per source and the statistics); the fingerprint covers the source files (size,
+mtime), the FLAN task settings, the tokenizer files and every rendering option, so a change
+re-renders and every rank loads the same rows.
 
 Sources are mixed examples-proportionally with an optional per-source cap (FLAN), examples longer
 than ``seq_len`` truncated or dropped (counted), and rows packed best-fit decreasing with document
@@ -305,7 +311,8 @@ class SFTDataModule(L.LightningDataModule):
                 self._bad(stats, "malformed", where, e)
                 continue
             except MaskError as e:
-                self._bad(stats, "no_supervised_tokens", where, e)
+                self._bad(stats, "no_supervised_tokens" if "no supervised" in str(e) else "bad_mask",
+                          where, e)
                 continue
             stats.add(rendered)
             pool.append((np.asarray(rendered.input_ids, dtype=np.int64),
@@ -370,6 +377,22 @@ class SFTDataModule(L.LightningDataModule):
         self._train = self._rows(mixed, "train")
         self._val = self._rows(val, "val") if val else []
         rank_zero_info(f"SFT data: {json.dumps(self.summary(), indent=1)}")
+        self._log_stats()
+
+    def _log_stats(self) -> None:
+        """Per-source supervised fractions and skipped rows, per-split padding, to the loggers."""
+        loggers = getattr(self.trainer, "loggers", None) if self.trainer is not None else None
+        if not loggers:
+            return
+        metrics = {}
+        for name, st in self.stats.items():
+            metrics[f"data/{name}/supervised_fraction"] = st.fraction
+            metrics[f"data/{name}/rows"] = float(st.rows)
+            metrics[f"data/{name}/skipped_rows"] = float(sum(st.skipped.values()))
+        for split, st in self.packing_stats.items():
+            metrics[f"data/{split}/padding_fraction"] = st.padding_fraction
+        for logger in loggers:
+            logger.log_metrics(metrics, step=0)
 
     def _rows(self, examples: list, split: str) -> list:
         stats = self.packing_stats[split] = PackingStats()

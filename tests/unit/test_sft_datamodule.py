@@ -200,5 +200,9 @@ def test_causal_lm_module_trains_on_flan_sft_batches(flan_cfg):
     metrics = train(flan_cfg)
     assert metrics["train/tokens_seen"] > 0
     with open(Path(flan_cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
-        val = [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+        rows = list(csv.DictReader(f))
+    val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     assert len(val) == 2 and val[1] < val[0]  # held-out supervised loss goes down
+    logged = [float(r["data/gsm8k_cot/supervised_fraction"]) for r in rows
+              if r.get("data/gsm8k_cot/supervised_fraction")]
+    assert len(logged) == 1 and 0 < logged[0] < 1  # the data statistics reach the loggers
