@@ -31,9 +31,8 @@ derives the same positions from them).
 
 from __future__ import annotations
 
-import glob
-import gzip
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -46,92 +45,18 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from mmllm.data.chat import ChatFormatError, ChatRenderer, MaskError, SupervisionStats, check_rendered
+from mmllm.data.chat import (
+    ChatFormatError,
+    ChatRenderer,
+    MaskError,
+    SupervisionStats,
+    check_rendered,
+)
+from mmllm.data.conversations import BadRowError, files_of, read_rows, to_messages
 from mmllm.data.flan import FlanTask, mix_rows
 from mmllm.data.packing import PackingStats, collate_packed, collate_padded, fit_examples, pack
 
 BAD_ROW_POLICIES = ("error", "skip")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
-
-
-class BadRowError(ValueError):
-    """A training row that cannot be used, with where it is (``file:line``)."""
-
-
-# --------------------------------------------------------------------------------- row formats
-def to_messages(row: Mapping, system_prompt: str | None = None) -> list[dict]:
-    """The messages of a row in the messages, ShareGPT or Alpaca format (see module doc).
-
-    Raises:
-        ChatFormatError: the row matches no format or its turns are malformed.
-    """
-    if not isinstance(row, Mapping):
-        raise ChatFormatError(f"a row must be a JSON object, got {type(row).__name__}")
-    if "messages" in row:
-        messages = row["messages"]
-        if not isinstance(messages, list):
-            raise ChatFormatError("'messages' must be a list")
-        messages = [dict(m) if isinstance(m, Mapping) else m for m in messages]
-    elif "conversations" in row:
-        messages = []
-        for i, turn in enumerate(row["conversations"] or []):
-            if not isinstance(turn, Mapping) or turn.get("from") not in _SHAREGPT_ROLES:
-                raise ChatFormatError(f"conversations[{i}]: expected 'from' in "
-                                      f"{sorted(_SHAREGPT_ROLES)}, got {turn!r:.80}")
-            messages.append({"role": _SHAREGPT_ROLES[turn["from"]], "content": turn.get("value")})
-    elif "instruction" in row and "output" in row:
-        prompt = str(row["instruction"]).strip()
-        if row.get("input"):
-            prompt = f"{prompt}\n\n{str(row['input']).strip()}"
-        messages = [{"role": "user", "content": prompt},
-                    {"role": "assistant", "content": row["output"]}]
-        if row.get("system"):
-            messages.insert(0, {"role": "system", "content": row["system"]})
-    else:
-        raise ChatFormatError(f"unknown row format with keys {sorted(row)[:8]}: expected "
-                              "'messages', 'conversations' or 'instruction'+'output'")
-    if system_prompt and not (messages and isinstance(messages[0], Mapping)
-                              and messages[0].get("role") == "system"):
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
-
-
-def _files(path: str | Sequence[str]) -> list[Path]:
-    patterns = [str(path)] if isinstance(path, (str, os.PathLike)) else [str(p) for p in path]
-    files: list[Path] = []
-    for p in patterns:
-        matches = sorted(glob.glob(str(Path(p).expanduser()))) if glob.has_magic(str(p)) else [p]
-        for m in matches:
-            if not Path(m).is_file():
-                raise FileNotFoundError(f"SFT source file not found: {m}")
-            files.append(Path(m))
-    if not files:
-        raise FileNotFoundError(f"no SFT source files match {path}")
-    return files
-
-
-def read_rows(path: str | Sequence[str]) -> Iterator[tuple[str, object]]:
-    """``(where, row)`` for every row of the files; a line that is not JSON yields a
-    :class:`BadRowError` as its row (the caller decides whether it is fatal)."""
-    for f in _files(path):
-        if f.name.endswith(".parquet"):
-            import pyarrow.parquet as pq
-
-            for i, row in enumerate(pq.read_table(f).to_pylist()):
-                yield f"{f}:row {i}", row
-            continue
-        opener = gzip.open if f.name.endswith(".gz") else open
-        with opener(f, "rt", encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{f}:{line_no}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{f}:{line_no}", BadRowError(f"bad JSON ({e.msg} at column {e.colno})")
-
-
 # ----------------------------------------------------------------------------------- datasets
 class _Rows(Dataset):
     """Map-style dataset over packed rows (lists of examples) or single examples."""
@@ -327,7 +252,7 @@ class SFTDataModule(L.LightningDataModule):
         """Identity of the rendered rows: source files (size, mtime), FLAN task settings and
         data, the tokenizer files and every rendering option."""
         def files(path) -> list:
-            return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in _files(path)]
+            return [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files_of(path)]
 
         def task(t: FlanTask) -> dict:
             d = t.data
@@ -436,14 +361,16 @@ def _save_rendered(out: Path, pools: dict[str, list], stats: dict[str, Supervisi
     tmp.mkdir(parents=True, exist_ok=True)
     for i, (name, pool) in enumerate(pools.items()):
         lengths = np.array([len(ids) for ids, _ in pool], dtype=np.int64)
-        flat = (lambda k: np.concatenate([x[k] for x in pool]).astype(np.int32) if pool
-                else np.zeros(0, np.int32))
-        np.savez(tmp / f"source{i}.npz", input_ids=flat(0), labels=flat(1),
+        np.savez(tmp / f"source{i}.npz", input_ids=_flat(pool, 0), labels=_flat(pool, 1),
                  offsets=np.concatenate([[0], np.cumsum(lengths)]))
     meta = {name: {"file": f"source{i}.npz", **vars(stats[name])} for i, name in enumerate(pools)}
     (tmp / "stats.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+def _flat(pool: list, k: int) -> np.ndarray:
+    return np.concatenate([x[k] for x in pool]).astype(np.int32) if pool else np.zeros(0, np.int32)
 
 
 def _load_rendered(out: Path) -> tuple[dict[str, list], dict[str, SupervisionStats]]:
@@ -453,6 +380,6 @@ def _load_rendered(out: Path) -> tuple[dict[str, list], dict[str, SupervisionSta
         arrays = np.load(out / m.pop("file"))
         ids, labels, off = (arrays[k] for k in ("input_ids", "labels", "offsets"))
         pools[name] = [(ids[a:b].astype(np.int64), labels[a:b].astype(np.int64))
-                       for a, b in zip(off[:-1], off[1:])]
+                       for a, b in itertools.pairwise(off)]
         stats[name] = SupervisionStats(**m)
     return pools, stats
