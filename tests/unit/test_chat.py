@@ -213,3 +213,21 @@ def test_supervision_stats_fraction_check(kit_tok):
         stats.check_fraction("chat", (0.9, 1.0))
     stats.skip("bad_json", "a.jsonl:3")
     assert stats.as_dict()["skipped"] == {"bad_json": 1} and stats.examples == ["a.jsonl:3: bad_json"]
+
+
+# No separator between the role and the content: tokenising the whole text merges across the
+# boundary ("assistant" + "s" -> one word), so a mask found from whole-text offsets would be off.
+GLUED = ("{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + m['content'] + '<|im_end|>' -}}"
+         "{%- endfor -%}")
+
+
+def test_mask_is_exact_where_whole_text_tokenisation_merges_across_the_boundary():
+    kit_tok = train_bpe_tokenizer(["assistants thank users. " * 200], vocab_size=300,
+                                  show_progress=False)  # "assistants" is one token
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "s thank"}]
+    r = render_chat(messages, kit_tok, chat_template=GLUED)
+    check_rendered(r, messages)
+    assert supervised_runs(r, kit_tok) == ["s thank<|im_end|>"]
+    whole = kit_tok(kit_tok.apply_chat_template(messages, chat_template=GLUED, tokenize=False),
+                    add_special_tokens=False)["input_ids"]
+    assert whole != r.input_ids  # the whole-text ids differ: boundaries shift with neighbours
