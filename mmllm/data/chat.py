@@ -189,6 +189,14 @@ class ChatRenderer:
                  train_on_all_assistant: bool = True) -> None:
         self.tokenizer = tokenizer
         self.template = chat_template_of(tokenizer, chat_template)
+        if self.template == CHATML_TEMPLATE:
+            vocab = tokenizer.get_vocab()
+            missing = [t for t in SPECIAL_TOKENS.group("chat") if t not in vocab]
+            if missing:  # they would be tokenised as plain text: no turn boundaries to learn
+                raise ChatFormatError(
+                    f"the tokenizer has no chat_template and lacks the ChatML tokens {missing}: "
+                    "add them with mmllm.data.add_special_tokens(tokenizer, ['chat']) (and resize "
+                    "the model's embeddings), or pass a chat_template")
         self.train_on_all_assistant = train_on_all_assistant
         self._special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
         self._template_ids: dict[str, list[int]] = {}

@@ -231,3 +231,15 @@ def test_mask_is_exact_where_whole_text_tokenisation_merges_across_the_boundary(
     whole = kit_tok(kit_tok.apply_chat_template(messages, chat_template=GLUED, tokenize=False),
                     add_special_tokens=False)["input_ids"]
     assert whole != r.input_ids  # the whole-text ids differ: boundaries shift with neighbours
+
+
+def test_chatml_fallback_needs_the_chat_tokens():
+    from mmllm.data.special_tokens import add_special_tokens
+
+    bare = train_bpe_tokenizer([TEXT], vocab_size=360, special_tokens=[], show_progress=False)
+    bare.chat_template = None
+    with pytest.raises(ChatFormatError, match=r"lacks the ChatML tokens \['<\|im_start\|>'"):
+        render_chat(MULTI, bare)
+    add_special_tokens(bare, ["chat"])
+    r = render_chat(MULTI, bare)  # the kit's ChatML, now with control tokens
+    assert supervised_runs(r, bare) == expected_runs(MULTI)
