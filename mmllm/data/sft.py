@@ -37,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import socket
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -357,7 +358,8 @@ class SFTDataModule(L.LightningDataModule):
 # ------------------------------------------------------------------------------ rendered cache
 def _save_rendered(out: Path, pools: dict[str, list], stats: dict[str, SupervisionStats]) -> None:
     """Writes every source's examples as flat int32 arrays + offsets, atomically."""
-    tmp = out.with_name(out.name + ".tmp")
+    # A private temporary name: with one prepare_data per node, nodes may race on a shared disk.
+    tmp = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     for i, (name, pool) in enumerate(pools.items()):
         lengths = np.array([len(ids) for ids, _ in pool], dtype=np.int64)
@@ -365,8 +367,12 @@ def _save_rendered(out: Path, pools: dict[str, list], stats: dict[str, Supervisi
                  offsets=np.concatenate([[0], np.cumsum(lengths)]))
     meta = {name: {"file": f"source{i}.npz", **vars(stats[name])} for i, name in enumerate(pools)}
     (tmp / "stats.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)  # atomic: `out` is complete or absent
+    except OSError:
+        if not (out / "stats.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another node finished first: same content
 
 
 def _flat(pool: list, k: int) -> np.ndarray:
