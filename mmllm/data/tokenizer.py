@@ -21,6 +21,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from mmllm.data.chat import CHATML_TEMPLATE
 from mmllm.data.special_tokens import SPECIAL_TOKENS, add_special_tokens
 
 # Token strings other tokenizers use for the four roles, tried in order when a role is unset.
@@ -50,7 +51,9 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency:
 
     Returns:
         The trained tokenizer, bos/eos/pad/unk set and the other special tokens registered as
-        extra special tokens. It adds no bos/eos on encode (packing appends eos itself).
+        extra special tokens, with the kit's ChatML ``chat_template``
+        (:data:`mmllm.data.chat.CHATML_TEMPLATE`). It adds no bos/eos on encode (packing
+        appends eos itself).
     """
     base = SPECIAL_TOKENS.tokens(["base"])
     requested = SPECIAL_TOKENS.tokens() if special_tokens is None else list(special_tokens)
@@ -67,8 +70,10 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency:
                                   special_tokens=specials, initial_alphabet=alphabet,
                                   show_progress=show_progress)
     tok.train_from_iterator(texts, trainer)
-    return _wrap(tok, bos=SPECIAL_TOKENS.bos, eos=SPECIAL_TOKENS.eos, pad=SPECIAL_TOKENS.pad,
-                 unk=SPECIAL_TOKENS.unk, extra=specials[len(base):])
+    out = _wrap(tok, bos=SPECIAL_TOKENS.bos, eos=SPECIAL_TOKENS.eos, pad=SPECIAL_TOKENS.pad,
+                unk=SPECIAL_TOKENS.unk, extra=specials[len(base):])
+    out.chat_template = CHATML_TEMPLATE  # saved with it: SFT and generation render ChatML
+    return out
 
 
 def _wrap(tok: Tokenizer, *, bos: str | None, eos: str | None, pad: str | None, unk: str | None,
