@@ -148,8 +148,10 @@ def _first_pass(files: list[str], stages: list[ProcessingStage], dedup: list[Glo
         for stale in fs.glob(f"{p}/{shard_key(f)}-*"):
             fs.rm(stale)
     signature_stages = [s for d in dedup if (s := d.signature_stage()) is not None]
+    # The reader's planning stage cuts each input into slices of records_per_batch records.
     pipeline = Pipeline(name="mmllm_curation", stages=[
-        *stages, *signature_stages, ShardWriterStage(path=stage1, storage_options=storage_options)])
+        stages[0].split_stage(), *stages, *signature_stages,
+        ShardWriterStage(path=stage1, storage_options=storage_options)])
     tasks = [FileGroupTask(dataset_name="curation", data=[f], _metadata={"source_files": [f]})
              for f in todo]
     ray_kwargs = {**ray_kwargs, "dashboard": needs_dashboard(executor)}

@@ -87,11 +87,11 @@ def _content_type(rec: Any) -> tuple[str, str | None]:
     return mime.strip().lower(), charset
 
 
-def _base(rec: Any, path: str) -> dict[str, Any]:
+def _base(rec: Any, path: str, offset: int) -> dict[str, Any]:
     hdr = rec.rec_headers
     return {"url": hdr.get_header("WARC-Target-URI"), "record_id": hdr.get_header("WARC-Record-ID"),
             "date": hdr.get_header("WARC-Date"), "source_file": path, "html": None, "text": None,
-            "content_type": None, "charset": None, "raw_len": 0, "drop": None}
+            "content_type": None, "charset": None, "raw_len": 0, "drop": None, "offset": offset}
 
 
 def _incomplete(rec: Any) -> bool:
@@ -99,7 +99,8 @@ def _incomplete(rec: Any) -> bool:
     return getattr(rec.raw_stream, "limit", 0) > 0
 
 
-def _response(rec: Any, out: dict[str, Any], max_payload_bytes: int, drop_truncated: bool) -> None:
+def _response(rec: Any, out: dict[str, Any], max_payload_bytes: int, drop_truncated: bool,
+              decode: bool = True) -> None:
     """Fill ``out`` from an HTTP response record, setting ``drop`` when it is unusable."""
     if rec.http_headers is None:
         rec.raw_stream.read()
@@ -123,6 +124,8 @@ def _response(rec: Any, out: dict[str, Any], max_payload_bytes: int, drop_trunca
     if not mime and not _HTML_SNIFF.match(payload[:1024]):
         out["drop"] = "non_html"
         return
+    if not decode:
+        return
     decoded = decode_payload(payload, charset)
     if decoded is None:
         out["drop"] = "undecodable"
@@ -145,11 +148,11 @@ def _read_payload(rec: Any, out: dict[str, Any], max_payload_bytes: int) -> byte
     return None
 
 
-def _conversion(rec: Any, out: dict[str, Any], max_payload_bytes: int) -> None:
+def _conversion(rec: Any, out: dict[str, Any], max_payload_bytes: int, decode: bool = True) -> None:
     """WET ``conversion`` records already hold plain text."""
     out["content_type"] = "text/plain"
     payload = _read_payload(rec, out, max_payload_bytes)
-    if payload is not None:
+    if payload is not None and decode:
         decoded = decode_payload(payload, "utf-8")
         out["drop"] = "undecodable" if decoded is None else None
         out["text"] = decoded[0] if decoded else None
@@ -173,31 +176,38 @@ def _next_boundary(fh: BinaryIO, start: int, gz: bool) -> int | None:
 
 
 def iter_warc(path: str, *, max_payload_bytes: int = 2_000_000, drop_truncated: bool = True,
-              storage_options: dict | None = None) -> Iterator[dict[str, Any]]:
+              storage_options: dict | None = None, start: int = 0, decode: bool = True,
+              ) -> Iterator[dict[str, Any]]:
     """Yield one dict per response / conversion record of a (gzipped) WARC or WET file.
 
-    Request, metadata and warcinfo records are skipped silently (they are not documents).
+    Request, metadata and warcinfo records are skipped silently (they are not documents). The
+    records are read one at a time: only the one being yielded is in memory.
 
     Args:
         path: Local or fsspec path.
         max_payload_bytes: Larger payloads are dropped as ``too_large`` without being read.
         drop_truncated: Drop records the crawler marked ``WARC-Truncated``.
         storage_options: fsspec options.
+        start: Byte offset to start at: ``0`` or the ``offset`` of a record yielded before
+            (iterating from there yields exactly the records that followed it).
+        decode: Decode payloads (``False`` only walks the records, e.g. to plan splits).
 
     Yields:
         ``{"url", "record_id", "date", "source_file", "html", "text", "content_type", "charset",
-        "raw_len", "drop"}``; ``drop`` is ``None`` for usable records, else the reason.
+        "raw_len", "drop", "offset"}``; ``drop`` is ``None`` for usable records, else the reason;
+        ``offset`` is where the record starts in the (compressed) file.
     """
     fs, fs_path = url_to_fs(path, **(storage_options or {}))
     with fs.open(fs_path, "rb") as fh:
         gz = fh.read(2) == _GZIP_MAGIC[:2]
-        cursor = 0
+        cursor = start
         while cursor is not None:
-            cursor = yield from _iter_from(fh, cursor, gz, path, max_payload_bytes, drop_truncated)
+            cursor = yield from _iter_from(fh, cursor, gz, path, max_payload_bytes, drop_truncated,
+                                           decode)
 
 
 def _iter_from(fh: BinaryIO, start: int, gz: bool, path: str, max_payload_bytes: int,
-               drop_truncated: bool) -> Iterator[dict[str, Any]]:
+               drop_truncated: bool, decode: bool = True) -> Iterator[dict[str, Any]]:
     """Iterate from ``start``; on corruption yield a ``corrupt_record`` and return where to resume."""
     fh.seek(start)
     end, base = start, None  # absolute end of the last record read completely
@@ -205,11 +215,11 @@ def _iter_from(fh: BinaryIO, start: int, gz: bool, path: str, max_payload_bytes:
         it = ArchiveIterator(fh, arc2warc=True, check_digests=False)
         for rec in it:
             if rec.rec_type in ("response", "conversion"):
-                out = _base(rec, path)
+                out = _base(rec, path, end)  # this record starts where the last one ended
                 if rec.rec_type == "response":
-                    _response(rec, out, max_payload_bytes, drop_truncated)
+                    _response(rec, out, max_payload_bytes, drop_truncated, decode)
                 else:
-                    _conversion(rec, out, max_payload_bytes)
+                    _conversion(rec, out, max_payload_bytes, decode)
                 yield out
             # Offsets are only known once warcio has read the record to its end; warcio counts
             # them from the file's position when the iterator was made (absolute when seekable).
@@ -217,16 +227,16 @@ def _iter_from(fh: BinaryIO, start: int, gz: bool, path: str, max_payload_bytes:
             base = (start if offset < start else 0) if base is None else base
             end = base + offset + it.get_record_length()
     except _RECOVERABLE as err:  # one bad record must not stop the file
-        yield _broken(path, "corrupt_record", f"{type(err).__name__}: {err}")
+        yield _broken(path, "corrupt_record", f"{type(err).__name__}: {err}", end)
         # The failing record starts at `end`; resume at the next boundary strictly after it.
         return _next_boundary(fh, end + 1, gz)
     # warcio ends quietly on a record cut off by the end of the file: count it.
     if fh.seek(0, 2) - end > _TRAILER_SLACK:
-        yield _broken(path, "incomplete_record", "file ends inside a record")
+        yield _broken(path, "incomplete_record", "file ends inside a record", end)
     return None
 
 
-def _broken(path: str, reason: str, error: str) -> dict[str, Any]:
+def _broken(path: str, reason: str, error: str, offset: int) -> dict[str, Any]:
     return {"url": None, "record_id": None, "date": None, "source_file": path, "html": None,
             "text": None, "content_type": None, "charset": None, "raw_len": 0, "drop": reason,
-            "error": error[:200]}
+            "error": error[:200], "offset": offset}
