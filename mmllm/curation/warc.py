@@ -13,10 +13,11 @@ import codecs
 import re
 import zlib
 from collections.abc import Iterator
+from functools import lru_cache
 from typing import Any, BinaryIO
 
-from charset_normalizer import from_bytes
 from fsspec.core import url_to_fs
+from resiliparse.parse.encoding import detect_encoding
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 
@@ -29,6 +30,14 @@ _SCAN_CHUNK = 1 << 20
 _TRAILER_SLACK = 4  # bytes of padding tolerated after the last record
 # Decoded text with more control characters than this is binary that happened to decode.
 _MAX_CONTROL_FRACTION = 0.02
+# WHATWG Encoding Standard: the codec a browser uses for a label it treats as a superset.
+_WHATWG_SUPERSET = {"iso8859-1": "cp1252", "ascii": "cp1252", "iso8859-9": "cp1254",
+                    "iso8859-11": "cp874", "tis-620": "cp874", "shift_jis": "cp932",
+                    "gb2312": "gbk", "euc_kr": "cp949"}
+_BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
+         (codecs.BOM_UTF16_BE, "utf-16-be"))
+_DETECT_BYTES = 64 * 1024
+_MAX_REPLACED_PER = 1000  # lenient UTF-8: at most one invalid sequence per 1000 characters
 _RECOVERABLE = (ArchiveLoadFailed, zlib.error, EOFError, OSError, ValueError, IndexError,
                 KeyError, AttributeError, UnicodeDecodeError, TypeError)
 
@@ -42,6 +51,12 @@ def _valid_codec(name: str | None) -> str | None:
         return None
 
 
+@lru_cache(maxsize=64)
+def _single_byte(codec: str) -> bool:
+    """Whether every byte is one character in ``codec`` (Latin-1, cp1252, KOI8-R, ...)."""
+    return codec != "utf-8" and len(bytes(range(256)).decode(codec, "replace")) == 256
+
+
 def _looks_binary(text: str) -> bool:
     if not text:
         return False
@@ -50,30 +65,60 @@ def _looks_binary(text: str) -> bool:
     return ctrl / len(sample) > _MAX_CONTROL_FRACTION
 
 
+def _strict(payload: bytes, codec: str) -> tuple[str, str] | None:
+    """``(text, codec used)`` with the codec browsers use for a label (its WHATWG superset
+    first), else ``None``."""
+    for enc in dict.fromkeys((_WHATWG_SUPERSET.get(codec, codec), codec)):
+        try:
+            return payload.decode(enc), enc
+        except (UnicodeDecodeError, LookupError):
+            continue
+    return None
+
+
+def _candidates(payload: bytes, declared: str | None) -> list[str]:
+    """Codecs to try in order: BOM, HTTP ``Content-Type``, ``<meta charset>``, UTF-8, detection."""
+    bom = next((enc for mark, enc in _BOMS if payload.startswith(mark)), None)
+    meta = _META_CHARSET.search(payload[:4096])
+    labels = [_valid_codec(declared), _valid_codec(meta.group(1).decode("ascii", "ignore"))
+              if meta else None]
+    # A declared single-byte charset on bytes that are valid, non-ASCII UTF-8 is a server default
+    # (Apache's ISO-8859-1): real Latin-1 text is practically never valid UTF-8 as well.
+    if any(c and _single_byte(c) for c in labels) and not payload.isascii():
+        try:
+            payload.decode("utf-8")
+            labels.insert(0, "utf-8")
+        except UnicodeDecodeError:
+            pass
+    detected = _valid_codec(detect_encoding(payload[:_DETECT_BYTES]))
+    return [c for c in dict.fromkeys([bom, *labels, "utf-8", detected]) if c]
+
+
 def decode_payload(payload: bytes, declared: str | None = None) -> tuple[str, str] | None:
-    """Decode an HTML payload: declared charset, then ``<meta charset>``, UTF-8, then detection.
+    """Decode an HTML payload: BOM, declared charset, ``<meta charset>``, UTF-8, then detection.
+
+    Labels are honoured when they decode the bytes, with the codec browsers use for them
+    (WHATWG: ``iso-8859-1`` means ``windows-1252``, ``shift_jis`` means ``windows-31j``, ...).
+    Undeclared pages are detected with Resiliparse (uchardet, WHATWG encodings only). A page that
+    no codec decodes cleanly is kept as UTF-8 only when a handful of bytes are invalid.
 
     Args:
         payload: Raw HTTP body.
         declared: Charset from the HTTP ``Content-Type`` header, if any.
 
     Returns:
-        ``(text, encoding)``, or ``None`` when no encoding yields text (binary / garbage bytes).
+        ``(text, codec)``, or ``None`` when no encoding yields text (binary / garbage bytes).
     """
-    meta = _META_CHARSET.search(payload[:4096])
-    candidates = [_valid_codec(declared), _valid_codec(meta.group(1).decode("ascii", "ignore"))
-                  if meta else None, "utf-8"]
-    for enc in dict.fromkeys(c for c in candidates if c):
-        try:
-            text = payload.decode(enc)
-        except (UnicodeDecodeError, LookupError):
-            continue
-        return (None if _looks_binary(text) else (text, enc))
-    best = from_bytes(payload).best()
-    if best is None:
-        return None
-    text = str(best)
-    return None if _looks_binary(text) else (text, best.encoding)
+    for codec in _candidates(payload, declared):
+        decoded = _strict(payload, codec)
+        if decoded is not None:
+            text, used = decoded
+            text = text.removeprefix("\ufeff")  # a BOM is not content
+            return None if _looks_binary(text) else (text, used)
+    text = payload.decode("utf-8", "replace")
+    if text.count("\ufffd") <= max(1, len(text) // _MAX_REPLACED_PER):
+        return None if _looks_binary(text) else (text, "utf-8")
+    return None
 
 
 def _content_type(rec: Any) -> tuple[str, str | None]:
