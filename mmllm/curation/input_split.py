@@ -38,7 +38,7 @@ _COMPRESSED = (".gz", ".bz2", ".zst", ".xz")
 
 def _slice(path: str, fmt: str, **kw: Any) -> dict[str, Any]:
     base = {"path": path, "fmt": fmt, "index": 0, "num_slices": 1, "start": 0, "first_line": 1,
-            "records": None, "row_groups": None, "rows": None, "first_chunk": 0,
+            "records": None, "row_groups": None, "rows": None, "first_chunk": 0, "chunks": None,
             "num_chunks": None, "status": "ok", "error": None}
     return {**base, **kw}
 
@@ -68,7 +68,7 @@ def plan_warc(path: str, records_per_batch: int, storage_options: dict) -> list[
     if len(cuts) == 1:
         return [_slice(path, "warc")]
     return _number([_slice(path, "warc", start=c, records=records_per_batch if i + 1 < len(cuts)
-                           else None, first_chunk=i, num_chunks=len(cuts))
+                           else None, first_chunk=i, chunks=1, num_chunks=len(cuts))
                     for i, c in enumerate(cuts)])
 
 
@@ -98,7 +98,7 @@ def plan_jsonl(path: str, records_per_batch: int, storage_options: dict) -> list
         return [_slice(path, "jsonl")]
     return _number([_slice(path, "jsonl", start=c, first_line=ln,
                            records=records_per_batch if i + 1 < len(cuts) else None,
-                           first_chunk=i, num_chunks=len(cuts))
+                           first_chunk=i, chunks=1, num_chunks=len(cuts))
                     for i, (c, ln) in enumerate(cuts)])
 
 
@@ -119,7 +119,7 @@ def plan_parquet(path: str, records_per_batch: int, storage_options: dict) -> li
     for gs, rows in groups or [([], 0)]:
         n = max(1, -(-rows // records_per_batch))
         slices.append(_slice(path, "parquet", row_groups=gs, rows=rows, first_chunk=chunk,
-                             num_chunks=n))
+                             chunks=n))
         chunk += n
     for s in slices:
         s["num_chunks"] = chunk
@@ -138,18 +138,20 @@ def plan_file(path: str, fmt: str, records_per_batch: int,
 
     Returns:
         Slice dicts (``path``, ``fmt``, ``index``, ``num_slices``, ``start``, ``first_line``,
-        ``records``, ``row_groups``, ``rows``, ``first_chunk``, ``num_chunks``, ``status``,
-        ``error``); ``num_chunks`` is ``None`` when only reading tells how many batches come.
+        ``records``, ``row_groups``, ``rows``, ``first_chunk``, ``chunks`` (batches of this
+        slice), ``num_chunks`` (of the file), ``status``, ``error``); ``chunks`` and
+        ``num_chunks`` are ``None`` when only reading tells how many batches come (a single
+        slice of a whole compressed file).
     """
     so = dict(storage_options or {})
     try:
         fs, p = url_to_fs(path, **so)
         if fs.size(p) == 0:
-            return [_slice(path, fmt, status="empty", num_chunks=1)]
+            return [_slice(path, fmt, status="empty", chunks=1, num_chunks=1)]
         planner = {"warc": plan_warc, "jsonl": plan_jsonl, "parquet": plan_parquet}[fmt]
         return planner(path, records_per_batch, so)
     except Exception as err:  # noqa: BLE001 - an unreadable file is counted, never fatal
-        return [_slice(path, fmt, status="unreadable", num_chunks=1,
+        return [_slice(path, fmt, status="unreadable", chunks=1, num_chunks=1,
                        error=f"{type(err).__name__}: {err}"[:300])]
 
 

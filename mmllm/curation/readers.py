@@ -163,11 +163,8 @@ class CurationReaderStage(ProcessingStage[FileGroupTask, DocumentBatch]):
         files = {"read": 1} if s["status"] == "ok" else {s["status"]: 1}
         if status == "cut_short":
             files["cut_short"] = 1
-        want = s["num_chunks"] - s["first_chunk"] if s["num_slices"] > 1 else None
-        if s["num_slices"] > 1 and s["fmt"] != "parquet":
-            want = 1
-        frames = _fit(frames, want)
-        num_chunks = s["num_chunks"] if s["num_slices"] > 1 else len(frames)
+        frames = _fit(frames, s["chunks"])
+        num_chunks = s["num_chunks"] if s["num_chunks"] is not None else len(frames)
         batches = []
         for i, df in enumerate(frames):
             first = i == 0 and s["index"] == 0

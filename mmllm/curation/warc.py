@@ -245,10 +245,17 @@ def iter_warc(path: str, *, max_payload_bytes: int = 2_000_000, drop_truncated: 
     fs, fs_path = url_to_fs(path, **(storage_options or {}))
     with fs.open(fs_path, "rb") as fh:
         gz = fh.read(2) == _GZIP_MAGIC[:2]
-        cursor = start
+        cursor = _skip_separator(fh, start) if start else 0
         while cursor is not None:
             cursor = yield from _iter_from(fh, cursor, gz, path, max_payload_bytes, drop_truncated,
                                            decode)
+
+
+def _skip_separator(fh: BinaryIO, pos: int) -> int:
+    """Step over the blank lines that end an uncompressed record (warcio's offsets exclude them)."""
+    fh.seek(pos)
+    head = fh.read(8)
+    return pos + len(head) - len(head.lstrip(b"\r\n"))
 
 
 def _iter_from(fh: BinaryIO, start: int, gz: bool, path: str, max_payload_bytes: int,
