@@ -153,7 +153,7 @@ class CurationReaderStage(ProcessingStage[FileGroupTask, DocumentBatch]):
                     frames.append(df)
             except ReadError as err:  # the rest of the file is lost: one record says so
                 logger.error(f"{s['path']}: reading stopped at {err}")
-                frames.append(_lost_rest(err))
+                frames = [*map(_unverified, frames), _lost_rest(err)]
                 status = "cut_short"
         elif status == "unreadable":
             logger.error(f"Cannot read {s['path']}: {s['error']}")
@@ -276,6 +276,14 @@ def _lost_rest(err: ReadError) -> pd.DataFrame:
     row.update(_drop="read_error", _raw_len=0, _error=f"{type(err.cause).__name__}: {err.cause}"[:300],
                _where=err.where, _example=None)
     return pd.DataFrame([row])
+
+
+def _unverified(df: pd.DataFrame) -> pd.DataFrame:
+    """Drop the records of a compressed stream that failed: its checksum (gzip's CRC covers a
+    whole member) can no longer vouch for them, and a flipped bit would pass as text."""
+    df = df.copy()
+    df["_drop"] = df["_drop"].where(df["_drop"].notna(), "unverified_stream")
+    return df
 
 
 def _fit(frames: list[pd.DataFrame], want: int | None) -> list[pd.DataFrame]:

@@ -113,7 +113,8 @@ def iter_parquet_frames(path: str, *, row_groups: list[int], batch_size: int, te
     """
     fs, p = url_to_fs(path, **(storage_options or {}))
     with fs.open(p, "rb") as fh:
-        pf = pq.ParquetFile(fh)
+        # Pages written with CRCs are checked: a flipped bit is an error, not a wrong value.
+        pf = pq.ParquetFile(fh, page_checksum_verification=True)
         if text_field not in pf.schema_arrow.names:
             for g in row_groups:
                 yield _lost(pf.metadata.row_group(g).num_rows, "missing_text_field",

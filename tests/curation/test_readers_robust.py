@@ -83,19 +83,22 @@ def test_utf8_bom_and_crlf_jsonl(tmp_path):
     assert kept(CurationReaderStage().read_file(str(path)))["text"].tolist() == ["café", "two"]
 
 
-def test_cut_short_gzip_jsonl_keeps_lines_before_the_cut(tmp_path):
+def test_cut_short_gzip_jsonl_is_counted_and_unverified_lines_dropped(tmp_path):
     lines = [json.dumps({"text": f"document number {i} " + "word " * 50}) for i in range(400)]
     data = gzip.compress("\n".join(lines).encode())
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(data[: len(data) // 2])
     batches = CurationReaderStage(records_per_batch=64).read_file(str(path))
     rec = read_stats(batches)
-    got = kept(batches)["text"].tolist()
-    assert 0 < len(got) < 400 and got == [json.loads(x)["text"] for x in lines[:len(got)]]
-    assert rec["dropped"] == {"read_error": {"docs": 1, "chars": 0}}
+    # The lines before the cut were decompressed, but no CRC vouches for them: all dropped,
+    # each counted, plus one record for the unreadable rest.
+    n = rec["dropped"]["unverified_stream"]["docs"]
+    assert 0 < n < 400 and rec["docs_out"] == 0 and len(kept(batches)) == 0
+    assert rec["dropped"]["read_error"]["docs"] == 1 and rec["docs_in"] == n + 1
     assert rec["extra"]["files"] == {"read": 1, "cut_short": 1}
-    assert rec["issues"][0]["reason"] == "read_error"
-    assert rec["issues"][0]["where"] == f"line {len(got) + 1}"
+    [issue] = rec["issues"]
+    assert (issue["reason"], issue["where"]) == ("read_error", f"line {n + 1}")
+    assert "EOFError" in issue["error"]
 
 
 def test_corrupt_parquet_row_group_drops_exactly_its_rows(tmp_path):
