@@ -262,30 +262,56 @@ def _iter_from(fh: BinaryIO, start: int, gz: bool, path: str, max_payload_bytes:
                drop_truncated: bool, decode: bool = True) -> Iterator[dict[str, Any]]:
     """Iterate from ``start``; on corruption yield a ``corrupt_record`` and return where to resume."""
     fh.seek(start)
-    end, base = start, None  # absolute end of the last record read completely
+    end, base, out = start, None, None  # end: absolute end of the last record read completely
     try:
-        it = ArchiveIterator(fh, arc2warc=True, check_digests=False)
+        # WARC-Block/Payload-Digest (SHA-1) are checked when decoding: a plain WARC has no CRC.
+        it = ArchiveIterator(fh, arc2warc=True, check_digests=decode)
         for rec in it:
+            out = None
             if rec.rec_type in ("response", "conversion"):
                 out = _base(rec, path, end)  # this record starts where the last one ended
                 if rec.rec_type == "response":
                     _response(rec, out, max_payload_bytes, drop_truncated, decode)
                 else:
                     _conversion(rec, out, max_payload_bytes, decode)
-                yield out
-            # Offsets are only known once warcio has read the record to its end; warcio counts
-            # them from the file's position when the iterator was made (absolute when seekable).
+            # Offsets are only known once warcio has read the record to its end (for gzip, its
+            # member's CRC included); warcio counts them from the file's position when the
+            # iterator was made (absolute when seekable).
             offset = it.get_record_offset()
             base = (start if offset < start else 0) if base is None else base
-            end = base + offset + it.get_record_length()
+            rec_start, end = end, base + offset + it.get_record_length()
+            if _incomplete(rec):
+                # The stream broke inside this record (the file ends, or warcio swallowed a
+                # decompression error and reports an early end): its end is not where the next
+                # record starts. Count it and resynchronise after its start.
+                if out is not None:
+                    yield {**out, "html": None, "text": None, "drop": "incomplete_record"}
+                return _next_boundary(fh, rec_start + 1, gz)
+            if out is not None:  # yielded only now: a record whose checksum fails is not kept
+                _check_digest(rec, out)
+                yield out
+                out = None
     except _RECOVERABLE as err:  # one bad record must not stop the file
-        yield _broken(path, "corrupt_record", f"{type(err).__name__}: {err}", end)
+        error = f"{type(err).__name__}: {err}"
+        if out is not None:  # its headers were fine, its body is not
+            yield {**out, "html": None, "text": None, "drop": "corrupt_record",
+                   "error": error[:200]}
+        else:
+            yield _broken(path, "corrupt_record", error, end)
         # The failing record starts at `end`; resume at the next boundary strictly after it.
         return _next_boundary(fh, end + 1, gz)
     # warcio ends quietly on a record cut off by the end of the file: count it.
     if fh.seek(0, 2) - end > _TRAILER_SLACK:
         yield _broken(path, "incomplete_record", "file ends inside a record", end)
     return None
+
+
+def _check_digest(rec: Any, out: dict[str, Any]) -> None:
+    """Drop a usable record whose WARC digest does not match its bytes (bit rot, bad copy)."""
+    checker = getattr(rec, "digest_checker", None)
+    if out["drop"] is None and checker is not None and checker.passed is False:
+        out.update(html=None, text=None, drop="digest_mismatch",
+                   error="; ".join(map(str, checker.problems))[:200])
 
 
 def _broken(path: str, reason: str, error: str, offset: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ For every mutated file:
   drop with a known reason, the kept rows are the batch's data);
 * reading in slices of 2 records gives exactly the records of reading the file in one go (the
   planner's resume points stay valid on corrupt input);
+* WARC: a kept page is byte-for-byte an original page (gzip CRCs, WARC digests);
 * JSONL: records in = the non-blank lines of the mutated file (or the gzip stream was cut and
   a ``read_error`` says so); Parquet: records in = the footer's row count, or the file is
   counted unreadable with its error.
@@ -32,7 +33,7 @@ from warcio.warcwriter import WARCWriter
 from mmllm.curation.base import STATS_KEY, merge_stats_lists
 from mmllm.curation.readers import CurationReaderStage
 
-READ_REASONS = {"unverified_stream", "non_html", "empty", "too_large", "undecodable", "http_status", "truncated",
+READ_REASONS = {"unverified_stream", "digest_mismatch", "non_html", "empty", "too_large", "undecodable", "http_status", "truncated",
                 "corrupt_record", "incomplete_record", "not_http", "invalid_json",
                 "missing_text_field", "non_string_text", "corrupt_row_group", "read_error"}
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True,
@@ -41,17 +42,19 @@ TEXTS = [f"Document {i}: the quick brown fox jumps over the lazy dog near the ri
          for i in range(8)]
 
 
+BODIES = [f"<html><p>{TEXTS[0]}</p></html>", f"<html><p>{TEXTS[1]} café</p></html>",
+          "<html>gone</html>", "\x89PNG....", f"<html><p>{TEXTS[2]}</p></html>",
+          f"<html><p>{TEXTS[3]}</p></html>"]
+
+
 def _warc(gz: bool) -> bytes:
     buf = io.BytesIO()
     w = WARCWriter(buf, gzip=gz)
     w.write_record(w.create_warcinfo_record("f.warc", {"software": "fuzz"}))
-    for i, (status, ctype, body) in enumerate([
-            ("200 OK", "text/html; charset=utf-8", f"<html><p>{TEXTS[0]}</p></html>"),
-            ("200 OK", "text/html", f"<html><p>{TEXTS[1]} café</p></html>"),
-            ("404 Not Found", "text/html", "<html>gone</html>"),
-            ("200 OK", "image/png", "\x89PNG...."),
-            ("200 OK", "text/html; charset=iso-8859-1", f"<html><p>{TEXTS[2]}</p></html>"),
-            ("200 OK", "text/html", f"<html><p>{TEXTS[3]}</p></html>")]):
+    headers = [("200 OK", "text/html; charset=utf-8"), ("200 OK", "text/html"),
+               ("404 Not Found", "text/html"), ("200 OK", "image/png"),
+               ("200 OK", "text/html; charset=iso-8859-1"), ("200 OK", "text/html")]
+    for i, ((status, ctype), body) in enumerate(zip(headers, BODIES)):
         http = StatusAndHeaders(status, [("Content-Type", ctype)], protocol="HTTP/1.1")
         payload = body.encode("latin-1" if "8859" in ctype else "utf-8", "replace")
         w.write_record(w.create_warc_record(f"https://f.example/{i}", "response",
@@ -121,12 +124,18 @@ def _check(data: bytes, kind: str) -> dict:
 @given(mutations("warc.gz"))
 def test_fuzz_gzip_warc(data):
     _check(data, "warc.gz")
+    # Every record is its own gzip member with a CRC, so a kept page is an original page.
+    batches, _ = _read(data, "warc.gz", 10_000)
+    assert set(_kept(batches, "html")) <= set(BODIES)
 
 
 @FUZZ
 @given(mutations("warc"))
 def test_fuzz_plain_warc(data):
     _check(data, "warc")
+    # No CRC here, but warcio's WARC-Payload-Digest is checked: a kept page is an original page.
+    batches, _ = _read(data, "warc", 10_000)
+    assert set(_kept(batches, "html")) <= set(BODIES)
 
 
 @FUZZ

@@ -136,3 +136,48 @@ def test_input_format():
     assert input_format("x.JSONL.gz") == "jsonl"
     with pytest.raises(ValueError, match="Cannot tell the format"):
         input_format("x.csv")
+
+
+def test_flipped_payload_byte_is_caught_by_digest_or_crc(tmp_path):
+    bodies = [b"<html><p>the first page</p></html>", b"<html><p>the second page</p></html>"]
+    for gz in (False, True):
+        buf = io.BytesIO()
+        w = WARCWriter(buf, gzip=gz)
+        for i, body in enumerate(bodies):
+            http = StatusAndHeaders("200 OK", [("Content-Type", "text/html")],
+                                    protocol="HTTP/1.1")
+            w.write_record(w.create_warc_record(f"https://a.example/{i}", "response",
+                                                payload=io.BytesIO(body), http_headers=http))
+        data = bytearray(buf.getvalue())
+        if gz:  # a bit of the first member's CRC32 trailer
+            data[data.find(b"\x1f\x8b\x08", 3) - 6] ^= 1
+        else:  # a bit of the first page
+            data[data.find(b"first page")] ^= 1
+        path = tmp_path / f"f.warc{'.gz' if gz else ''}"
+        path.write_bytes(bytes(data))
+        recs = list(iter_warc(str(path)))
+        # One item per record: the damaged one is dropped (never kept garbled), the next intact.
+        assert [r["drop"] for r in recs] == ["corrupt_record" if gz else "digest_mismatch", None]
+        assert recs[0]["html"] is None
+        if not gz:  # (a small gzip member fails its CRC before warcio parses its headers)
+            assert recs[0]["url"] == "https://a.example/0"
+        assert recs[1]["html"] == bodies[1].decode()
+
+
+def test_bad_crc_of_a_big_member_loses_no_later_record(tmp_path):
+    # warcio swallows a decompression error in the middle of a member and reports an early end;
+    # the reader must count that record and still find the next one.
+    words = [f"w{(i * 7919) % 100003}" for i in range(40_000)]  # > warcio's 16 kB read blocks
+    bodies = [f"<html><p>{' '.join(words)}</p></html>".encode(), b"<html><p>small</p></html>"]
+    buf = io.BytesIO()
+    w = WARCWriter(buf, gzip=True)
+    for i, body in enumerate(bodies):
+        http = StatusAndHeaders("200 OK", [("Content-Type", "text/html")], protocol="HTTP/1.1")
+        w.write_record(w.create_warc_record(f"https://a.example/{i}", "response",
+                                            payload=io.BytesIO(body), http_headers=http))
+    data = bytearray(buf.getvalue())
+    data[data.find(b"\x1f\x8b\x08", 3) - 6] ^= 1  # the first member's CRC32
+    (tmp_path / "big.warc.gz").write_bytes(bytes(data))
+    recs = list(iter_warc(str(tmp_path / "big.warc.gz")))
+    assert [(r["drop"], r["url"]) for r in recs] == [("incomplete_record", "https://a.example/0"),
+                                                     (None, "https://a.example/1")]
