@@ -33,7 +33,7 @@ from mmllm.curation.warc import iter_warc
 SLICE_KEY = "input_slice"
 _GZIP_MAGIC = b"\x1f\x8b"
 _SCAN_CHUNK = 1 << 20
-_COMPRESSED = (".gz", ".bz2", ".zst", ".xz")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".xz")
 
 
 def _slice(path: str, fmt: str, **kw: Any) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def _peek(fh: Any, offset: int) -> bytes:
 
 def plan_jsonl(path: str, records_per_batch: int, storage_options: dict) -> list[dict[str, Any]]:
     """Slices of ``records_per_batch`` lines of an uncompressed JSONL file."""
-    if path.lower().endswith(_COMPRESSED):
+    if path.lower().endswith(COMPRESSED_SUFFIXES):
         return [_slice(path, "jsonl")]
     fs, p = url_to_fs(path, **storage_options)
     cuts, pos, line, last_byte = [(0, 1)], 0, 1, b"\n"

@@ -28,7 +28,12 @@ from nemo_curator.stages.base import ProcessingStage
 from nemo_curator.tasks import DocumentBatch, FileGroupTask
 
 from mmllm.curation.base import STATS_KEY, stats_from_reasons
-from mmllm.curation.input_split import SLICE_KEY, InputSplitStage, plan_file
+from mmllm.curation.input_split import (
+    COMPRESSED_SUFFIXES,
+    SLICE_KEY,
+    InputSplitStage,
+    plan_file,
+)
 from mmllm.curation.table_records import (
     INTERNAL,
     ReadError,
@@ -149,11 +154,15 @@ class CurationReaderStage(ProcessingStage[FileGroupTask, DocumentBatch]):
         status, issues, frames = s["status"], [], []
         if status == "ok":
             try:
-                for df in self._frames(s):
-                    frames.append(df)
-            except ReadError as err:  # the rest of the file is lost: one record says so
-                logger.error(f"{s['path']}: reading stopped at {err}")
-                frames = [*map(_unverified, frames), _lost_rest(err)]
+                for df in self._frames(s):  # a loop, so frames read before an error stay
+                    frames.append(df)  # noqa: PERF402
+            except Exception as err:  # the rest of the slice is lost: one record says so
+                stop = err if isinstance(err, ReadError) else ReadError(
+                    f"slice {s['index']} of {s['num_slices']}", err)
+                logger.error(f"{s['path']}: reading stopped at {stop}")
+                if s["path"].lower().endswith(COMPRESSED_SUFFIXES):
+                    frames = [_unverified(df) for df in frames]
+                frames.append(_lost_rest(stop))
                 status = "cut_short"
         elif status == "unreadable":
             logger.error(f"Cannot read {s['path']}: {s['error']}")

@@ -142,9 +142,10 @@ def markdown_report(report: dict[str, Any]) -> str:
 def _issue_lines(report: dict[str, Any], limit: int = 50) -> list[str]:
     """Markdown for the input files and the records/files that could not be parsed."""
     f = report.get("input_files", {})
-    lines = ["", "## Input files", "", f"{f.get('inputs', 0)} input(s): {f.get('read', 0)} read, "
-             f"{f.get('empty', 0)} empty, {f.get('unreadable', 0)} unreadable, "
-             f"{f.get('cut_short', 0)} cut short by a read error."]
+    summary = (f"{f.get('inputs', 0)} input(s): {f.get('read', 0)} read, "
+               f"{f.get('empty', 0)} empty, {f.get('unreadable', 0)} unreadable, "
+               f"{f.get('cut_short', 0)} cut short by a read error.")
+    lines = ["", "## Input files", "", summary]
     issues = report.get("issues", {})
     if not issues:
         return lines

@@ -12,6 +12,7 @@ remaining rows as ``corrupt_row_group``, a read error mid-file drops nothing sil
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any
@@ -62,7 +63,7 @@ def iter_jsonl_lines(path: str, *, start: int = 0, first_line: int = 1, max_line
             for raw in lines:
                 yield n, raw
                 n += 1
-        except Exception as err:  # noqa: BLE001 - corrupt gzip/zstd, truncated stream, I/O error
+        except Exception as err:  # corrupt gzip/zstd, truncated stream, I/O error
             raise ReadError(f"line {n}", err) from err
 
 
@@ -70,7 +71,7 @@ def _text_value(value: Any) -> tuple[str | None, str | None]:
     """``(text, drop reason)`` of a text field value."""
     if isinstance(value, str):
         return (value, None) if value.strip() else (None, "empty")
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return None, "empty"
     return None, "non_string_text"
 

@@ -23,7 +23,7 @@ from curation_testdata import TEXTS, page
 from warcio.statusandheaders import StatusAndHeaders
 from warcio.warcwriter import WARCWriter
 
-import mmllm.curation.readers as readers
+from mmllm.curation import readers
 from mmllm.curation.base import STATS_KEY, merge_stats_lists
 from mmllm.curation.extract import TextExtractionStage
 from mmllm.curation.input_split import plan_file
