@@ -156,7 +156,7 @@ class CurationReaderStage(ProcessingStage[FileGroupTask, DocumentBatch]):
             try:
                 for df in self._frames(s):  # a loop, so frames read before an error stay
                     frames.append(df)  # noqa: PERF402
-            except Exception as err:  # the rest of the slice is lost: one record says so
+            except Exception as err:  # noqa: BLE001 - counted below, never fatal
                 stop = err if isinstance(err, ReadError) else ReadError(
                     f"slice {s['index']} of {s['num_slices']}", err)
                 logger.error(f"{s['path']}: reading stopped at {stop}")
