@@ -53,7 +53,8 @@ def plan_warc(path: str, records_per_batch: int, storage_options: dict) -> list[
     """Slices of ``records_per_batch`` WARC records (see the module docstring)."""
     cuts, prev, n = [0], -1, 0
     for rec in iter_warc(path, max_payload_bytes=1, storage_options=storage_options, decode=False):
-        # A record re-yielded as corrupt shares its predecessor's offset: never cut between them.
+        # Two items can share an offset (a record, then the corrupt rest of its member): a cut
+        # between them would make the next slice read that record again.
         if n >= records_per_batch and rec["offset"] > prev:
             cuts.append(rec["offset"])
             n = 0

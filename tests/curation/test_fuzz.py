@@ -36,7 +36,7 @@ from mmllm.curation.readers import CurationReaderStage
 READ_REASONS = {"unverified_stream", "digest_mismatch", "non_html", "empty", "too_large", "undecodable", "http_status", "truncated",
                 "corrupt_record", "incomplete_record", "not_http", "invalid_json",
                 "missing_text_field", "non_string_text", "corrupt_row_group", "read_error"}
-FUZZ = settings(max_examples=50, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
 TEXTS = [f"Document {i}: the quick brown fox jumps over the lazy dog near the river bank."
          for i in range(8)]
