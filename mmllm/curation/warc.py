@@ -245,10 +245,11 @@ def iter_warc(path: str, *, max_payload_bytes: int = 2_000_000, drop_truncated: 
     fs, fs_path = url_to_fs(path, **(storage_options or {}))
     with fs.open(fs_path, "rb") as fh:
         gz = fh.read(2) == _GZIP_MAGIC[:2]
-        cursor = _skip_separator(fh, start) if start else 0
+        cursor, after_damage = (_skip_separator(fh, start) if start else 0), False
         while cursor is not None:
             cursor = yield from _iter_from(fh, cursor, gz, path, max_payload_bytes, drop_truncated,
-                                           decode)
+                                           decode, after_damage)
+            after_damage = True  # _iter_from only returns a cursor to resynchronise
 
 
 def _skip_separator(fh: BinaryIO, pos: int) -> int:
@@ -259,8 +260,13 @@ def _skip_separator(fh: BinaryIO, pos: int) -> int:
 
 
 def _iter_from(fh: BinaryIO, start: int, gz: bool, path: str, max_payload_bytes: int,
-               drop_truncated: bool, decode: bool = True) -> Iterator[dict[str, Any]]:
-    """Iterate from ``start``; on corruption yield a ``corrupt_record`` and return where to resume."""
+               drop_truncated: bool, decode: bool = True, after_damage: bool = False,
+               ) -> Iterator[dict[str, Any]]:
+    """Iterate from ``start``; on corruption yield a ``corrupt_record`` and return where to resume.
+
+    A damaged region counts once: when ``start`` is a resynchronisation point right after damage
+    and nothing readable starts there, no second ``corrupt_record`` is yielded.
+    """
     fh.seek(start)
     end, base, out = start, None, None  # end: absolute end of the last record read completely
     try:
@@ -268,6 +274,10 @@ def _iter_from(fh: BinaryIO, start: int, gz: bool, path: str, max_payload_bytes:
         it = ArchiveIterator(fh, arc2warc=True, check_digests=decode)
         for rec in it:
             out = None
+            if gz and getattr(it.reader, "decompressor", True) is None:
+                # warcio reads a member that does not decompress as plain bytes, and random bytes
+                # can pass for an ARC header: in a gzipped file that is damage, not a record.
+                raise ArchiveLoadFailed("gzip member does not decompress")
             if rec.rec_type in ("response", "conversion"):
                 out = _base(rec, path, end)  # this record starts where the last one ended
                 if rec.rec_type == "response":
@@ -284,9 +294,11 @@ def _iter_from(fh: BinaryIO, start: int, gz: bool, path: str, max_payload_bytes:
                 # The stream broke inside this record (the file ends, or warcio swallowed a
                 # decompression error and reports an early end): its end is not where the next
                 # record starts. Count it and resynchronise after its start.
+                resume = _next_boundary(fh, rec_start + 1, gz)
                 if out is not None:
-                    yield {**out, "html": None, "text": None, "drop": "incomplete_record"}
-                return _next_boundary(fh, rec_start + 1, gz)
+                    yield {**out, "html": None, "text": None,
+                           "drop": "incomplete_record" if resume is None else "corrupt_record"}
+                return resume
             if out is not None:  # yielded only now: a record whose checksum fails is not kept
                 _check_digest(rec, out)
                 yield out
@@ -296,8 +308,9 @@ def _iter_from(fh: BinaryIO, start: int, gz: bool, path: str, max_payload_bytes:
         if out is not None:  # its headers were fine, its body is not
             yield {**out, "html": None, "text": None, "drop": "corrupt_record",
                    "error": error[:200]}
-        else:
+        elif not (after_damage and end == start):
             yield _broken(path, "corrupt_record", error, end)
+        # (else: a resync right after damage found no record yet, it is the same damage)
         # The failing record starts at `end`; resume at the next boundary strictly after it.
         return _next_boundary(fh, end + 1, gz)
     # warcio ends quietly on a record cut off by the end of the file: count it.

@@ -179,5 +179,5 @@ def test_bad_crc_of_a_big_member_loses_no_later_record(tmp_path):
     data[data.find(b"\x1f\x8b\x08", 3) - 6] ^= 1  # the first member's CRC32
     (tmp_path / "big.warc.gz").write_bytes(bytes(data))
     recs = list(iter_warc(str(tmp_path / "big.warc.gz")))
-    assert [(r["drop"], r["url"]) for r in recs] == [("incomplete_record", "https://a.example/0"),
-                                                     (None, "https://a.example/1")]
+    assert [(r["drop"], r["url"]) for r in recs] == [("corrupt_record", "https://a.example/0"),
+                                                  (None, "https://a.example/1")]
