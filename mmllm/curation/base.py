@@ -23,6 +23,7 @@ from nemo_curator.tasks import DocumentBatch
 
 STATS_KEY = "curation_stats"
 EXAMPLE_CHARS = 300
+MAX_ISSUES = 1000  # unparseable records listed by file and position per stage (all are counted)
 
 
 def new_stage_stats(stage: str) -> dict[str, Any]:
@@ -33,12 +34,16 @@ def new_stage_stats(stage: str) -> dict[str, Any]:
 
     Returns:
         ``{"stage", "docs_in", "chars_in", "docs_out", "chars_out", "docs_edited", "dropped",
-        "examples", "extra"}`` (``docs_edited``: kept documents whose text the stage changed)
-        where ``dropped`` maps reason -> ``{"docs", "chars"}``, ``examples`` maps reason -> list of
-        ``{"url", "text"}`` and ``extra`` maps a histogram name -> ``{key: count}``.
+        "examples", "extra", "issues", "issues_omitted"}`` (``docs_edited``: kept documents whose
+        text the stage changed) where ``dropped`` maps reason -> ``{"docs", "chars"}``,
+        ``examples`` maps reason -> list of ``{"url", "text"}``, ``extra`` maps a histogram name
+        -> ``{key: count}`` and ``issues`` lists records or files that could not be parsed
+        (``{"file", "where", "reason", "error"}``, at most :data:`MAX_ISSUES`; the rest are
+        counted in ``issues_omitted``).
     """
     return {"stage": stage, "docs_in": 0, "chars_in": 0, "docs_out": 0, "chars_out": 0,
-            "docs_edited": 0, "dropped": {}, "examples": {}, "extra": {}}
+            "docs_edited": 0, "dropped": {}, "examples": {}, "extra": {}, "issues": [],
+            "issues_omitted": 0}
 
 
 def merge_stage_stats(into: dict[str, Any], other: dict[str, Any], max_examples: int = 3) -> None:
@@ -60,6 +65,11 @@ def merge_stage_stats(into: dict[str, Any], other: dict[str, Any], max_examples:
     for reason, exs in other["examples"].items():
         acc = into["examples"].setdefault(reason, [])
         acc.extend(exs[: max(0, max_examples - len(acc))])
+    issues = other.get("issues", [])
+    room = max(0, MAX_ISSUES - len(into.setdefault("issues", [])))
+    into["issues"].extend(issues[:room])
+    into["issues_omitted"] = (into.get("issues_omitted", 0) + other.get("issues_omitted", 0)
+                              + max(0, len(issues) - room))
     for hist, counts in other["extra"].items():
         acc = into["extra"].setdefault(hist, {})
         for k, v in counts.items():

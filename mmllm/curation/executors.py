@@ -2,7 +2,9 @@
 
 * :func:`ray_session` starts a private local Ray instance (its own temp dir, stopped and removed
   on exit, so no workers are orphaned) or joins an existing cluster given by ``address`` /
-  ``RAY_ADDRESS`` (and leaves it running).
+  ``RAY_ADDRESS`` (and leaves it running). A run killed with SIGKILL cannot clean up, and Ray's
+  agents outlive their raylet, so each private instance records its owner and marks its
+  processes; the next session removes what a dead owner left (:mod:`mmllm.curation.ray_cleanup`).
 * :func:`make_executor` gives the executor for a name: ``ray_data`` (NeMo Curator's
   ``RayDataExecutor``; works on 2 cores), ``xenna`` (batch mode; the streaming default wants more
   CPUs than small machines have) or ``local`` (:class:`LocalExecutor`, no Ray at all).
@@ -21,6 +23,13 @@ from typing import TYPE_CHECKING, Literal
 from nemo_curator.backends.base import BaseExecutor, BaseStageAdapter, NodeInfo, WorkerMetadata
 from nemo_curator.tasks import EmptyTask, Task
 from tqdm.auto import tqdm
+
+from mmllm.curation.ray_cleanup import (
+    SESSION_PREFIX,
+    kill_session_processes,
+    owned_session,
+    reap_dead_sessions,
+)
 
 if TYPE_CHECKING:
     from nemo_curator.stages.base import ProcessingStage
@@ -131,14 +140,18 @@ def ray_session(*, address: str | None = None, num_cpus: int | None = None,
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     else:
         parent = temp_dir or os.environ.get("RAY_TMPDIR") or "/tmp"
-        tmp = tempfile.mkdtemp(prefix="mmray-", dir=parent)
-        ray.init(num_cpus=num_cpus, _temp_dir=tmp, include_dashboard=dashboard,
-                 dashboard_port=_free_port() if dashboard else None, log_to_driver=False,
-                 configure_logging=False)
+        reap_dead_sessions(parent)
+        tmp = tempfile.mkdtemp(prefix=SESSION_PREFIX, dir=parent)
+        # Ray's processes inherit the driver's environment: the marker names their session.
+        with owned_session(tmp):
+            ray.init(num_cpus=num_cpus, _temp_dir=tmp, include_dashboard=dashboard,
+                     dashboard_port=_free_port() if dashboard else None, log_to_driver=False,
+                     configure_logging=False)
     try:
         yield
     finally:
         # Disconnects from a joined cluster; kills the processes of a private instance.
         ray.shutdown()
         if tmp is not None:
+            kill_session_processes(tmp)  # agents that ignore the shutdown
             shutil.rmtree(tmp, ignore_errors=True)

@@ -35,7 +35,12 @@ from mmllm.curation.corpus import Stage1Corpus, run_global_steps
 from mmllm.curation.dedup_common import GlobalDedupStep
 from mmllm.curation.dedup_url import default_dump_id
 from mmllm.curation.executors import make_executor, needs_dashboard, ray_session, uses_ray
-from mmllm.curation.readers import CurationReaderStage, input_format, shard_key
+from mmllm.curation.readers import (
+    CurationReaderStage,
+    MissingTextColumnError,
+    input_format,
+    shard_key,
+)
 from mmllm.curation.report import build_report, write_report
 from mmllm.curation.writer import (
     ShardWriterStage,
@@ -148,14 +153,34 @@ def _first_pass(files: list[str], stages: list[ProcessingStage], dedup: list[Glo
         for stale in fs.glob(f"{p}/{shard_key(f)}-*"):
             fs.rm(stale)
     signature_stages = [s for d in dedup if (s := d.signature_stage()) is not None]
+    # The reader's planning stage cuts each input into slices of records_per_batch records.
     pipeline = Pipeline(name="mmllm_curation", stages=[
-        *stages, *signature_stages, ShardWriterStage(path=stage1, storage_options=storage_options)])
+        stages[0].split_stage(), *stages, *signature_stages,
+        ShardWriterStage(path=stage1, storage_options=storage_options)])
     tasks = [FileGroupTask(dataset_name="curation", data=[f], _metadata={"source_files": [f]})
              for f in todo]
     ray_kwargs = {**ray_kwargs, "dashboard": needs_dashboard(executor)}
     with ray_session(**ray_kwargs) if uses_ray(executor) else nullcontext():
         pipeline.run(executor, initial_tasks=tasks)
     return todo
+
+
+def _check_text_field(sidecars: list[dict], reader: CurationReaderStage, stage1: str,
+                      storage_options: dict) -> None:
+    """Raise when every record read lacks the text field: a configuration error, not bad data.
+
+    The stage-1 shards of such a run are removed, so a rerun with the right field reads again.
+    """
+    [read] = merge_stats_lists([[r for r in sc[STATS_KEY] if r["stage"] == reader.name]
+                                for sc in sidecars]) or [None]
+    missing = (read or {}).get("dropped", {}).get("missing_text_field", {}).get("docs", 0)
+    if not read or not read["docs_in"] or missing < read["docs_in"]:
+        return
+    fs, p = url_to_fs(stage1, **storage_options)
+    fs.rm(p, recursive=True)
+    msg = (f"No input record has the text field {reader.text_field!r} "
+           f"({missing} record(s) read); set stages.read.text_field")
+    raise MissingTextColumnError(msg)
 
 
 def _fingerprint(sidecars: list[dict], dedup: list, output_format: str) -> str:
@@ -234,6 +259,7 @@ def run_curation(inputs: str | Sequence[str], output_dir: str | Path, *,
         msg = f"The pipeline pass did not finish {len(missing)} input(s), e.g. {missing[:3]}"
         raise RuntimeError(msg)
     sidecars = [sc for f in files for sc in done[f]]
+    _check_text_field(sidecars, stages[0], stage1, so)
     fingerprint = _fingerprint(sidecars, dedup, output_format)
     if not processed and (reused := _reuse(out, fingerprint, so)) is not None:
         log.info("Reusing the finished curation in %s", out)

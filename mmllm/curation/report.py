@@ -25,8 +25,10 @@ def build_report(stage_records: Sequence[dict[str, Any]], *, inputs: Sequence[st
         seconds: Wall times of the run's phases.
 
     Returns:
-        A JSON-serialisable dict with ``funnel``, ``drop_reasons``, ``languages``,
-        ``dedup_clusters``, ``examples``, ``output`` and ``seconds``.
+        A JSON-serialisable dict with ``funnel``, ``drop_reasons``, ``input_files`` (inputs read,
+        empty, unreadable, cut short), ``issues`` (per stage: records and files that could not
+        be parsed, by file and line/offset), ``languages``, ``dedup_clusters``, ``examples``,
+        ``output`` and ``seconds``.
     """
     records = merge_stats_lists([stage_records])
     first_docs = records[0]["docs_in"] if records else 0
@@ -41,11 +43,16 @@ def build_report(stage_records: Sequence[dict[str, Any]], *, inputs: Sequence[st
             "pct_docs_kept_of_input": round(100 * r["docs_out"] / first_docs, 2) if first_docs else 0,
             "seconds": r.get("seconds")})
     languages = next((r["extra"].get("languages") for r in records if "languages" in r["extra"]), {})
+    files = next((r["extra"]["files"] for r in records if "files" in r["extra"]), {})
     last = records[-1] if records else {"docs_out": 0, "chars_out": 0}
     return {
         "inputs": list(inputs),
         "funnel": funnel,
         "drop_reasons": {r["stage"]: r["dropped"] for r in records if r["dropped"]},
+        "input_files": {"inputs": len(inputs), **{k: files.get(k, 0) for k in
+                                                  ("read", "empty", "unreadable", "cut_short")}},
+        "issues": {r["stage"]: {"listed": r["issues"], "omitted": r.get("issues_omitted", 0)}
+                   for r in records if r.get("issues") or r.get("issues_omitted")},
         "languages": dict(sorted(languages.items(), key=lambda kv: -kv[1])),
         "dedup_clusters": {r["stage"]: r["extra"]["cluster_sizes"] for r in records
                            if "cluster_sizes" in r["extra"]},
@@ -118,6 +125,7 @@ def markdown_report(report: dict[str, Any]) -> str:
     for stage, reasons in report["drop_reasons"].items():
         for reason, d in sorted(reasons.items(), key=lambda kv: -kv[1]["docs"]):
             lines.append(f"| {stage} | {reason} | {d['docs']} | {d['chars']} |")
+    lines += _issue_lines(report)
     lines += ["", "## Languages", "", ", ".join(f"{k}: {v}" for k, v in report["languages"].items())
               or "(no language ID stage)", "", "## Duplicate clusters", ""]
     for name, sizes in report["dedup_clusters"].items():
@@ -129,6 +137,29 @@ def markdown_report(report: dict[str, Any]) -> str:
             text = " ".join(str(ex.get("text", "")).split())[:200]
             lines.append(f"- **{stage} / {reason}** ({ex.get('url')}): {text}")
     return "\n".join(lines) + "\n"
+
+
+def _issue_lines(report: dict[str, Any], limit: int = 50) -> list[str]:
+    """Markdown for the input files and the records/files that could not be parsed."""
+    f = report.get("input_files", {})
+    summary = (f"{f.get('inputs', 0)} input(s): {f.get('read', 0)} read, "
+               f"{f.get('empty', 0)} empty, {f.get('unreadable', 0)} unreadable, "
+               f"{f.get('cut_short', 0)} cut short by a read error.")
+    lines = ["", "## Input files", "", summary]
+    issues = report.get("issues", {})
+    if not issues:
+        return lines
+    lines += ["", "## Unparseable records and files", "", "| stage | file | where | reason | error |",
+              "|---|---|---|---|---|"]
+    for stage, d in issues.items():
+        for i in d["listed"][:limit]:
+            error = " ".join(str(i.get("error", "")).split())[:120].replace("|", "\\|")
+            lines.append(f"| {stage} | {i['file']} | {i['where']} | {i['reason']} | {error} |")
+        more = len(d["listed"][limit:]) + d["omitted"]
+        if more:
+            lines.append(f"| {stage} | ... | | {more} more (report.json lists "
+                         f"{len(d['listed'])}) | |")
+    return lines
 
 
 def write_report(report: dict[str, Any], out_dir: str, storage_options: dict | None = None,
