@@ -84,16 +84,16 @@ class CausalLMModule(L.LightningModule):
         kwargs = dict(self.parallelism)
         meta_init = bool(kwargs.pop("meta_init", False))
         mesh = getattr(self, "device_mesh", None)
+        meta = False
         if self.model is None:
             meta = meta_init and mesh is not None  # one device gains nothing from it
             with torch.device("meta") if meta else nullcontext():
                 self.model = self._model_factory()
-            if self.init_from and not meta:
-                from mmllm.checkpoint import init_weights_from
+        if self.init_from and not meta:
+            # A built model (``model=<nn.Module>``) starts from init_from too, not its own init.
+            from mmllm.checkpoint import init_weights_from
 
-                init_weights_from(self.model, self.init_from)
-        else:
-            meta = False
+            init_weights_from(self.model, self.init_from)
         if self.parallelism or self.compile:
             self.model = parallelize(self.model, mesh, compile=self.compile, **kwargs)
             if self.init_from and meta:
