@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -110,7 +111,9 @@ class CausalLMModule(L.LightningModule):
             if vocab is not None and len(tokenizer) > vocab:
                 raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size "
                                  f"is {vocab}: set model.lm.vocab_size >= {len(tokenizer)}")
-        self.tokenizer_path = getattr(dm, "tokenizer_dir", None) or self.tokenizer_path
+        if not self.tokenizer_path and getattr(dm, "tokenizer_dir", None):
+            # The checkpoint callback (mmllm.callbacks.checkpoint) may have set a run-relative copy.
+            self.tokenizer_path = str(Path(dm.tokenizer_dir).resolve())
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         return self.model(input_ids, **kwargs)
