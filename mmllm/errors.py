@@ -140,7 +140,8 @@ def _root_cause(exc: BaseException) -> BaseException:
 def _log_traceback(exc: BaseException, command: str) -> str:
     """Writes the traceback to the run's log file(s) (Hydra's file handler) or a temp file."""
     text = "".join(traceback.format_exception(exc))
-    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    files = [h for h in logging.getLogger().handlers
+             if isinstance(h, logging.FileHandler) and h.baseFilename != os.devnull]
     if files:
         for handler in files:
             handler.acquire()
