@@ -166,7 +166,8 @@ def report(exc: BaseException, *, command: str, stream=None) -> int:
     stream = stream or sys.stderr
     err = translate(exc)
     if err is not None:
-        lines = [f"mmllm {command}: error: {err.message}"] + ([f"  fix: {err.fix}"] if err.fix else [])
+        fix = err.fix.replace("mmllm <command>", f"mmllm {command}") if err.fix else None
+        lines = [f"mmllm {command}: error: {err.message}"] + ([f"  fix: {fix}"] if fix else [])
     else:
         root = _root_cause(exc)
         text = str(root).strip().splitlines()

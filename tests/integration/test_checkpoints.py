@@ -18,7 +18,7 @@ import torch
 
 from mmllm.checkpoint import checkpoint_problem, latest_valid_checkpoint, load_lightning_checkpoint, load_model
 from mmllm.config import compose_config
-from mmllm.data.special_tokens import add_special_tokens
+from mmllm.data.special_tokens import SpecialTokens, add_special_tokens
 from mmllm.distributed.checkpoint import COMPLETE_MARKER, commit_checkpoint, partial_path, remove_partials
 from mmllm.errors import CheckpointError, MissingFileError
 from mmllm.models import DecoderLM
@@ -62,8 +62,10 @@ def test_grown_vocabulary_reloads_and_generates_from_elsewhere(tmp_path, shared_
     module, dm, trainer = build(cfg)
     dm.prepare_data()
     tokenizer = dm.tokenizer
-    added = add_special_tokens(tokenizer, ("chat", "tool"))  # the SFT special-token path
-    assert added == 6
+    # The SFT special-token path, with turn markers the pretraining tokenizer does not have.
+    sft_tokens = SpecialTokens(chat_start="<|sft_turn|>", chat_end="<|sft_end|>")
+    added = add_special_tokens(tokenizer, ("chat",), tokens=sft_tokens)
+    assert added == 2
     extended = tmp_path / "tokenizer_sft"
     tokenizer.save_pretrained(extended)
     dm.tokenizer_dir = str(extended)  # the run's tokenizer (copied into the run at fit start)
@@ -73,8 +75,8 @@ def test_grown_vocabulary_reloads_and_generates_from_elsewhere(tmp_path, shared_
 
     model, tok, meta = load_lightning_checkpoint(run)
     assert meta["tokenizer"] == "../tokenizer" and (run / "tokenizer" / "tokenizer.json").is_file()
-    assert model.vocab_size == len(tok) == 512 + 6
-    ids = torch.tensor([tok.encode("<|im_start|>user hello<tool_call>")])
+    assert model.vocab_size == len(tok) == 512 + 2
+    ids = torch.tensor([tok.encode("<|sft_turn|>user hello<|sft_end|>")])
     assert ids.max() >= 512  # the new tokens are used
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, module.model.eval()(ids).logits, rtol=0, atol=0)
@@ -87,7 +89,7 @@ def test_grown_vocabulary_reloads_and_generates_from_elsewhere(tmp_path, shared_
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     res = subprocess.run([sys.executable, "-m", "mmllm", "generate", f"checkpoint={moved}",
-                          "prompts=[<|im_start|>user hello]", "max_new_tokens=4",
+                          "prompts=['<|sft_turn|>user hello']", "max_new_tokens=4",
                           f"output={cwd / 'gen.jsonl'}"], cwd=cwd, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

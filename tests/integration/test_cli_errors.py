@@ -27,6 +27,8 @@ def _tail(res: subprocess.CompletedProcess, n: int = 3) -> str:
 
 # ---------------------------------------------------------------------- one process per command
 CASES = {
+    "train-unknown-key": (["train", "debug=tiny", "trainer.max_stepz=3"],
+                          ["Key 'max_stepz' is not in struct", "mmllm train --help"]),
     "train-type": (["train", "debug=tiny", "trainer.max_steps=abc"],
                    ["trainer.max_steps='abc'", "expects int", "fix: give trainer.max_steps a value of type int"]),
     "train-groups": (["train", "debug=tiny", "data=pretrain"],
@@ -41,7 +43,8 @@ CASES = {
     "curate-type": (["curate", "input=x.warc.gz", "output=out", "max_examples=lots"],
                     ["max_examples='lots'", "expected int"]),
     "export-missing": (["export", "checkpoint=no/such/run", "output_dir=hf"],
-                       ["no such file or directory: no/such/run", "fix: pass a .ckpt file"]),
+                       ["cannot load a model from 'no/such/run': no such file or directory",
+                        "fix: pass a .ckpt file"]),
 }
 
 
@@ -76,7 +79,7 @@ def test_cli_not_a_checkpoint_and_debug_flag(tmp_path):
 def test_cli_out_of_memory_and_traceback_in_the_run_log(tmp_path, shared_data_dir):
     run = tmp_path / "run"
     # A 2**40-wide embedding: the CPU allocator refuses it at once (no memory is touched).
-    res = _mmllm("train", "debug=tiny", "model.lm.dim=1099511627776", "model.lm.hidden_dim=64",
+    res = _mmllm("train", "debug=tiny", "model.lm.dim=1099511627776",
                  f"hydra.run.dir={run}", f"paths.data_dir={shared_data_dir}", cwd=tmp_path)
     assert res.returncode != 0
     tail = _tail(res)
