@@ -118,7 +118,9 @@ def _translate_config_error(exc: BaseException) -> UserError | None:
     if isinstance(exc, HydraException) and type(exc).__name__ != "InstantiationException":
         # Composition / override errors: Hydra's own text names the key, plus OmegaConf's cause.
         cause = exc.__cause__
-        text = str(exc) + (f"\n{cause}" if isinstance(cause, OmegaConfBaseException) else "")
+        # OmegaConf's first line ("Key 'x' is not in struct"); its full_key/object_type lines are noise.
+        detail = str(cause).strip().splitlines()[0] if isinstance(cause, OmegaConfBaseException) else ""
+        text = str(exc) + (f"\n{detail}" if detail else "")
         return ConfigError(text.strip(), fix="see `mmllm <command> --help` for the config groups and keys")
     return None
 

@@ -21,8 +21,14 @@ def _mmllm(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Complet
                           text=True, timeout=600, env={**full, **(env or {})})
 
 
-def _tail(res: subprocess.CompletedProcess, n: int = 3) -> str:
-    return "\n".join(res.stderr.strip().splitlines()[-n:])
+def _tail(res: subprocess.CompletedProcess) -> str:
+    """The error message: from the "mmllm <command>: error:" line to the end (a few lines)."""
+    lines = res.stderr.strip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("mmllm ") and ": error: " in line]
+    assert starts, res.stderr[-3000:]
+    message = lines[starts[-1]:]
+    assert len(message) <= 6, message
+    return "\n".join(message)
 
 
 # ---------------------------------------------------------------------- one process per command
@@ -55,7 +61,7 @@ def test_cli_error_is_the_last_thing_printed(tmp_path, case):
     res = _mmllm(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert res.returncode != 0
     tail = _tail(res)
-    assert tail.splitlines()[0].startswith(f"mmllm {args[0]}: error: "), res.stderr[-2000:]
+    assert tail.startswith(f"mmllm {args[0]}: error: "), res.stderr[-2000:]
     for text in expected:
         assert text in tail, tail
     assert "Traceback" not in res.stderr  # it went to the log file named in the last line
