@@ -114,7 +114,7 @@ def _read_checkpoint(file: Path) -> dict:
         return read_metadata(file)
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - pickle/zip/EOF errors all mean "not a checkpoint"
+    except Exception as exc:
         raise CheckpointError(f"{file} is not a checkpoint: torch.load cannot read it "
                               f"({type(exc).__name__}: {str(exc)[:200]})", fix=SOURCES_HINT) from exc
     if not isinstance(ckpt, dict):
@@ -214,6 +214,8 @@ def load_tokenizer_from(source: str | Path):
     path = Path(source)
     if path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if (path / "tokenizer" / "tokenizer_config.json").is_file():  # a kit run directory
+        path = path / "tokenizer"
     return AutoTokenizer.from_pretrained(str(path))
 
 

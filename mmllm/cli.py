@@ -29,9 +29,14 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+_SET_BY_CLI = "_MMLLM_CLI_SET_HYDRA_FULL_ERROR"  # HYDRA_FULL_ERROR came from us, not the user
+
+
 def debug_requested() -> bool:
     """``MMLLM_DEBUG=1`` or ``HYDRA_FULL_ERROR=1``: print full tracebacks instead of the summary."""
-    return any(os.environ.get(v, "") not in ("", "0") for v in ("MMLLM_DEBUG", "HYDRA_FULL_ERROR"))
+    if os.environ.get("MMLLM_DEBUG", "") not in ("", "0"):
+        return True
+    return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0") and not os.environ.get(_SET_BY_CLI)
 
 
 def precheck(command: str, overrides: list[str]) -> None:
@@ -66,14 +71,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"mmllm: unknown command {name!r}\n\n{usage()}")
     debug = debug_requested()
     # Hydra prints and exits on errors unless HYDRA_FULL_ERROR is set: let them reach the layer.
-    os.environ["HYDRA_FULL_ERROR"] = "1"
+    if not debug:
+        # Inherited by subprocesses (DDP ranks, pipeline stages): they summarise errors too.
+        os.environ["HYDRA_FULL_ERROR"] = os.environ[_SET_BY_CLI] = "1"
     try:
         precheck(name, argv[1:])
         module_name, func = COMMANDS[name][0].split(":")
         entry = getattr(importlib.import_module(module_name), func)
         sys.argv = [f"mmllm-{name}", *argv[1:]]  # Hydra parses sys.argv
         entry()
-    except Exception as exc:  # noqa: BLE001 - the error layer: every command ends here
+    except Exception as exc:
         if debug:
             raise
         from mmllm.errors import report

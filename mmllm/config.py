@@ -262,9 +262,9 @@ def _check_plain_overrides(tree: dict, primary: str, overrides: list[str]) -> No
         default = OmegaConf.select(defaults, key, default=None, throw_on_missing=False)
         value = OmegaConf.select(OmegaConf.create(tree), key, default=None, throw_on_missing=False,
                                  throw_on_resolution_failure=False)
-        if isinstance(default, (bool, int, float)) and not isinstance(default, str) and value is not None:
-            if _accepts(type(default), value) is False:
-                raise ConfigError(f"{key}={value!r} ({type(value).__name__}): expected "
-                                  f"{type(default).__name__} (the default is {default!r})",
-                                  fix=f"give {key} a value of type {type(default).__name__}, e.g. "
-                                      f"{key}={default!r}")
+        fits = _accepts(type(default), value) if isinstance(default, (bool, int, float)) else None
+        if value is not None and fits is False:
+            raise ConfigError(f"{key}={value!r} ({type(value).__name__}): expected "
+                              f"{type(default).__name__} (the default is {default!r})",
+                              fix=f"give {key} a value of type {type(default).__name__}, e.g. "
+                                  f"{key}={default!r}")

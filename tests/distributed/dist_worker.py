@@ -24,7 +24,7 @@ from dist_helpers import (
     trainer_kwargs,
 )
 from lightning import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from mmllm.callbacks.checkpoint import RunCheckpoint as ModelCheckpoint  # crash-safe DCP saves
 from mmllm.distributed.strategy import ModelParallelStrategy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,

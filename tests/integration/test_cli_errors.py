@@ -17,8 +17,8 @@ from mmllm.errors import ConfigError, MissingDependencyError, UserError, report,
 
 def _mmllm(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "MMLLM_DEBUG")}
-    return subprocess.run([sys.executable, "-m", "mmllm", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, env={**full, **(env or {})})
+    return subprocess.run([sys.executable, "-m", "mmllm", *args], cwd=cwd, check=False,
+                          capture_output=True, text=True, timeout=600, env={**full, **(env or {})})
 
 
 def _tail(res: subprocess.CompletedProcess) -> str:
@@ -161,8 +161,5 @@ def test_every_shipped_config_passes_the_check():
         check_config(cfg, choices=dict(cfg.hydra.runtime.choices), primary=name)
     for group, option in _group_options():
         over = [f"{group}={option}"]
-        try:
-            cfg = compose_config("train", over)
-        except Exception:  # noqa: BLE001 - groups nested under another (e.g. module/optimizer)
-            continue
+        cfg = compose_config("train", over)
         check_config(cfg, choices=dict(cfg.hydra.runtime.choices), overrides=over, primary="train")

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900, **kwargs)
+    res = subprocess.run([str(c) for c in cmd], check=False, capture_output=True,
+                         text=True, timeout=900, **kwargs)
     assert res.returncode == 0, f"{cmd}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
     return res
 
