@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import os
+import types
+import typing
 from pathlib import Path
 
 import torch
@@ -113,10 +117,6 @@ def _target_nodes(node, path: str):
 
 def _signature(target: str):
     """``(parameters, type hints, takes **kwargs)`` of a ``_target_``, or None if unknown."""
-    import importlib
-    import inspect
-    import typing
-
     mod, _, name = target.rpartition(".")
     try:
         obj = getattr(importlib.import_module(mod), name)
@@ -164,9 +164,6 @@ def _check_target(path: str, node: dict, *, choices: dict, overrides: list[str],
 
 def _accepts(annotation, value) -> bool | None:
     """Whether a YAML scalar fits ``annotation``: True, False, or None (cannot tell)."""
-    import types
-    import typing
-
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         results = [_accepts(a, value) for a in typing.get_args(annotation)]
@@ -187,12 +184,10 @@ def _accepts(annotation, value) -> bool | None:
 
 
 def _type_name(annotation) -> str:
-    import typing
-
     args = typing.get_args(annotation)
     if typing.get_origin(annotation) is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in args)
-    if args and typing.get_origin(annotation) in (typing.Union, __import__("types").UnionType):
+    if args and typing.get_origin(annotation) in (typing.Union, types.UnionType):
         return " | ".join(_type_name(a) for a in args)
     if annotation is type(None):
         return "null"

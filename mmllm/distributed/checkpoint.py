@@ -117,6 +117,11 @@ def consolidate_checkpoint(path: str | Path, out_file: str | Path) -> Path:
                                       for i in range(n_optimizers)]
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
+    meta = checkpoint.get("mmllm") or {}
+    if meta.get("tokenizer") and not os.path.isabs(meta["tokenizer"]):
+        # Recorded relative to the checkpoint (mmllm.checkpoint): rebase it onto the new file.
+        tok = (Path(path).parent / meta["tokenizer"]).resolve()
+        meta["tokenizer"] = os.path.relpath(tok, out.parent.resolve())
     torch.save(checkpoint, out)
     return out
 
