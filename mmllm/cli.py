@@ -1,8 +1,15 @@
-"""The ``mmllm`` command: ``mmllm <command> [hydra overrides]``."""
+"""The ``mmllm`` command: ``mmllm <command> [hydra overrides]``.
+
+Every command runs inside one error layer (:mod:`mmllm.errors`): the config is checked against the
+signatures of its targets before the command starts, and a failure ends with a few lines saying
+what is wrong and how to fix it; the traceback goes to the run's log file (``MMLLM_DEBUG=1`` or
+``HYDRA_FULL_ERROR=1`` print it instead).
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -22,6 +29,38 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+_SET_BY_CLI = "_MMLLM_CLI_SET_HYDRA_FULL_ERROR"  # HYDRA_FULL_ERROR came from us, not the user
+
+
+def debug_requested() -> bool:
+    """``MMLLM_DEBUG=1`` or ``HYDRA_FULL_ERROR=1``: print full tracebacks instead of the summary."""
+    if os.environ.get("MMLLM_DEBUG", "") not in ("", "0"):
+        return True
+    return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0") and not os.environ.get(_SET_BY_CLI)
+
+
+def precheck(command: str, overrides: list[str]) -> None:
+    """Composes the command's config and checks it (:func:`mmllm.config.check_config`).
+
+    Skipped for Hydra flags (``--help``, ``--multirun``, ...) and when composition itself fails,
+    which the command then reports with Hydra's own message.
+    """
+    if any(o.startswith("-") for o in overrides):
+        return
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mmllm.config import check_config, compose_config
+
+    try:
+        cfg = compose_config(command, overrides)
+    except Exception:  # noqa: BLE001 - the real run reports composition errors
+        return
+    finally:
+        GlobalHydra.instance().clear()
+    choices = dict(cfg.hydra.runtime.choices) if "hydra" in cfg else {}
+    check_config(cfg, choices=choices, overrides=overrides, primary=command)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -30,10 +69,23 @@ def main(argv: list[str] | None = None) -> None:
     name = argv[0]
     if name not in COMMANDS:
         sys.exit(f"mmllm: unknown command {name!r}\n\n{usage()}")
-    module_name, func = COMMANDS[name][0].split(":")
-    entry = getattr(importlib.import_module(module_name), func)
-    sys.argv = [f"mmllm-{name}", *argv[1:]]  # Hydra parses sys.argv
-    entry()
+    debug = debug_requested()
+    # Hydra prints and exits on errors unless HYDRA_FULL_ERROR is set: let them reach the layer.
+    if not debug:
+        # Inherited by subprocesses (DDP ranks, pipeline stages): they summarise errors too.
+        os.environ["HYDRA_FULL_ERROR"] = os.environ[_SET_BY_CLI] = "1"
+    try:
+        precheck(name, argv[1:])
+        module_name, func = COMMANDS[name][0].split(":")
+        entry = getattr(importlib.import_module(module_name), func)
+        sys.argv = [f"mmllm-{name}", *argv[1:]]  # Hydra parses sys.argv
+        entry()
+    except Exception as exc:
+        if debug:
+            raise
+        from mmllm.errors import report
+
+        sys.exit(report(exc, command=name))
 
 
 if __name__ == "__main__":

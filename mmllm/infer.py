@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mmllm.config import CONF_DIR, to_dtype
+from mmllm.errors import MissingFileError, UserError
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -17,7 +18,8 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     if cfg.get("prompts_file"):
         path = Path(cfg.prompts_file)
         if not path.is_file():
-            raise FileNotFoundError(f"prompts_file not found: {path}")
+            raise MissingFileError(f"prompts_file not found: {path}",
+                                   fix="pass an existing text/JSONL file, or prompts=[...]")
         lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if path.suffix == ".jsonl":
             return [json.loads(ln)["prompt"] for ln in lines]
@@ -34,7 +36,10 @@ def run(cfg: DictConfig) -> list[dict]:
 
     model, tokenizer = load_model(cfg.checkpoint, dtype=to_dtype(cfg.dtype))
     if tokenizer is None:
-        raise ValueError(f"{cfg.checkpoint} has no tokenizer recorded; export it with one")
+        raise UserError(f"{cfg.checkpoint} records no tokenizer, so prompts cannot be encoded",
+                        fix="train with the kit's callbacks (callbacks.model_checkpoint copies the "
+                            "tokenizer into the run), or export with mmllm export and generate from "
+                            "the HF directory after saving a tokenizer into it")
     prompts = read_prompts(cfg)
     records = []
     for i in range(0, len(prompts), cfg.batch_size):

@@ -14,7 +14,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mmllm.config import CONF_DIR, save_resolved, to_container
+from mmllm.config import CONF_DIR, check_config, save_resolved, to_container
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,12 @@ def resolve_ckpt_arg(ckpt_path: str | None, output_dir: Path, *, strategy=None) 
     """
     if not ckpt_path:
         return None
-    from mmllm.checkpoint import resolve_ckpt
+    from mmllm.checkpoint import latest_valid_checkpoint, resolve_ckpt
     from mmllm.distributed import consolidate_checkpoint, is_distributed_checkpoint
 
     if ckpt_path == "last":
-        last = output_dir / "checkpoints" / "last.ckpt"
-        if not last.exists():  # a file, or a directory for distributed checkpoints
-            raise FileNotFoundError(
-                f"ckpt_path=last but {last} does not exist: resume inside the old run with "
-                "hydra.run.dir=<old run dir>, or pass ckpt_path=<file or run dir>")
-        path = last
+        # last.ckpt, or the newest valid checkpoint (with a warning) when it is torn or missing.
+        path = latest_valid_checkpoint(output_dir / "checkpoints")
     else:
         path = resolve_ckpt(ckpt_path)
     if is_distributed_checkpoint(path) and not _is_model_parallel(strategy):
@@ -75,11 +71,19 @@ def _is_model_parallel(strategy) -> bool:
     return isinstance(strategy, ModelParallelStrategy)
 
 
+def _hydra_choices() -> dict:
+    """The config group choices of the running Hydra app (empty outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+
+
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.Trainer]:
     """Instantiates datamodule, module (model built lazily in configure_model) and trainer.
 
     Seeds every RNG first (``cfg.seed``), so the same config gives the same initial weights.
     """
+    check_config(cfg, choices=_hydra_choices())  # wrong types, keys no target takes
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)

@@ -9,16 +9,25 @@ DCP reshards on load, so a checkpoint from N processes resumes under ModelParall
 any M processes directly. Here it is read back without any process group: into one full state
 dict (export to HF, :mod:`mmllm.checkpoint`), or converted into one ordinary Lightning ``.ckpt``
 file so a single-device run (``strategy=single``) can resume it (:func:`consolidate_checkpoint`).
+
+Crash safety (:func:`commit_checkpoint`, used by mmllm.callbacks.checkpoint): a checkpoint, file
+or directory, is written under ``<name>.partial`` in its own directory, fsynced, given the
+``.complete`` marker last (directories), then renamed to its final name; a crash leaves either the
+previous checkpoint or a ``.partial`` leftover that :func:`remove_partials` deletes.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 META_FILE = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
+PARTIAL_SUFFIX = ".partial"
+COMPLETE_MARKER = ".complete"  # written last into a committed DCP directory
 
 
 def is_distributed_checkpoint(path: str | Path) -> bool:
@@ -108,5 +117,80 @@ def consolidate_checkpoint(path: str | Path, out_file: str | Path) -> Path:
                                       for i in range(n_optimizers)]
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
+    meta = checkpoint.get("mmllm") or {}
+    if meta.get("tokenizer") and not os.path.isabs(meta["tokenizer"]):
+        # Recorded relative to the checkpoint (mmllm.checkpoint): rebase it onto the new file.
+        tok = (Path(path).parent / meta["tokenizer"]).resolve()
+        meta["tokenizer"] = os.path.relpath(tok, out.parent.resolve())
     torch.save(checkpoint, out)
     return out
+
+
+# ------------------------------------------------------------------------------ crash safety
+def partial_path(final: str | Path) -> Path:
+    """Where a checkpoint bound for ``final`` is written first: ``<final>.partial``, same directory."""
+    final = Path(final)
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit_checkpoint(tmp: str | Path, final: str | Path) -> Path:
+    """Makes the fully written ``tmp`` (a file or a DCP directory) the checkpoint ``final``.
+
+    The data is fsynced before the rename, so after a crash ``final`` is the old or the new
+    checkpoint, never a torn one. A directory gets the :data:`COMPLETE_MARKER` last and replaces
+    an existing ``final`` in two renames (``final`` -> ``<final>.old.partial``, ``tmp`` -> ``final``);
+    a crash between them leaves no ``final`` but the step-named checkpoints, which
+    ``ckpt_path=last`` falls back to. Call on one process (global rank 0).
+
+    Returns:
+        ``final`` as a Path.
+    """
+    tmp, final = Path(tmp), Path(final)
+    if tmp.is_dir():
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(Path(root) / name)
+        (tmp / COMPLETE_MARKER).write_text("complete\n")
+        _fsync(tmp / COMPLETE_MARKER)
+        _fsync(tmp)
+        old = final.with_name(final.name + ".old" + PARTIAL_SUFFIX)
+        if final.exists():
+            if old.exists():
+                _remove(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            _remove(old)
+    else:
+        _fsync(tmp)
+        if final.is_dir():  # a DCP checkpoint of the same name from an earlier run
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic within one filesystem
+    _fsync(final.parent)
+    return final
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_partials(directory: str | Path) -> list[Path]:
+    """Deletes the ``*.partial`` leftovers of interrupted saves in ``directory``; returns them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = sorted(directory.glob("*" + PARTIAL_SUFFIX))
+    for path in found:
+        _remove(path)
+    return found

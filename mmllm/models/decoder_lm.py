@@ -183,6 +183,8 @@ class DecoderLM(nn.Module):
             self.lm_head = nn.Linear(self.dim, new_size, bias=False, device=head.device, dtype=head.dtype)
             self.lm_head.weight.data = grown(head)
         self.vocab_size = new_size
+        # The recorded constructor config rebuilds the model from a checkpoint: keep it in step.
+        self.config["vocab_size"] = new_size
 
     # -------------------------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,

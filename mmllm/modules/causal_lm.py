@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -95,16 +96,16 @@ class CausalLMModule(L.LightningModule):
         kwargs = dict(self.parallelism)
         meta_init = bool(kwargs.pop("meta_init", False))
         mesh = getattr(self, "device_mesh", None)
+        meta = False
         if self.model is None:
             meta = meta_init and mesh is not None  # one device gains nothing from it
             with torch.device("meta") if meta else nullcontext():
                 self.model = self._model_factory()
-            if self.init_from and not meta:
-                from mmllm.checkpoint import init_weights_from
+        if self.init_from and not meta:
+            # A built model (``model=<nn.Module>``) starts from init_from too, not its own init.
+            from mmllm.checkpoint import init_weights_from
 
-                init_weights_from(self.model, self.init_from)
-        else:
-            meta = False
+            init_weights_from(self.model, self.init_from)
         if self.parallelism or self.compile:
             self.model = parallelize(self.model, mesh, compile=self.compile, **kwargs)
             if self.init_from and meta:
@@ -121,7 +122,9 @@ class CausalLMModule(L.LightningModule):
             if vocab is not None and len(tokenizer) > vocab:
                 raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size "
                                  f"is {vocab}: set model.lm.vocab_size >= {len(tokenizer)}")
-        self.tokenizer_path = getattr(dm, "tokenizer_dir", None) or self.tokenizer_path
+        if not self.tokenizer_path and getattr(dm, "tokenizer_dir", None):
+            # The checkpoint callback (mmllm.callbacks.checkpoint) may have set a run-relative copy.
+            self.tokenizer_path = str(Path(dm.tokenizer_dir).resolve())
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
         return self.model(input_ids, **kwargs)

@@ -28,8 +28,8 @@ from dist_helpers import (
     trainer_kwargs,
 )
 from lightning import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DDPStrategy
+from mmllm.callbacks.checkpoint import RunCheckpoint as ModelCheckpoint  # crash-safe DCP saves
 from mmllm.distributed.strategy import ModelParallelStrategy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     CheckpointWrapper,

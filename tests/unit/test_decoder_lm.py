@@ -146,6 +146,19 @@ def test_resize_token_embeddings_mean_init(tiny_lm_kwargs):
     assert model(torch.tensor([[99, 3]])).logits.shape == (1, 2, 100)
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_resized_model_rebuilds_from_its_recorded_config(tiny_lm_kwargs, tie):
+    # What mmllm.checkpoint does: DecoderLM(**model.config) + load_state_dict(strict=True).
+    model = DecoderLM(**tiny_lm_kwargs, tie_embeddings=tie).eval()
+    model.resize_token_embeddings(103)
+    assert model.config["vocab_size"] == 103
+    rebuilt = DecoderLM(**model.config).eval()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    x = torch.tensor([[102, 5, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x).logits, model(x).logits, rtol=0, atol=0)
+
+
 def test_rope_scaling_linear_interpolates_positions(tiny_lm_kwargs):
     from mmllm.nn import RotaryEmbedding
 
