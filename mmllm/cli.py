@@ -19,12 +19,16 @@ COMMANDS = {
     "export": ("mmllm.export:main", "write a checkpoint as an HF Llama directory (conf/export.yaml)"),
     "curate": ("mmllm.curation.cli:main", "curate web data with NeMo Curator (conf/curate.yaml)"),
     "eval": ("mmllm.eval.cli:main", "evaluate a checkpoint on benchmark tasks (conf/eval.yaml)"),
+    "inspect-batch": ("mmllm.data.inspect:main",
+                      "print a training batch with its supervised tokens marked (conf/train.yaml)"),
 }
+# Commands whose Hydra config is not named after them.
+CONFIG_NAMES = {"inspect-batch": "train"}
 
 
 def usage() -> str:
     lines = ["usage: mmllm <command> [key=value ...] [--multirun] [--help]", "", "commands:"]
-    lines += [f"  {name:<10} {desc}" for name, (_, desc) in COMMANDS.items()]
+    lines += [f"  {name:<14} {desc}" for name, (_, desc) in COMMANDS.items()]
     lines += ["", "Each command is a Hydra app: `mmllm <command> --help` shows its config groups."]
     return "\n".join(lines)
 
@@ -52,13 +56,14 @@ def precheck(command: str, overrides: list[str]) -> None:
     from mmllm.config import check_config, compose_config
 
     try:
-        cfg = compose_config(command, overrides)
+        cfg = compose_config(CONFIG_NAMES.get(command, command), overrides)
     except Exception:  # noqa: BLE001 - the real run reports composition errors
         return
     finally:
         GlobalHydra.instance().clear()
     choices = dict(cfg.hydra.runtime.choices) if "hydra" in cfg else {}
-    check_config(cfg, choices=choices, overrides=overrides, primary=command)
+    check_config(cfg, choices=choices, overrides=overrides,
+                 primary=CONFIG_NAMES.get(command, command))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -181,7 +181,7 @@ def test_inspect_batch_command_prints_the_marked_batch(tmp_path):
 
     path = _write(tmp_path / "chat.jsonl", CHATS)
     out = subprocess.run(
-        [sys.executable, "-m", "mmllm.data.inspect", "data=sft", f"data.sources=[{{name: c, path: '{path}'}}]",
+        [sys.executable, "-m", "mmllm", "inspect-batch", "data=sft", f"data.sources=[{{name: c, path: '{path}'}}]",
          f"paths.data_dir={tmp_path / 'data'}", "data.vocab_size=320", "data.seq_len=256",
          "+inspect.rows=1"], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
