@@ -22,6 +22,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from mmllm.errors import UserError, translate
 from mmllm.stages.base import (
     ATTEMPT,
     MARKER,
@@ -39,8 +40,11 @@ from mmllm.stages.base import (
 from mmllm.stages.capture import CapturedOutput
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A stage failed, or cannot run because an input stage has not finished.
+
+    A :class:`~mmllm.errors.UserError`, so ``mmllm pipeline`` ends with its message (which names
+    the stage) and its fix, not with the cause's bare traceback.
 
     Attributes:
         stage: the stage's name.
@@ -48,16 +52,18 @@ class StageError(RuntimeError):
         tail: the last lines it printed.
     """
 
-    def __init__(self, stage: str, message: str, *, log: Path | None = None, tail: Sequence[str] = ()):
-        super().__init__(message)
+    def __init__(self, stage: str, message: str, *, log: Path | None = None, tail: Sequence[str] = (),
+                 fix: str | None = None):
+        super().__init__(message, fix=fix)
         self.stage, self.log, self.tail = stage, log, list(tail)
 
     def __reduce__(self):  # picklable (e.g. across processes) despite the keyword arguments
-        return (_stage_error, (self.stage, str(self), self.log, self.tail))
+        return (_stage_error, (self.stage, self.message, self.log, self.tail, self.fix))
 
 
-def _stage_error(stage: str, message: str, log: Path | None, tail: list[str]) -> StageError:
-    return StageError(stage, message, log=log, tail=tail)
+def _stage_error(stage: str, message: str, log: Path | None, tail: list[str],
+                 fix: str | None = None) -> StageError:
+    return StageError(stage, message, log=log, tail=tail, fix=fix)
 
 
 @dataclasses.dataclass
@@ -276,11 +282,15 @@ def _execute(p: PlannedStage, cfg: DictConfig, run_dir: Path, config: dict, done
             if absent:
                 raise FileNotFoundError(f"the stage finished without writing its outputs {absent}")
     except Exception as e:
-        tail = "\n".join(f"  | {line}" for line in out.tail) if out.tail else "  (nothing printed)"
-        raise StageError(p.name, f"stage {p.name!r} failed: {type(e).__name__}: {e}\n"
-                                 f"last lines printed (full log: {log}):\n{tail}\n"
-                                 f"earlier stages are kept: rerun with hydra.run.dir={run_dir} to resume "
-                                 f"from {p.name!r}", log=log, tail=out.tail) from e
+        # The last 3 lines only: the message must stay a few lines (the log has everything).
+        tail = "\n".join(f"  | {line}" for line in out.tail[-3:]) if out.tail else "  (nothing printed)"
+        cause = translate(e)  # a known cause (a config value, a missing package) has its own fix
+        resume = f"rerun with hydra.run.dir={run_dir} to resume from {p.name!r} (earlier stages are kept)"
+        raise StageError(p.name, f"stage {p.name!r} failed: "
+                                 f"{cause.message if cause else f'{type(e).__name__}: {e}'}\n"
+                                 f"last lines printed (full log: {log}):\n{tail}",
+                         log=log, tail=out.tail,
+                         fix=f"{cause.fix}; then {resume}" if cause and cause.fix else resume) from e
     marker = Marker(stage=p.name, target=p.node["_target_"], fingerprint=fp,
                     run_id=new_run_id(), started_at=started, finished_at=now_iso(),
                     seconds=round(time.perf_counter() - t0, 2),
