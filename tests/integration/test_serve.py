@@ -190,3 +190,45 @@ def test_cli_serves_and_stops_cleanly_on_sigterm(tiny_ckpt):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+CONVS = [[{"role": "user", "content": c}] for c in ("Hello there", "What is two plus two?",
+                                                     "The capital of France?")]
+
+
+def test_teacher_against_the_kit_server_pays_nothing_twice(server, tmp_path, monkeypatch, tiny_ckpt):
+    from mmllm.teacher import LocalTeacher, OpenAITeacher
+
+    monkeypatch.setenv("MMLLM_TEACHER_API_KEY", KEY)
+    kw = dict(model="tiny", base_url=server.url, cache_path=tmp_path / "t.sqlite", progress=False,
+              sampling={"temperature": 0, "max_tokens": 12}, max_concurrency=3)
+    before = server.app[STATS]["/v1/chat/completions"]
+    first = OpenAITeacher(**kw).chat_many(CONVS)
+    assert server.app[STATS]["/v1/chat/completions"] == before + 3
+    again = OpenAITeacher(**kw)
+    assert again.chat_many(CONVS) == first and again.stats["cache_hits"] == 3
+    assert server.app[STATS]["/v1/chat/completions"] == before + 3  # the server saw no second request
+    # The in-process backend runs the same engine and rendering: the same answers.
+    with LocalTeacher(checkpoint=str(tiny_ckpt), progress=False, max_batch=2, max_seq_len=256,
+                      sampling={"temperature": 0, "max_tokens": 12},
+                      cache_path=tmp_path / "local.sqlite") as local:
+        assert local.chat_many(CONVS) == first
+    with LocalTeacher(checkpoint=str(tiny_ckpt), progress=False, cache_path=tmp_path / "local.sqlite",
+                      sampling={"temperature": 0, "max_tokens": 12}) as rerun:
+        assert rerun.chat_many(CONVS) == first and rerun._engine is None  # no model loaded
+
+
+@pytest.mark.slow
+def test_smollm2_answers_the_capital_of_france():
+    from mmllm.checkpoint import load_model as load
+
+    model, tok = load("smollm2")
+    app = create_app(Engine(model, tok, max_batch=2, max_seq_len=512), model_name="smollm2")
+    with ServerThread(app) as s:
+        c = openai.OpenAI(base_url=s.url, api_key="unused", max_retries=0)
+        ask = [{"role": "user", "content": "What is the capital of France?"}]
+        r = c.chat.completions.create(model="smollm2", messages=ask, temperature=0, max_tokens=32)
+        assert "Paris" in r.choices[0].message.content
+        streamed = c.chat.completions.create(model="smollm2", messages=ask, temperature=0,
+                                             max_tokens=32, stream=True)
+        assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == r.choices[0].message.content
