@@ -25,6 +25,7 @@ from mmllm.serve.engine import Delta, Done, Engine, Event, Failed, GenRequest
 from mmllm.serve.protocol import APIError, Limits
 
 log = logging.getLogger(__name__)
+STOPPING = "the server is shutting down; the request was not completed"
 
 ENGINE, SETTINGS, STATS = web.AppKey("engine", Engine), web.AppKey("settings", dict), \
     web.AppKey("stats", Counter)
@@ -172,6 +173,8 @@ async def _generate(request: web.Request, body: dict, prompt: list[int], *, chat
             pass
         if isinstance(event, Failed):
             raise APIError(500, event.message, type="server_error")
+        if event.finish_reason == "cancelled":
+            raise APIError(503, STOPPING, type="server_error", code="shutting_down")
         make = protocol.chat_response if chat else protocol.completion_response
         return web.json_response(make(rid, s["model"], event))
     finally:
@@ -198,6 +201,9 @@ async def _stream(request: web.Request, body: dict, req: GenRequest, events: asy
                 await send(protocol.chunk(rid, model, chat=chat, text=event.text))
             elif isinstance(event, Failed):  # headers are sent: report in the stream
                 await send(APIError(500, event.message, type="server_error").body())
+                break
+            elif event.finish_reason == "cancelled":
+                await send(APIError(503, STOPPING, type="server_error", code="shutting_down").body())
                 break
             else:
                 await send(protocol.chunk(rid, model, chat=chat, done=event))

@@ -189,27 +189,35 @@ class Engine:
         for _ in requests:
             if not left.acquire(timeout=timeout):
                 raise TimeoutError("generation did not finish in time")
-        failed = [r for r in results if isinstance(r, Failed)]
-        if failed:
-            raise RuntimeError(failed[0].message)
+        for r in results:
+            if isinstance(r, Failed) or r.finish_reason == "cancelled":
+                raise RuntimeError(r.message if isinstance(r, Failed) else "the engine stopped")
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------------- the thread
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._admit(block=not self._live)
-            if not self._live:
-                continue
             try:
+                self._admit(block=not self._live)
+                if not self._live:
+                    continue
                 self.session.step()
                 self.steps += 1
-            except Exception as e:  # a bad forward fails the batch, never the server
+                self._report()
+            except Exception as e:  # a bad forward fails the batch, never the engine
                 log.exception("decode step failed")
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
-                continue
-            self._report()
+        while True:  # what was submitted and never finished is told so
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                self._waiting.append(item)
         for req in [*self._live.values(), *self._waiting]:
-            req.on_event(Done(req.sent, "cancelled", len(req.prompt), 0))
+            _emit(req, Done(req.sent, "cancelled", len(req.prompt), 0))
+        self._live.clear()
+        self._waiting.clear()
 
     def _admit(self, *, block: bool) -> None:
         """Moves submitted requests into free rows (an exclusive one waits for an empty batch)."""
@@ -225,7 +233,7 @@ class Engine:
             req = self._waiting[0]
             if req.cancelled.is_set():
                 self._waiting.popleft()
-                req.on_event(Done("", "cancelled", len(req.prompt), 0))
+                _emit(req, Done("", "cancelled", len(req.prompt), 0))
                 continue
             alone = any(r.exclusive for r in self._live.values())
             if alone or (req.exclusive and self._live):
@@ -237,7 +245,7 @@ class Engine:
                 (row_id,) = self.session.add_rows([req.prompt], max_new_tokens=req.max_tokens,
                                                   stop=list(req.stop) or None, sampling=req.sampling)
             except ValueError as e:
-                req.on_event(Failed(str(e)))
+                _emit(req, Failed(str(e)))
                 continue
             self._live[row_id] = req
         self.max_rows_seen = max(self.max_rows_seen, len(self._live))
@@ -251,14 +259,14 @@ class Engine:
                 self.session.finish(row_id, "cancelled")
             text = self.completion_text(row.tokens, req.stop, finished=row.finished)
             if len(text) > len(req.sent):
-                req.on_event(Delta(text[len(req.sent):]))
+                _emit(req, Delta(text[len(req.sent):]))
                 req.sent = text
             if row.finished:
                 done.append(row_id)
         for row_id, row in zip(done, self.session.remove_rows(done)):
             req = self._live.pop(row_id)
             reason = "stop" if row.finish_reason == "eos" else row.finish_reason
-            req.on_event(Done(req.sent, reason, len(req.prompt), row.n_sampled))
+            _emit(req, Done(req.sent, reason, len(req.prompt), row.n_sampled))
 
     def completion_text(self, tokens: Sequence[int], stop: Sequence[str], *, finished: bool) -> str:
         """The text of sampled tokens: cut before the first stop string; while the row runs,
@@ -278,6 +286,15 @@ class Engine:
 
     def _fail_all(self, message: str) -> None:
         for req in self._live.values():
-            req.on_event(Failed(message))
+            _emit(req, Failed(message))
         self._live.clear()
         self.session = self._new_session()  # the failed forward may have left the cache half-written
+
+
+def _emit(req: GenRequest, event: Event) -> None:
+    """Calls a request's callback; a failing one (its event loop closed) cancels only that request."""
+    try:
+        req.on_event(event)
+    except Exception:
+        log.exception("a request's event callback failed; cancelling the request")
+        req.cancelled.set()

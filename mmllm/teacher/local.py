@@ -82,15 +82,21 @@ class LocalTeacher(Teacher):
                 errors[i] = TeacherError(str(e))
         for i, error in errors.items():
             done(i, None, error)
-        finished: queue.Queue = queue.Queue()  # (index, event) from the engine thread
+        finished: queue.Queue = queue.Queue()  # (index, final event) from the engine thread
+
+        def on_event(i: int) -> Callable:
+            return lambda event: finished.put((i, event)) if isinstance(event, (Done, Failed)) else None
+
         for i, req in requests.items():
-            req.on_event = lambda event, i=i: isinstance(event, (Done, Failed)) and finished.put((i, event))
+            req.on_event = on_event(i)
             engine.submit(req)
         try:
             for _ in requests:  # answers are reported (and cached) as each finishes
                 i, event = finished.get()
                 if isinstance(event, Failed):
                     done(i, None, TeacherError(event.message))
+                elif event.finish_reason == "cancelled":  # the engine stopped: not an answer
+                    done(i, None, TeacherError("the engine stopped before the answer was complete"))
                 else:
                     done(i, event.text, None)
         finally:

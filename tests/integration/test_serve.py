@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,12 +16,12 @@ import torch
 
 openai = pytest.importorskip("openai")
 
-from mmllm.checkpoint import load_model  # noqa: E402
-from mmllm.data.tokenizer import train_bpe_tokenizer  # noqa: E402
-from mmllm.generation import generate_ids  # noqa: E402
-from mmllm.models.decoder_lm import DecoderLM  # noqa: E402
-from mmllm.serve import Engine, ServerThread, create_app  # noqa: E402
-from mmllm.serve.app import ENGINE, STATS  # noqa: E402
+from mmllm.checkpoint import load_model
+from mmllm.data.tokenizer import train_bpe_tokenizer
+from mmllm.generation import generate_ids
+from mmllm.models.decoder_lm import DecoderLM
+from mmllm.serve import Engine, ServerThread, create_app
+from mmllm.serve.app import ENGINE, STATS
 
 KEY = "sk-test-key"
 TEXT = ("The capital of France is Paris. What is two plus two? Two plus two is four. "
@@ -34,8 +35,8 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     tok = train_bpe_tokenizer([TEXT], vocab_size=400, show_progress=False)
     tok.save_pretrained(root / "tokenizer")
-    config = dict(vocab_size=len(tok), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
-                  max_seq_len=256)
+    config = {"vocab_size": len(tok), "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 64,
+                  "max_seq_len": 256}
     torch.manual_seed(0)
     model = DecoderLM(**config)
     torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
@@ -84,7 +85,7 @@ def test_chat_completion_equals_direct_generation(client, loaded):
 
 
 def test_streamed_chunks_concatenate_to_the_non_streamed_text(client):
-    kw = dict(model="tiny", messages=HELLO, temperature=0, max_tokens=30)
+    kw = {"model": "tiny", "messages": HELLO, "temperature": 0, "max_tokens": 30}
     full = client.chat.completions.create(**kw).choices[0].message.content
     chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -104,7 +105,7 @@ def test_sse_wire_format_ends_with_done(server):
 
 
 def test_completions_and_stop_strings(client, loaded):
-    model, tok = loaded
+    _model, tok = loaded
     r = client.completions.create(model="tiny", prompt="Once upon a time", temperature=0, max_tokens=24)
     ids = tok("Once upon a time")["input_ids"]
     assert r.object == "text_completion" and r.choices[0].text == reference(loaded, ids, 24)
@@ -165,12 +166,36 @@ def test_concurrent_requests_batch_and_equal_serial_ones(client, server):
 
 
 def test_seeded_sampling_is_reproducible(client):
-    kw = dict(model="tiny", prompt="Once upon a time", temperature=1.0, max_tokens=16)
+    kw = {"model": "tiny", "prompt": "Once upon a time", "temperature": 1.0, "max_tokens": 16}
     a = client.completions.create(seed=7, **kw).choices[0].text
     assert client.completions.create(seed=7, **kw).choices[0].text == a
 
 
-def test_cli_serves_and_stops_cleanly_on_sigterm(tiny_ckpt):
+def test_cancelled_request_leaves_the_batch(loaded):
+    from mmllm.serve.engine import Delta, Done, GenRequest
+
+    model, tok = loaded
+    events, finished = [], threading.Event()
+    with Engine(model, tok, max_batch=2, max_seq_len=256) as engine:
+        req = GenRequest(prompt=tok("Once upon a time")["input_ids"], max_tokens=200)
+
+        def on_event(event):
+            events.append(event)
+            if isinstance(event, Delta):
+                req.cancelled.set()  # the client went away after its first text
+            if isinstance(event, Done):
+                finished.set()
+
+        req.on_event = on_event
+        engine.submit(req)
+        (done,) = engine.generate([GenRequest(prompt=tok("Hello")["input_ids"], max_tokens=8)])
+        assert finished.wait(timeout=120)
+        assert events[-1].finish_reason == "cancelled" and events[-1].completion_tokens < 200
+        assert done.completion_tokens <= 8 and engine.pending == 0 and not engine.session.rows
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serves_and_stops_cleanly_on_a_signal(tiny_ckpt, sig):
     env = {**os.environ, "MMLLM_API_KEY": KEY}
     proc = subprocess.Popen([sys.executable, "-m", "mmllm.serve.cli", f"checkpoint={tiny_ckpt}",
                              "port=0", "max_batch=2", "max_seq_len=128"], env=env,
@@ -184,7 +209,7 @@ def test_cli_serves_and_stops_cleanly_on_sigterm(tiny_ckpt):
         assert url.startswith("http://127.0.0.1:"), line
         c = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
         assert c.chat.completions.create(model="x", messages=HELLO, max_tokens=4).usage.completion_tokens
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         out = proc.communicate(timeout=60)[0]
         assert proc.returncode == 0 and "stopped" in out, out
     finally:
@@ -200,8 +225,8 @@ def test_teacher_against_the_kit_server_pays_nothing_twice(server, tmp_path, mon
     from mmllm.teacher import LocalTeacher, OpenAITeacher
 
     monkeypatch.setenv("MMLLM_TEACHER_API_KEY", KEY)
-    kw = dict(model="tiny", base_url=server.url, cache_path=tmp_path / "t.sqlite", progress=False,
-              sampling={"temperature": 0, "max_tokens": 12}, max_concurrency=3)
+    kw = {"model": "tiny", "base_url": server.url, "cache_path": tmp_path / "t.sqlite", "progress": False,
+              "sampling": {"temperature": 0, "max_tokens": 12}, "max_concurrency": 3}
     before = server.app[STATS]["/v1/chat/completions"]
     first = OpenAITeacher(**kw).chat_many(CONVS)
     assert server.app[STATS]["/v1/chat/completions"] == before + 3

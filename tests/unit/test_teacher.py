@@ -15,8 +15,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from mmllm.config import CONF_DIR
-from mmllm.teacher import OpenAITeacher, RateLimiter, ResponseCache, TeacherError, request_key
-from mmllm.teacher import openai_teacher
+from mmllm.teacher import (
+    OpenAITeacher,
+    RateLimiter,
+    ResponseCache,
+    TeacherError,
+    openai_teacher,
+    request_key,
+)
 from mmllm.teacher.openai_teacher import retry_after
 
 MSG = [{"role": "user", "content": "What is 2+2?"}]
@@ -59,7 +65,7 @@ def test_cache_is_wal_and_survives_a_killed_process(tmp_path):
               f"c = ResponseCache({str(path)!r})\n"
               f"for i in range(3): c.put(f'k{{i}}', f'v{{i}}', model='m', request={{'i': i}})\n"
               f"os.kill(os.getpid(), signal.SIGKILL)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, check=False)
     assert proc.returncode == -9, proc.stderr
     cache = ResponseCache(path)
     assert cache.get_many(["k0", "k1", "k2", "k9"]) == {"k0": "v0", "k1": "v1", "k2": "v2"}
