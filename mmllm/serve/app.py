@@ -76,7 +76,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
 
 # ------------------------------------------------------------------------------ middlewares
 def _error_response(err: APIError) -> web.Response:
-    return web.json_response(err.body(), status=err.status)
+    return web.json_response(err.body(), status=err.status, headers=err.headers)
 
 
 @web.middleware
@@ -160,7 +160,7 @@ async def _generate(request: web.Request, body: dict, prompt: list[int], *, chat
     req = protocol.parse_generation(body, prompt, s["limits"])
     if engine.pending >= s["max_pending"]:
         raise APIError(429, f"the server is busy ({engine.pending} requests in flight); retry later",
-                       type="rate_limit_error", code="server_busy")
+                       type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
     events: asyncio.Queue[Event] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     req.on_event = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)

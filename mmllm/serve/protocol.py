@@ -24,12 +24,15 @@ class APIError(Exception):
         type: OpenAI's error type ("invalid_request_error", "authentication_error", ...).
         param: the request field at fault.
         code: a machine-readable code.
+        headers: extra response headers (``Retry-After`` on 429).
     """
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param,

@@ -165,6 +165,16 @@ def test_concurrent_requests_batch_and_equal_serial_ones(client, server):
     assert engine.max_rows_seen > 1  # some of them decoded in one batch
 
 
+def test_a_full_server_answers_429_with_retry_after(loaded):
+    model, tok = loaded
+    app = create_app(Engine(model, tok, max_batch=1, max_seq_len=64), model_name="tiny", max_pending=0)
+    with ServerThread(app) as s:
+        c = openai.OpenAI(base_url=s.url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.RateLimitError) as e:
+            c.completions.create(model="tiny", prompt="Hello", max_tokens=2)
+        assert e.value.response.headers["retry-after"] == "1" and e.value.code == "server_busy"
+
+
 def test_seeded_sampling_is_reproducible(client):
     kw = {"model": "tiny", "prompt": "Once upon a time", "temperature": 1.0, "max_tokens": 16}
     a = client.completions.create(seed=7, **kw).choices[0].text
