@@ -207,12 +207,12 @@ async def _stream(request: web.Request, body: dict, req: GenRequest, events: asy
                 break
             else:
                 await send(protocol.chunk(rid, model, chat=chat, done=event))
-                if (body.get("stream_options") or {}).get("include_usage"):
+                options = body.get("stream_options")
+                if isinstance(options, dict) and options.get("include_usage"):
                     await send(protocol.usage_chunk(rid, model, chat=chat, done=event))
                 break
         await send("[DONE]")
         await resp.write_eof()
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:  # the client left: nothing to answer; its row is cancelled
         req.cancelled.set()
-        raise
     return resp
