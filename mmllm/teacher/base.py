@@ -19,7 +19,7 @@ from mmllm.teacher.cache import ResponseCache, request_key
 
 log = logging.getLogger(__name__)
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "stop", "seed")
 Messages = Sequence[Mapping[str, str]]
 
 
@@ -35,7 +35,7 @@ class Teacher:
         cache_path: SQLite response cache (None: no cache). A rerun answers cached requests
             without calling the backend; the key hashes model, messages and sampling params.
         sampling: default sampling params (``temperature``, ``top_p``, ``top_k``,
-            ``max_tokens``, ``stop``, ``seed``), overridden per call.
+            ``max_tokens`` or ``max_completion_tokens``, ``stop``, ``seed``), overridden per call.
         max_concurrency: requests in flight at once.
         progress: show a tqdm bar in :meth:`chat_many`.
         on_error: "raise" (the first failed request raises :class:`TeacherError`) or "skip"

@@ -90,6 +90,9 @@ class OpenAITeacher(Teacher):
             (jittered to between half and all of it) unless the server sent ``Retry-After``.
         timeout: seconds per request.
         http_client: an ``httpx.Client`` for the openai client (proxies, tests).
+
+    The cache key holds ``model``, not ``base_url``: the same model name behind another URL
+    shares cached answers (give distinct names to distinct models).
         **kwargs: :class:`~mmllm.teacher.base.Teacher` args (cache_path, sampling,
             max_concurrency, progress, on_error).
     """
