@@ -55,7 +55,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
     app[SETTINGS] = {"model": model_name, "api_key": api_key, "limits": limits,
                      "max_pending": max_pending, "max_body_bytes": max_body_bytes,
                      "created": int(time.time()),
-                     "renderer": ChatRenderer(engine.tokenizer, chat_template=chat_template),
+                     "renderer": _renderer(engine.tokenizer, chat_template),
                      "lock": threading.Lock()}
     app[STATS] = Counter()
     app.router.add_get("/v1/models", models)
@@ -72,6 +72,15 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
     app.on_startup.append(start_engine)
     app.on_cleanup.append(stop_engine)
     return app
+
+
+def _renderer(tokenizer, chat_template: str | None) -> ChatRenderer | ChatFormatError:
+    """The chat renderer, or why there is none (a base model still serves /v1/completions)."""
+    try:
+        return ChatRenderer(tokenizer, chat_template=chat_template)
+    except ChatFormatError as e:
+        log.warning("no chat template: /v1/chat/completions answers 400 (%s)", e)
+        return e
 
 
 # ------------------------------------------------------------------------------ middlewares
@@ -137,6 +146,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
     s = request.app[SETTINGS]
     messages = protocol.chat_messages(body)
+    if isinstance(s["renderer"], ChatFormatError):
+        raise APIError(400, f"this model has no chat template: {s['renderer']} (use /v1/completions)")
     def render() -> list[int]:
         with s["lock"]:  # the renderer's template-id cache is not thread-safe
             return s["renderer"].prompt(messages)

@@ -175,6 +175,18 @@ def test_a_full_server_answers_429_with_retry_after(loaded):
         assert e.value.response.headers["retry-after"] == "1" and e.value.code == "server_busy"
 
 
+def test_a_base_model_without_chat_template_serves_completions_only():
+    tok = train_bpe_tokenizer([TEXT], vocab_size=300, special_tokens=[], show_progress=False)
+    tok.chat_template = None
+    model = DecoderLM(vocab_size=len(tok), dim=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                      hidden_dim=32, max_seq_len=64).eval()
+    with ServerThread(create_app(Engine(model, tok, max_batch=1, max_seq_len=64), model_name="b")) as s:
+        c = openai.OpenAI(base_url=s.url, api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="no chat template"):
+            c.chat.completions.create(model="b", messages=HELLO, max_tokens=2)
+        assert c.completions.create(model="b", prompt="Hello", max_tokens=2).usage.completion_tokens
+
+
 def test_seeded_sampling_is_reproducible(client):
     kw = {"model": "tiny", "prompt": "Once upon a time", "temperature": 1.0, "max_tokens": 16}
     a = client.completions.create(seed=7, **kw).choices[0].text
