@@ -166,35 +166,46 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, body: dict, prompt: list[int], *, chat: bool):
-    """Runs one request through the engine: one JSON response, or server-sent events."""
+    """Runs one request (its ``n`` choices) through the engine: one JSON response, or server-sent events."""
     engine, s = request.app[ENGINE], request.app[SETTINGS]
-    req = protocol.parse_generation(body, prompt, s["limits"])
-    if engine.pending >= s["max_pending"]:
+    reqs = protocol.choices(protocol.parse_generation(body, prompt, s["limits"]), body.get("n") or 1)
+    if engine.pending + len(reqs) > s["max_pending"]:
         raise APIError(429, f"the server is busy ({engine.pending} requests in flight); retry later",
                        type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
-    events: asyncio.Queue[Event] = asyncio.Queue()
+    events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()  # (choice index, event)
     loop = asyncio.get_running_loop()
-    req.on_event = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+    for i, req in enumerate(reqs):
+        req.on_event = lambda event, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, event))
     rid = protocol.new_id("chatcmpl" if chat else "cmpl")
-    engine.submit(req)
+    for req in reqs:
+        engine.submit(req)
     try:
         if body.get("stream"):
-            return await _stream(request, body, req, events, rid, chat=chat)
-        while not isinstance(event := await events.get(), (Done, Failed)):
-            pass
-        if isinstance(event, Failed):
-            raise APIError(500, event.message, type="server_error")
-        if event.finish_reason == "cancelled":
-            raise APIError(503, STOPPING, type="server_error", code="shutting_down")
-        make = protocol.chat_response if chat else protocol.completion_response
-        return web.json_response(make(rid, s["model"], event))
+            return await _stream(request, body, reqs, events, rid, chat=chat)
+        dones: dict[int, Done] = {}
+        while len(dones) < len(reqs):
+            i, event = await events.get()
+            if isinstance(event, Done | Failed):
+                _check_final(event)
+                dones[i] = event
+        return web.json_response(protocol.response(rid, s["model"], [dones[i] for i in range(len(reqs))],
+                                                   chat=chat))
     finally:
-        req.cancelled.set()  # a client gone mid-generation frees its row at the next step
+        for req in reqs:
+            req.cancelled.set()  # a client gone mid-generation frees its rows at the next step
 
 
-async def _stream(request: web.Request, body: dict, req: GenRequest, events: asyncio.Queue,
+def _check_final(event: Done | Failed) -> None:
+    """Raises the APIError of a request the engine did not complete."""
+    if isinstance(event, Failed):
+        raise APIError(500, event.message, type="server_error")
+    if event.finish_reason == "cancelled":
+        raise APIError(503, STOPPING, type="server_error", code="shutting_down")
+
+
+async def _stream(request: web.Request, body: dict, reqs: list[GenRequest], events: asyncio.Queue,
                   rid: str, *, chat: bool) -> web.StreamResponse:
-    """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
+    """Server-sent events in OpenAI's chunk format (choices interleaved), then ``data: [DONE]``."""
     model = request.app[SETTINGS]["model"]
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
@@ -205,25 +216,27 @@ async def _stream(request: web.Request, body: dict, req: GenRequest, events: asy
 
     try:
         if chat:
-            await send(protocol.chunk(rid, model, chat=True, role=True))
-        while True:
-            event = await events.get()
+            for i in range(len(reqs)):
+                await send(protocol.chunk(rid, model, chat=True, index=i, role=True))
+        dones: dict[int, Done] = {}
+        while len(dones) < len(reqs):
+            i, event = await events.get()
             if isinstance(event, Delta):
-                await send(protocol.chunk(rid, model, chat=chat, text=event.text))
-            elif isinstance(event, Failed):  # headers are sent: report in the stream
-                await send(APIError(500, event.message, type="server_error").body())
+                await send(protocol.chunk(rid, model, chat=chat, index=i, text=event.text))
+                continue
+            try:
+                _check_final(event)
+            except APIError as e:  # headers are sent: the error goes in the stream
+                await send(e.body())
                 break
-            elif event.finish_reason == "cancelled":
-                await send(APIError(503, STOPPING, type="server_error", code="shutting_down").body())
-                break
-            else:
-                await send(protocol.chunk(rid, model, chat=chat, done=event))
-                options = body.get("stream_options")
-                if isinstance(options, dict) and options.get("include_usage"):
-                    await send(protocol.usage_chunk(rid, model, chat=chat, done=event))
-                break
+            dones[i] = event
+            await send(protocol.chunk(rid, model, chat=chat, index=i, done=event))
+        options = body.get("stream_options")
+        if len(dones) == len(reqs) and isinstance(options, dict) and options.get("include_usage"):
+            await send(protocol.usage_chunk(rid, model, chat=chat, dones=[dones[i] for i in sorted(dones)]))
         await send("[DONE]")
         await resp.write_eof()
-    except ConnectionResetError:  # the client left: nothing to answer; its row is cancelled
-        req.cancelled.set()
+    except ConnectionResetError:  # the client left: nothing to answer; its rows are cancelled
+        for req in reqs:
+            req.cancelled.set()
     return resp

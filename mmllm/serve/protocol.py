@@ -6,10 +6,11 @@ OpenAI's error object, so any OpenAI client reports it as it would a hosted API'
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mmllm.generation import SamplingParams
 from mmllm.serve.engine import Done, GenRequest
@@ -49,12 +50,14 @@ class Limits:
             by what fits in the context).
         max_seq_len: prompt + completion positions (the engine's rows).
         max_stop: most stop strings.
+        max_n: most choices (``n``) per request.
     """
 
     max_prompt_tokens: int
     max_tokens: int
     max_seq_len: int
     max_stop: int = 4
+    max_n: int = 8
 
 
 def _number(body: Mapping, name: str, lo: float, hi: float, default: float | None) -> float | None:
@@ -99,10 +102,7 @@ def parse_generation(body: Mapping, prompt: list[int], limits: Limits) -> GenReq
             raise APIError(400, f"{name} is not supported by this server", param=name)
     if body.get("echo"):
         raise APIError(400, "echo is not supported by this server", param="echo")
-    n = _integer(body, "n", 1)
-    if n not in (None, 1):
-        raise APIError(400, f"n={n} is not supported: this server returns one choice per request "
-                       "(send n requests, with different seeds to sample)", param="n")
+    _integer(body, "n", 1, limits.max_n)  # checked here, expanded by :func:`choices`
     if len(prompt) > limits.max_prompt_tokens:
         raise APIError(400, f"the prompt has {len(prompt)} tokens; this server accepts at most "
                        f"{limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")
@@ -175,43 +175,50 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(done: Done) -> dict:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+def choices(req: GenRequest, n: int) -> list[GenRequest]:
+    """``n`` requests for the ``n`` choices of one (rows sampled apart; seeded: seed, seed+1, ...)."""
+    return [replace(req, seed=None if req.seed is None else req.seed + i, cancelled=threading.Event())
+            for i in range(n)]
+
+
+def usage(dones: list[Done]) -> dict:
+    """Token counts of a request: its prompt once, the completions of every choice."""
+    prompt, completion = dones[0].prompt_tokens, sum(d.completion_tokens for d in dones)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
 
 
 def finish_reason(done: Done) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
-def chat_response(rid: str, model: str, done: Done) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                         "logprobs": None, "finish_reason": finish_reason(done)}],
-            "usage": usage(done)}
+def response(rid: str, model: str, dones: list[Done], *, chat: bool) -> dict:
+    """A whole (chat) completion: one choice per entry of ``dones``."""
+    if chat:
+        items = [{"index": i, "message": {"role": "assistant", "content": d.text}, "logprobs": None,
+                  "finish_reason": finish_reason(d)} for i, d in enumerate(dones)]
+    else:
+        items = [{"index": i, "text": d.text, "logprobs": None, "finish_reason": finish_reason(d)}
+                 for i, d in enumerate(dones)]
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": model, "choices": items, "usage": usage(dones)}
 
 
-def completion_response(rid: str, model: str, done: Done) -> dict:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": done.text, "logprobs": None,
-                         "finish_reason": finish_reason(done)}],
-            "usage": usage(done)}
-
-
-def chunk(rid: str, model: str, *, chat: bool, text: str | None = None, role: bool = False,
-          done: Done | None = None) -> dict:
-    """One streamed chunk: a text delta, the opening role delta (chat) or the final one."""
+def chunk(rid: str, model: str, *, chat: bool, index: int = 0, text: str | None = None,
+          role: bool = False, done: Done | None = None) -> dict:
+    """One streamed chunk of choice ``index``: a text delta, the opening role delta (chat) or
+    the final one (``done``)."""
     reason = finish_reason(done) if done is not None else None
     if chat:
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
 
 
-def usage_chunk(rid: str, model: str, *, chat: bool, done: Done) -> dict:
+def usage_chunk(rid: str, model: str, *, chat: bool, dones: list[Done]) -> dict:
     """The last chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [], "usage": usage(done)}
+            "created": int(time.time()), "model": model, "choices": [], "usage": usage(dones)}

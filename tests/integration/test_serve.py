@@ -138,8 +138,8 @@ def test_oversize_and_bad_requests_get_4xx_in_openai_format(client, server):
         client.completions.create(model="tiny", prompt="two plus two " * 100, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model="tiny", prompt="Hello", max_tokens=65)
-    with pytest.raises(openai.BadRequestError, match="n=2"):
-        client.chat.completions.create(model="tiny", messages=HELLO, n=2)
+    with pytest.raises(openai.BadRequestError, match="n must be"):
+        client.chat.completions.create(model="tiny", messages=HELLO, n=9)
     with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="tiny", messages=HELLO, temperature=5)
     with pytest.raises(openai.APIStatusError) as e:  # body over max_body_bytes
@@ -185,6 +185,21 @@ def test_a_base_model_without_chat_template_serves_completions_only():
         with pytest.raises(openai.BadRequestError, match="no chat template"):
             c.chat.completions.create(model="b", messages=HELLO, max_tokens=2)
         assert c.completions.create(model="b", prompt="Hello", max_tokens=2).usage.completion_tokens
+
+
+def test_n_choices_are_seeded_rows_and_stream_interleaved(client):
+    kw = {"model": "tiny", "messages": HELLO, "temperature": 1.0, "max_tokens": 12}
+    one = [client.chat.completions.create(seed=s, **kw) for s in (5, 6)]
+    both = client.chat.completions.create(seed=5, n=2, **kw)
+    assert [c.message.content for c in both.choices] == [r.choices[0].message.content for r in one]
+    assert [c.index for c in both.choices] == [0, 1]
+    assert both.usage.completion_tokens == sum(r.usage.completion_tokens for r in one)
+    assert both.usage.prompt_tokens == one[0].usage.prompt_tokens
+    texts = ["", ""]
+    for ch in client.chat.completions.create(seed=5, n=2, stream=True, **kw):
+        for c in ch.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [c.message.content for c in both.choices]
 
 
 def test_seeded_sampling_is_reproducible(client):
