@@ -33,7 +33,7 @@ ENGINE, SETTINGS, STATS = web.AppKey("engine", Engine), web.AppKey("settings", d
 
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                max_body_bytes: int = 1 << 20, max_prompt_tokens: int | None = None,
-               max_tokens: int = 1024, max_pending: int = 256,
+               max_tokens: int = 1024, max_n: int = 8, max_pending: int = 256,
                chat_template: str | None = None) -> web.Application:
     """The aiohttp application serving ``engine`` (started and stopped with the app).
 
@@ -45,12 +45,13 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         max_body_bytes: larger request bodies get 413.
         max_prompt_tokens: longest prompt (default: the engine's max_seq_len - 1).
         max_tokens: largest ``max_tokens`` a request may ask (and the default).
+        max_n: most choices (``n``) per request; each is a row of the batch.
         max_pending: requests queued or running at once; more get 429 (clients retry).
         chat_template: overrides the tokenizer's chat template.
     """
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors, _auth])
     limits = Limits(max_prompt_tokens=max_prompt_tokens or engine.max_seq_len - 1,
-                    max_tokens=max_tokens, max_seq_len=engine.max_seq_len)
+                    max_tokens=max_tokens, max_seq_len=engine.max_seq_len, max_n=max_n)
     app[ENGINE] = engine
     app[SETTINGS] = {"model": model_name, "api_key": api_key, "limits": limits,
                      "max_pending": max_pending, "max_body_bytes": max_body_bytes,

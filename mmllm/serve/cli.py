@@ -34,7 +34,7 @@ def build_app(cfg: DictConfig):
         log.warning("serving on %s without an API key: anyone who reaches it can use it", cfg.host)
     return create_app(engine, model_name=cfg.model_name or str(cfg.checkpoint), api_key=api_key,
                       max_body_bytes=cfg.max_body_bytes, max_prompt_tokens=cfg.max_prompt_tokens,
-                      max_tokens=cfg.max_tokens, max_pending=cfg.max_pending,
+                      max_tokens=cfg.max_tokens, max_n=cfg.max_n, max_pending=cfg.max_pending,
                       chat_template=cfg.chat_template)
 
 
