@@ -14,11 +14,12 @@ from mmllm.config import CONF_DIR, compose_config, to_container
 from mmllm.train import _instantiate_all, build_strategy
 
 CONF = Path(CONF_DIR)
-PRIMARY = {"train", "pipeline", "generate", "export", "curate", "eval"}
+PRIMARY = {"train", "pipeline", "generate", "export", "curate", "eval", "serve"}
 # Config groups of train.yaml (the others belong to the curate/eval entry configs).
 TRAIN_GROUPS = ["model/lm", "data", "module", "module/optimizer", "module/scheduler", "trainer",
                 "strategy", "logger", "callbacks", "experiment", "debug", "paths", "hydra"]
-REQUIRED = {"generate": ["checkpoint=smollm2"], "export": ["checkpoint=x.ckpt", "output_dir=out"]}
+REQUIRED = {"generate": ["checkpoint=smollm2"], "export": ["checkpoint=x.ckpt", "output_dir=out"],
+            "serve": ["checkpoint=smollm2"]}
 
 
 def _compose(name: str, overrides: list[str], tmp_path: Path):
@@ -61,7 +62,7 @@ def test_train_entry_configs(name, tmp_path):
     check_train_config_instantiates(_compose(name, [], tmp_path))
 
 
-@pytest.mark.parametrize("name", ["generate", "export"])
+@pytest.mark.parametrize("name", ["generate", "export", "serve"])
 def test_tool_entry_configs_compose(name, tmp_path):
     cfg = _compose(name, [], tmp_path)
     to_container(cfg)
@@ -91,7 +92,8 @@ def test_eval_suite_instantiates_its_tasks(suite, tmp_path):
 def test_every_yaml_is_covered():
     """A new YAML must be reached by one of the tests above."""
     covered = {CONF / f"{p}.yaml" for p in PRIMARY}
-    covered |= {CONF / g / f"{o}.yaml" for g in TRAIN_GROUPS + CURATE_GROUPS + ["eval/suite"]
+    # teacher/*: instantiated by tests/unit/test_teacher.py
+    covered |= {CONF / g / f"{o}.yaml" for g in TRAIN_GROUPS + CURATE_GROUPS + ["eval/suite", "teacher"]
                 for o in _group_options(g)}
     # Task YAMLs are reached through the suites ("all" holds every benchmark).
     in_suites = set()

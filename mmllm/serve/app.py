@@ -1,0 +1,243 @@
+"""The OpenAI-compatible HTTP server (aiohttp): /v1/chat/completions, /v1/completions, /v1/models.
+
+Handlers parse and check a request (:mod:`mmllm.serve.protocol`), hand it to the
+:class:`~mmllm.serve.engine.Engine` and await its events, forwarded from the engine thread into
+the event loop. Every error is OpenAI's error JSON with a 4xx/5xx status, never a dropped
+connection: a middleware turns aiohttp's own errors (413 body too large, 404, 405) and anything
+unexpected (500) into that shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+from collections import Counter
+
+from aiohttp import web
+
+from mmllm.data.chat import ChatFormatError, ChatRenderer
+from mmllm.serve import protocol
+from mmllm.serve.engine import Delta, Done, Engine, Event, Failed, GenRequest
+from mmllm.serve.protocol import APIError, Limits
+
+log = logging.getLogger(__name__)
+STOPPING = "the server is shutting down; the request was not completed"
+
+ENGINE, SETTINGS, STATS = web.AppKey("engine", Engine), web.AppKey("settings", dict), \
+    web.AppKey("stats", Counter)
+
+
+def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
+               max_body_bytes: int = 1 << 20, max_prompt_tokens: int | None = None,
+               max_tokens: int = 1024, max_n: int = 8, max_pending: int = 256,
+               chat_template: str | None = None) -> web.Application:
+    """The aiohttp application serving ``engine`` (started and stopped with the app).
+
+    Args:
+        engine: the generation engine (the app starts it on startup, stops it on cleanup).
+        model_name: the id listed by /v1/models and echoed in responses (any requested model
+            name is accepted: the server has one model).
+        api_key: required as ``Authorization: Bearer <key>`` (None: no authentication).
+        max_body_bytes: larger request bodies get 413.
+        max_prompt_tokens: longest prompt (default: the engine's max_seq_len - 1).
+        max_tokens: largest ``max_tokens`` a request may ask (and the default).
+        max_n: most choices (``n``) per request; each is a row of the batch.
+        max_pending: requests queued or running at once; more get 429 (clients retry).
+        chat_template: overrides the tokenizer's chat template.
+    """
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors, _auth])
+    limits = Limits(max_prompt_tokens=max_prompt_tokens or engine.max_seq_len - 1,
+                    max_tokens=max_tokens, max_seq_len=engine.max_seq_len, max_n=max_n)
+    app[ENGINE] = engine
+    app[SETTINGS] = {"model": model_name, "api_key": api_key, "limits": limits,
+                     "max_pending": max_pending, "max_body_bytes": max_body_bytes,
+                     "created": int(time.time()),
+                     "renderer": _renderer(engine.tokenizer, chat_template),
+                     "lock": threading.Lock()}
+    app[STATS] = Counter()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/health", health)
+
+    async def start_engine(app: web.Application) -> None:
+        app[ENGINE].start()
+
+    async def stop_engine(app: web.Application) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, app[ENGINE].stop)
+
+    app.on_startup.append(start_engine)
+    app.on_cleanup.append(stop_engine)
+    return app
+
+
+def _renderer(tokenizer, chat_template: str | None) -> ChatRenderer | ChatFormatError:
+    """The chat renderer, or why there is none (a base model still serves /v1/completions)."""
+    try:
+        return ChatRenderer(tokenizer, chat_template=chat_template)
+    except ChatFormatError as e:
+        log.warning("no chat template: /v1/chat/completions answers 400 (%s)", e)
+        return e
+
+
+# ------------------------------------------------------------------------------ middlewares
+def _error_response(err: APIError) -> web.Response:
+    return web.json_response(err.body(), status=err.status, headers=err.headers)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except APIError as e:
+        return _error_response(e)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[SETTINGS]["max_body_bytes"]
+        return _error_response(APIError(413, f"the request body exceeds {limit} bytes",
+                                        code="request_too_large"))
+    except web.HTTPException as e:  # 404, 405 from the router
+        if e.status < 400:
+            raise
+        return _error_response(APIError(e.status, e.reason or "error", code=str(e.status)))
+    except Exception as e:  # never a dropped connection
+        log.exception("request failed")
+        return _error_response(APIError(500, f"internal error: {type(e).__name__}: {e}",
+                                        type="server_error"))
+
+
+@web.middleware
+async def _auth(request: web.Request, handler):
+    key = request.app[SETTINGS]["api_key"]
+    if key and request.path != "/health":
+        given = request.headers.get("Authorization", "")
+        token = given[7:] if given.startswith("Bearer ") else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           type="authentication_error", code="invalid_api_key")
+    request.app[STATS][request.path] += 1
+    return await handler(request)
+
+
+# ------------------------------------------------------------------------------- handlers
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "pending": request.app[ENGINE].pending})
+
+
+async def models(request: web.Request) -> web.Response:
+    s = request.app[SETTINGS]
+    return web.json_response({"object": "list", "data": [
+        {"id": s["model"], "object": "model", "created": s["created"], "owned_by": "mmllm"}]})
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    return body
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    s = request.app[SETTINGS]
+    messages = protocol.chat_messages(body)
+    if isinstance(s["renderer"], ChatFormatError):
+        raise APIError(400, f"this model has no chat template: {s['renderer']} (use /v1/completions)")
+    def render() -> list[int]:
+        with s["lock"]:  # the renderer's template-id cache is not thread-safe
+            return s["renderer"].prompt(messages)
+
+    try:  # off the event loop: a long conversation takes a while to tokenise
+        prompt = await asyncio.get_running_loop().run_in_executor(None, render)
+    except ChatFormatError as e:
+        raise APIError(400, f"cannot render the conversation: {e}", param="messages") from e
+    return await _generate(request, body, prompt, chat=True)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    prompt = protocol.completion_prompt(body, request.app[ENGINE].tokenizer)
+    return await _generate(request, body, prompt, chat=False)
+
+
+async def _generate(request: web.Request, body: dict, prompt: list[int], *, chat: bool):
+    """Runs one request (its ``n`` choices) through the engine: one JSON response, or server-sent events."""
+    engine, s = request.app[ENGINE], request.app[SETTINGS]
+    reqs = protocol.choices(protocol.parse_generation(body, prompt, s["limits"]), body.get("n") or 1)
+    if engine.pending + len(reqs) > s["max_pending"]:
+        raise APIError(429, f"the server is busy ({engine.pending} requests in flight); retry later",
+                       type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
+    events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()  # (choice index, event)
+    loop = asyncio.get_running_loop()
+    for i, req in enumerate(reqs):
+        req.on_event = lambda event, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, event))
+    rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+    for req in reqs:
+        engine.submit(req)
+    try:
+        if body.get("stream"):
+            return await _stream(request, body, reqs, events, rid, chat=chat)
+        dones: dict[int, Done] = {}
+        while len(dones) < len(reqs):
+            i, event = await events.get()
+            if isinstance(event, Done | Failed):
+                _check_final(event)
+                dones[i] = event
+        return web.json_response(protocol.response(rid, s["model"], [dones[i] for i in range(len(reqs))],
+                                                   chat=chat))
+    finally:
+        for req in reqs:
+            req.cancelled.set()  # a client gone mid-generation frees its rows at the next step
+
+
+def _check_final(event: Done | Failed) -> None:
+    """Raises the APIError of a request the engine did not complete."""
+    if isinstance(event, Failed):
+        raise APIError(500, event.message, type="server_error")
+    if event.finish_reason == "cancelled":
+        raise APIError(503, STOPPING, type="server_error", code="shutting_down")
+
+
+async def _stream(request: web.Request, body: dict, reqs: list[GenRequest], events: asyncio.Queue,
+                  rid: str, *, chat: bool) -> web.StreamResponse:
+    """Server-sent events in OpenAI's chunk format (choices interleaved), then ``data: [DONE]``."""
+    model = request.app[SETTINGS]["model"]
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+
+    async def send(obj) -> None:
+        await resp.write(f"data: {json.dumps(obj) if isinstance(obj, dict) else obj}\n\n".encode())
+
+    try:
+        if chat:
+            for i in range(len(reqs)):
+                await send(protocol.chunk(rid, model, chat=True, index=i, role=True))
+        dones: dict[int, Done] = {}
+        while len(dones) < len(reqs):
+            i, event = await events.get()
+            if isinstance(event, Delta):
+                await send(protocol.chunk(rid, model, chat=chat, index=i, text=event.text))
+                continue
+            try:
+                _check_final(event)
+            except APIError as e:  # headers are sent: the error goes in the stream
+                await send(e.body())
+                break
+            dones[i] = event
+            await send(protocol.chunk(rid, model, chat=chat, index=i, done=event))
+        options = body.get("stream_options")
+        if len(dones) == len(reqs) and isinstance(options, dict) and options.get("include_usage"):
+            await send(protocol.usage_chunk(rid, model, chat=chat, dones=[dones[i] for i in sorted(dones)]))
+        await send("[DONE]")
+        await resp.write_eof()
+    except ConnectionResetError:  # the client left: nothing to answer; its rows are cancelled
+        for req in reqs:
+            req.cancelled.set()
+    return resp
