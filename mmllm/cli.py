@@ -19,6 +19,7 @@ COMMANDS = {
     "export": ("mmllm.export:main", "write a checkpoint as an HF Llama directory (conf/export.yaml)"),
     "curate": ("mmllm.curation.cli:main", "curate web data with NeMo Curator (conf/curate.yaml)"),
     "eval": ("mmllm.eval.cli:main", "evaluate a checkpoint on benchmark tasks (conf/eval.yaml)"),
+    "serve": ("mmllm.serve.cli:main", "an OpenAI-compatible server for a checkpoint (conf/serve.yaml)"),
     "inspect-batch": ("mmllm.data.inspect:main",
                       "print a training batch with its supervised tokens marked (conf/train.yaml)"),
 }
