@@ -1,12 +1,16 @@
 """Fuzzy dedup: MinHash signatures + LSH banding + connected components, keep one per cluster.
 
-CPU path, vectorised with numpy:
+CPU path:
 
 * shingles are word n-grams (default 5, as datatrove/Gopher) or character n-grams of the
   normalised text (lower case, punctuation -> space); a shingle hash combines per-token 64-bit
   hashes with a rolling polynomial, all in numpy;
-* the ``num_perm`` permutations are multiply-shift hashes ``(a*h + b) >> 32`` evaluated as one
-  ``(shingles x num_perm)`` matrix per batch of documents, reduced with ``np.minimum.reduceat``;
+* signatures: with ``signature_backend="rensa"`` (the default when the ``rensa`` package is
+  installed) the flat shingle hashes of a batch go to rensa's native ``RMinHash`` in one call;
+  with ``"numpy"`` the ``num_perm`` permutations are multiply-shift hashes ``(a*h + b) >> 32``
+  evaluated as one ``(shingles x num_perm)`` matrix per batch, reduced with
+  ``np.minimum.reduceat``. The two give different (each self-consistent) signatures, so one run
+  uses one backend for every document;
 * LSH hashes each band of ``rows`` values to 64 bits, sorts per band and links equal neighbours;
   candidate pairs are verified (estimated Jaccard = share of equal signature values >=
   ``jaccard_threshold``), and ``scipy.sparse.csgraph.connected_components`` forms clusters.
@@ -17,6 +21,7 @@ and RAPIDS are importable (see :mod:`mmllm.curation.gpu`).
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +40,19 @@ from mmllm.curation.dedup_common import DedupResult, cluster_histogram, keep_fir
 _PUNCT = re.compile(r"[^\w\s]+")
 _MERSENNE_SHIFT = np.uint64(32)
 _ROWS_PER_BLOCK = 1 << 16  # shingles per matrix block: 65k x 128 x 8 B = 64 MiB peak
+SignatureBackend = Literal["auto", "rensa", "numpy"]
+
+
+def resolve_signature_backend(backend: str) -> str:
+    """``"auto"`` -> ``"rensa"`` when the package is importable, else ``"numpy"``."""
+    if backend not in ("auto", "rensa", "numpy"):
+        msg = f"signature backend must be auto, rensa or numpy, got {backend!r}"
+        raise ValueError(msg)
+    has_rensa = importlib.util.find_spec("rensa") is not None
+    if backend == "rensa" and not has_rensa:
+        msg = "signature_backend='rensa' needs the rensa package (pip install rensa)"
+        raise ImportError(msg)
+    return "rensa" if backend == "rensa" or (backend == "auto" and has_rensa) else "numpy"
 
 
 def word_hashes(codes: np.ndarray) -> np.ndarray:
@@ -70,14 +88,16 @@ class MinHasher:
         ngram_size: Shingle size in tokens (words, or characters with ``char_ngrams``).
         char_ngrams: Character instead of word shingles.
         seed: Seed of the permutations (same seed -> comparable signatures).
+        backend: ``"rensa"`` (native), ``"numpy"`` or ``"auto"`` (rensa when installed).
     """
 
     def __init__(self, *, num_perm: int = 112, ngram_size: int = 5, char_ngrams: bool = False,
-                 seed: int = 42) -> None:
+                 seed: int = 42, backend: SignatureBackend = "auto") -> None:
         if num_perm < 1 or ngram_size < 1:
             msg = f"num_perm and ngram_size must be >= 1, got {num_perm}, {ngram_size}"
             raise ValueError(msg)
         self.num_perm, self.ngram_size, self.char_ngrams = num_perm, ngram_size, char_ngrams
+        self.seed, self.backend = seed, resolve_signature_backend(backend)
         rng = np.random.default_rng(seed)
         self._a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
         self._b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
@@ -93,8 +113,13 @@ class MinHasher:
         codes = codes.astype(np.uint64)
         return codes if self.char_ngrams else word_hashes(codes)
 
-    def shingle_hashes(self, text: str) -> np.ndarray:
-        """Unique 64-bit hashes of the document's shingles (a short text is one shingle)."""
+    def shingle_hashes(self, text: str, unique: bool = True) -> np.ndarray:
+        """64-bit hashes of the document's shingles (a short text is one shingle).
+
+        Args:
+            text: Document.
+            unique: Deduplicate the hashes (the minimum does not need it, set sizes do).
+        """
         tok = self._token_hashes(text)
         if tok.size == 0:
             return tok
@@ -104,7 +129,7 @@ class MinHasher:
         with np.errstate(over="ignore"):
             for k in range(n):  # rolling polynomial over the n-gram, wrapping mod 2**64
                 acc += tok[k:k + m] * self._coef[k]
-        return np.unique(mix64(acc))
+        return np.unique(mix64(acc)) if unique else mix64(acc)
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
         """Signatures of many documents.
@@ -115,6 +140,8 @@ class MinHasher:
         Returns:
             ``(len(texts), num_perm)`` uint32; an empty document gets all ``0xFFFFFFFF``.
         """
+        if self.backend == "rensa":
+            return self._rensa_signatures(texts)
         sig = np.full((len(texts), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
         sh = [self.shingle_hashes(t) for t in texts]
         start = 0
@@ -125,6 +152,19 @@ class MinHasher:
                 stop += 1
             self._fill(sig, sh, start, stop)
             start = stop
+        return sig
+
+    def _rensa_signatures(self, texts: Sequence[str]) -> np.ndarray:
+        from rensa import RMinHash
+
+        sh = [self.shingle_hashes(t, unique=False) for t in texts]
+        offsets = np.zeros(len(sh) + 1, dtype=np.uint64)
+        np.cumsum([s.size for s in sh], out=offsets[1:])
+        flat = np.concatenate(sh) if sh else np.empty(0, np.uint64)
+        digest = RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, self.num_perm,
+                                                               self.seed)
+        sig = np.asarray(digest.to_rows(), dtype=np.uint32).reshape(len(sh), self.num_perm)
+        sig[offsets[1:] == offsets[:-1]] = np.iinfo(np.uint32).max  # empty document
         return sig
 
     def _fill(self, sig: np.ndarray, sh: list[np.ndarray], start: int, stop: int) -> None:
@@ -192,6 +232,7 @@ class MinHashStage(ProcessingStage[DocumentBatch, DocumentBatch]):
         ngram_size: Shingle size.
         char_ngrams: Character shingles instead of word shingles.
         seed: Permutation seed.
+        signature_backend: ``"rensa"``, ``"numpy"`` or ``"auto"`` (rensa when installed).
     """
 
     name: str = "minhash_signature"
@@ -201,10 +242,12 @@ class MinHashStage(ProcessingStage[DocumentBatch, DocumentBatch]):
     ngram_size: int = 5
     char_ngrams: bool = False
     seed: int = 42
+    signature_backend: SignatureBackend = "auto"
 
     def __post_init__(self) -> None:
         self._hasher = MinHasher(num_perm=self.num_perm, ngram_size=self.ngram_size,
-                                 char_ngrams=self.char_ngrams, seed=self.seed)
+                                 char_ngrams=self.char_ngrams, seed=self.seed,
+                                 backend=self.signature_backend)
 
     def inputs(self) -> tuple[list[str], list[str]]:
         return ["data"], [self.text_field]
@@ -237,6 +280,9 @@ class MinHashDedup:
         jaccard_threshold: Minimum estimated Jaccard of a linked pair (0 = bands only).
         seed: Permutation seed.
         backend: ``"cpu"``, ``"gpu"`` (NeMo Curator's RAPIDS workflow) or ``"auto"``.
+        signature_backend: CPU signatures: ``"rensa"`` (native Rust, many times the numpy path),
+            ``"numpy"`` or ``"auto"`` (rensa when installed). Resolved once here, so the
+            pipeline-pass workers and the step agree.
         text_field: Text column.
     """
 
@@ -249,9 +295,11 @@ class MinHashDedup:
     jaccard_threshold: float = 0.7
     seed: int = 42
     backend: Literal["cpu", "gpu", "auto"] = "auto"
+    signature_backend: SignatureBackend = "auto"
     text_field: str = "text"
 
     def __post_init__(self) -> None:
+        self.signature_backend = resolve_signature_backend(self.signature_backend)
         if self.bands * self.rows > self.num_perm:
             msg = f"{self.name}: bands*rows ({self.bands}*{self.rows}) exceeds num_perm {self.num_perm}"
             raise ValueError(msg)
@@ -261,7 +309,8 @@ class MinHashDedup:
 
     def signature_stage(self) -> MinHashStage:
         return MinHashStage(text_field=self.text_field, num_perm=self.num_perm,
-                            ngram_size=self.ngram_size, char_ngrams=self.char_ngrams, seed=self.seed)
+                            ngram_size=self.ngram_size, char_ngrams=self.char_ngrams, seed=self.seed,
+                            signature_backend=self.signature_backend)
 
     def columns(self) -> list[str]:
         return ["_minhash"]
