@@ -134,3 +134,23 @@ def test_signature_stage_and_global_step_agree(wiki_texts):
     assert step.deduplicate_texts(docs).reasons == result.reasons
     with pytest.raises(ValueError, match="weighting"):
         SimHasher(weighting="idf")
+
+
+def test_curation_run_with_simhash_removes_the_planted_copy(tmp_path, warc_path, blocklist_dir):
+    import pandas as pd
+    from curation_testdata import MAX_PAYLOAD
+
+    from mmllm.curation.pipeline import run_curation
+
+    result = run_curation(str(warc_path), tmp_path / "out", executor="local", overrides=[
+        f"stages.read.max_payload_bytes={MAX_PAYLOAD}",
+        f"stages.url_filter.blocklist_paths=[{blocklist_dir}]", "curation/fuzzy=simhash"])
+    report = result.report
+    assert "minhash_dedup" not in [f["stage"] for f in report["funnel"]]
+    assert report["drop_reasons"]["simhash_dedup"]["near_duplicate"]["docs"] == 1
+    assert report["dedup_clusters"]["simhash_dedup"] == {"2": 1}
+    [ex] = report["examples"]["simhash_dedup"]["near_duplicate"]
+    assert ex["url"] == "https://mirror.example/bread-copy"
+    urls = [u for s in result.shards for u in pd.read_json(s, lines=True)["url"]]
+    assert "https://mirror.example/bread-copy" not in urls
+    assert "https://www.homebaking.example/bread" in urls
