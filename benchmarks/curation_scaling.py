@@ -9,7 +9,9 @@ step that is linear in its input shows a log-log slope of 1.
 
 * **Steps** (in this process, one core): the reader on a JSONL shard, the URL filter, Gopher
   repetition + quality, the RefinedWeb line filter, fastText language ID, and each dedup step
-  (URL, exact, MinHash, SimHash, substring: signature stage + global decision). Time is CPU
+  (URL, exact, MinHash, SimHash, substring: signature stage + global decision; substring in
+  its bounded-memory mode with small groups and partitions, so their number grows with the
+  input). Time is CPU
   seconds; peak memory is the largest traced allocation (``tracemalloc``, numpy included,
   native libraries such as rensa and fastText not) in a second, separate pass.
 * **Ray**: the whole pipeline pass (``run_curation`` with the Ray Data executor) on 1 and 2
@@ -85,12 +87,17 @@ def step_functions(docs: list[dict[str, str]], tmp: Path) -> dict[str, Callable[
     from nemo_curator.backends.base import WorkerMetadata
 
     from mmllm.curation.dedup_simhash import SimHashDedup
+    from mmllm.curation.dedup_substring import SubstringDedup
     from mmllm.curation.dedup_url import SeenUrlStore
     from mmllm.curation.pipeline import build_components, load_config
 
     parts = build_components(load_config(["input=x", f"output={tmp}", "curation/executor=local"]))
     stages = {s.name: s for s in parts["stages"]}
-    dedup = {d.name: d for d in parts["dedup"]} | {"simhash_dedup": SimHashDedup()}
+    # Substring dedup in its bounded-memory mode: ~1 MB of text per group and 200k windows per
+    # partition, so group and partition counts grow with the input (1x: 2 and 3; 8x: 15 and 19).
+    dedup = {d.name: d for d in parts["dedup"]} | {"simhash_dedup": SimHashDedup(),
+             "substring_dedup": SubstringDedup(max_chars_per_shard=1_000_000,
+                                               max_windows_per_partition=200_000)}
     texts, urls = [d["text"] for d in docs], [d["url"] for d in docs]
     shard = tmp / f"corpus-{len(docs)}.jsonl"
     pd.DataFrame(docs).to_json(shard, orient="records", lines=True)
@@ -146,7 +153,7 @@ def measure_steps(base_docs: int, scales: list[int], memory: bool) -> dict[str, 
             print(f"  scale {scale}x: {len(docs)} docs done", flush=True)
     x = np.log([out["words"][s] for s in scales])
     slope = lambda series: round(float(np.polyfit(x, np.log([max(series[s], 1e-3) for s in scales]),
-                                                  1)[0]), 2)  # noqa: E731
+                                                  1)[0]), 2)
     out["time_exponent"] = {k: slope(v) for k, v in out["cpu_s"].items()}
     out["memory_exponent"] = {k: slope(v) for k, v in out["peak_mib"].items()}
     return out

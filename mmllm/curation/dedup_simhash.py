@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import combinations, pairwise
 from typing import Any, Literal
 
 import numpy as np
@@ -119,8 +119,7 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _block_masks(blocks: int) -> list[np.uint64]:
     edges = np.linspace(0, 64, blocks + 1).round().astype(int)
-    return [np.uint64(((1 << int(hi)) - 1) ^ ((1 << int(lo)) - 1)) for lo, hi in
-            zip(edges[:-1], edges[1:])]
+    return [np.uint64(((1 << int(hi)) - 1) ^ ((1 << int(lo)) - 1)) for lo, hi in pairwise(edges)]
 
 
 def _bucket_pairs(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

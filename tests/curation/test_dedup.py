@@ -190,7 +190,7 @@ class TextsView:
 
 def test_substring_dedup_partitioned_and_grouped_equals_in_memory(wiki_texts, tmp_path):
     docs = list(wiki_texts[:12])
-    head = lambda t, n: t[:n].rsplit(" ", 1)[0]  # noqa: E731  (whole words only)
+    head = lambda t, n: t[:n].rsplit(" ", 1)[0]  # whole words only
     docs[7] = docs[7] + "\n\n" + head(docs[2], 2000)
     docs[11] = head(docs[5], 1500) + "\n\n" + docs[11]
     tail = docs[7][-1500:].split(" ", 1)[1]

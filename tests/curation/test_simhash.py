@@ -62,6 +62,21 @@ def test_document_fingerprint_is_the_weighted_vote_of_its_words():
         simhash_from_features(hashes, np.ones(hashes.size))
 
 
+def brute_force_components(fp: np.ndarray, k: int) -> list[int]:
+    """Union-find over every pair within ``k`` bits: a root per fingerprint."""
+    parent = list(range(fp.size))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i, j in combinations(range(fp.size), 2):
+        if hamming(fp[i:i + 1], fp[j:j + 1])[0] <= k:
+            parent[find(i)] = find(j)
+    return [find(i) for i in range(fp.size)]
+
+
 def test_table_lookup_finds_exactly_the_pairs_within_k_bits():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, size=60, dtype=np.int64).view(np.uint64) * np.uint64(2)
@@ -71,16 +86,7 @@ def test_table_lookup_finds_exactly_the_pairs_within_k_bits():
     for k, m in ((3, 6), (6, 10), (2, 3)):
         labels, _ = simhash_clusters(fp, max_distance=k, blocks=m)
         # Brute force: connected components of all pairs within k bits.
-        parent = list(range(fp.size))
-
-        def find(i):
-            while parent[i] != i:
-                i = parent[i]
-            return i
-        for i, j in combinations(range(fp.size), 2):
-            if hamming(fp[i:i + 1], fp[j:j + 1])[0] <= k:
-                parent[find(i)] = find(j)
-        roots = [find(i) for i in range(fp.size)]
+        roots = brute_force_components(fp, k)
         same = labels[:, None] == labels[None, :]
         assert (same == (np.array(roots)[:, None] == np.array(roots)[None, :])).all(), (k, m)
     with pytest.raises(ValueError, match="max_distance"):
