@@ -25,6 +25,7 @@ import importlib.util
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Literal
 
 import numpy as np
@@ -38,6 +39,10 @@ from scipy.sparse.csgraph import connected_components
 from mmllm.curation.dedup_common import DedupResult, cluster_histogram, keep_first, mix64
 
 _PUNCT = re.compile(r"[^\w\s]+")
+# ASCII bytes that _PUNCT replaces, and the separators \x1c-\x1f that str.split() splits on but
+# bytes.split() does not, become spaces: bytes.split() then splits ASCII text like normalize().
+_ASCII_TO_SPACE = bytes(32 if c < 128 and re.match(r"[^\w\s]|[\x1c-\x1f]", chr(c)) else c
+                        for c in range(256))
 _MERSENNE_SHIFT = np.uint64(32)
 _ROWS_PER_BLOCK = 1 << 16  # shingles per matrix block: 65k x 128 x 8 B = 64 MiB peak
 SignatureBackend = Literal["auto", "rensa", "numpy"]
@@ -53,6 +58,25 @@ def resolve_signature_backend(backend: str) -> str:
         msg = "signature_backend='rensa' needs the rensa package (pip install rensa)"
         raise ImportError(msg)
     return "rensa" if backend == "rensa" or (backend == "auto" and has_rensa) else "numpy"
+
+
+def normalized_words(text: str) -> list[bytes]:
+    """``MinHasher.normalize(text).split()`` as UTF-8 bytes, without a regex pass over ASCII.
+
+    The lower-cased text is split with ``bytes.translate`` + ``bytes.split`` (C speed); only the
+    words that contain non-ASCII characters go through the Unicode-aware regex.
+    """
+    raw = text.lower().encode("utf-8", "surrogatepass").translate(_ASCII_TO_SPACE)
+    if raw.isascii():
+        return raw.split()
+    out: list[bytes] = []
+    for tok in raw.split():
+        if tok.isascii():
+            out.append(tok)
+        else:
+            out.extend(w.encode("utf-8", "surrogatepass") for w in
+                       _PUNCT.sub(" ", tok.decode("utf-8", "surrogatepass")).split())
+    return out
 
 
 def word_hashes(codes: np.ndarray) -> np.ndarray:
@@ -157,15 +181,50 @@ class MinHasher:
     def _rensa_signatures(self, texts: Sequence[str]) -> np.ndarray:
         from rensa import RMinHash
 
-        sh = [self.shingle_hashes(t, unique=False) for t in texts]
-        offsets = np.zeros(len(sh) + 1, dtype=np.uint64)
-        np.cumsum([s.size for s in sh], out=offsets[1:])
-        flat = np.concatenate(sh) if sh else np.empty(0, np.uint64)
+        if self.char_ngrams:
+            sh = [self.shingle_hashes(t, unique=False) for t in texts]
+            offsets = np.zeros(len(sh) + 1, dtype=np.uint64)
+            np.cumsum([s.size for s in sh], out=offsets[1:])
+            flat = np.concatenate(sh) if sh else np.empty(0, np.uint64)
+        else:
+            flat, offsets = self._word_shingles_flat(texts)
         digest = RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, self.num_perm,
                                                                self.seed)
-        sig = np.asarray(digest.to_rows(), dtype=np.uint32).reshape(len(sh), self.num_perm)
+        sig = np.asarray(digest.to_rows(), dtype=np.uint32).reshape(len(texts), self.num_perm)
         sig[offsets[1:] == offsets[:-1]] = np.iinfo(np.uint32).max  # empty document
         return sig
+
+    def _word_shingles_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Word n-gram hashes of a batch in one flat array, vectorised over all documents.
+
+        Words are hashed by rensa; each document is followed by ``n - 1`` zero words so the
+        rolling polynomial never mixes two documents (and a document shorter than ``n`` words is
+        one shingle, as in :meth:`shingle_hashes`).
+
+        Returns:
+            ``(hashes, offsets)``: uint64 shingle hashes and ``len(texts) + 1`` row offsets.
+        """
+        from rensa import RMinHash
+
+        n = self.ngram_size
+        words = RMinHash.hash_token_sets([normalized_words(t) for t in texts])
+        counts = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        tok = np.fromiter(chain.from_iterable(words), dtype=np.uint64, count=int(counts.sum()))
+        padded_start = np.concatenate([[0], np.cumsum(counts + n - 1)[:-1]]).astype(np.int64)
+        word_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        padded = np.zeros(int(counts.sum() + len(texts) * (n - 1) + n), dtype=np.uint64)
+        padded[np.arange(tok.size) + np.repeat(padded_start - word_start, counts)] = tok
+        m = padded.size - n + 1
+        acc = np.zeros(m, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(n):
+                acc += padded[k:k + m] * self._coef[k]
+        n_sh = np.where(counts > 0, np.maximum(counts - n + 1, 1), 0)
+        offsets = np.zeros(len(texts) + 1, dtype=np.uint64)
+        np.cumsum(n_sh, out=offsets[1:])
+        first = offsets[:-1].astype(np.int64)
+        pos = np.repeat(padded_start - first, n_sh) + np.arange(int(n_sh.sum()))
+        return mix64(acc[pos]), offsets
 
     def _fill(self, sig: np.ndarray, sh: list[np.ndarray], start: int, stop: int) -> None:
         docs = [i for i in range(start, stop) if sh[i].size]

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from curation_testdata import TEXTS
 
-from mmllm.curation.dedup_common import keep_first
+from mmllm.curation.dedup_common import keep_first, mix64
 from mmllm.curation.dedup_exact import ExactDedup
-from mmllm.curation.dedup_minhash import MinHashDedup, MinHasher, lsh_clusters
+from mmllm.curation.dedup_minhash import MinHashDedup, MinHasher, lsh_clusters, normalized_words
 from mmllm.curation.dedup_substring import SubstringDedup, duplicated_tokens, tokenize
 from mmllm.curation.dedup_url import SeenUrlStore, UrlDedup, normalize_url
 from mmllm.curation.sample_data import wikipedia_articles
@@ -82,6 +82,29 @@ def test_signature_agreement_estimates_jaccard(wiki_texts, backend):
     assert (h.signatures(["x y z", "a b"]) == again.signatures(["x y z", "a b"])).all()
     assert (h.signatures(["a", ""])[1] == np.iinfo(np.uint32).max).all()
     assert (h.signatures(["a", ""])[0] != np.iinfo(np.uint32).max).all()
+
+
+def test_fast_word_split_equals_regex_normalisation(wiki_texts):
+    tricky = ["", "a", "Hello, World!", "x\x1cy z\u00a0w \u2014 \u201cquoted\u201d d\u00e9j\u00e0-vu",
+              "\u0130stanbul", "_under_score__ x", "\u2026", "tab\tand\nnew-line", "\ud800 lone"]
+    for text in wiki_texts[:30] + tricky:
+        words = [w.decode("utf-8", "surrogatepass") for w in normalized_words(text)]
+        assert words == MinHasher.normalize(text).split(), text[:60]
+
+
+def test_rensa_batch_shingles_equal_per_document_rolling(wiki_texts):
+    from rensa import RMinHash
+
+    h = MinHasher(backend="rensa")
+    docs = wiki_texts[:5] + ["", "one two", "a b c d e f g"]
+    flat, offsets = h._word_shingles_flat(docs)
+    for i, text in enumerate(docs):
+        tok = np.array(RMinHash.hash_token_sets([normalized_words(text)])[0], dtype=np.uint64)
+        n = min(h.ngram_size, tok.size)
+        acc = np.zeros(max(tok.size - n + 1, 0) if tok.size else 0, dtype=np.uint64)
+        for k in range(n):
+            acc += tok[k:k + acc.size] * h._coef[k]
+        assert (flat[offsets[i]:offsets[i + 1]] == mix64(acc)).all(), i
 
 
 def test_lsh_clusters_and_keep_first():
