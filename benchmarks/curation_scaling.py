@@ -43,7 +43,8 @@ import numpy as np
 import pandas as pd
 
 BATCH = 500
-PIPELINE_STAGES = ["url_filter", "langid", "gopher_repetition", "gopher_quality", "refinedweb_lines"]
+PIPELINE_STAGES = ["url_filter", "langid", "gopher_repetition", "gopher_quality",
+                   "refinedweb_lines"]
 
 
 def build_corpus(n_docs: int, seed: int = 0) -> tuple[list[dict[str, str]], set[int]]:
@@ -79,7 +80,8 @@ def _batches(texts: list[str], urls: list[str]) -> list[Any]:
     from nemo_curator.tasks import DocumentBatch
 
     return [DocumentBatch(dataset_name="bench", _metadata={}, data=pd.DataFrame(
-        {"text": texts[i:i + BATCH], "url": urls[i:i + BATCH]})) for i in range(0, len(texts), BATCH)]
+        {"text": texts[i:i + BATCH], "url": urls[i:i + BATCH]}))
+        for i in range(0, len(texts), BATCH)]
 
 
 def step_functions(docs: list[dict[str, str]], tmp: Path) -> dict[str, Callable[[], Any]]:
@@ -182,9 +184,10 @@ def measure_ray(docs_total: int, shards: int = 8) -> dict[str, Any]:
             finally:
                 ray.shutdown()
             pass1 = r.report["seconds"]["pass1"]
-            out[f"{workers}_workers"] = {"pass1_s": pass1, "docs_per_s": round(len(docs) / pass1, 1),
-                                         "total_s": r.report["seconds"]["total"]}
-    out["speedup_2_vs_1"] = round(out["2_workers"]["docs_per_s"] / out["1_workers"]["docs_per_s"], 2)
+            out[f"{workers}_workers"] = {"pass1_s": pass1, "total_s": r.report["seconds"]["total"],
+                                         "docs_per_s": round(len(docs) / pass1, 1)}
+    rate = {w: out[f"{w}_workers"]["docs_per_s"] for w in (1, 2)}
+    out["speedup_2_vs_1"] = round(rate[2] / rate[1], 2)
     return out
 
 
@@ -258,17 +261,18 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"largest time exponent: {worst[0]} {worst[1]:.2f} (target <= 1.2)")
     if "ray" in r:
         ray = r["ray"]
-        print(f"\nray pipeline pass on {ray['docs']} docs: 1 worker {ray['1_workers']['docs_per_s']}"
-              f" docs/s, 2 workers {ray['2_workers']['docs_per_s']} docs/s, speedup "
-              f"{ray['speedup_2_vs_1']}x (target >= 1.8; the machine's cores may be shared)")
+        print(f"\nray pipeline pass on {ray['docs']} docs: 1 worker "
+              f"{ray['1_workers']['docs_per_s']} docs/s, 2 workers "
+              f"{ray['2_workers']['docs_per_s']} docs/s, speedup {ray['speedup_2_vs_1']}x "
+              "(target >= 1.8; the machine's cores may be shared)")
     if "minhash" in r:
         mh = r["minhash"]
         print(f"\nminhash on {mh['docs']} docs ({mh['planted_copies']} planted copies)")
         for name in ("mmllm(rensa)", "mmllm(numpy)", "datasketch"):
             if name in mh:
                 m = mh[name]
-                print(f"  {name:14s} {m['docs_per_cpu_s']:9.1f} docs/cpu-s  recall {m['recall']:.3f}"
-                      f"  precision {m['precision']:.3f}")
+                print(f"  {name:14s} {m['docs_per_cpu_s']:9.1f} docs/cpu-s  "
+                      f"recall {m['recall']:.3f}  precision {m['precision']:.3f}")
         for key in [k for k in mh if k.startswith("ratio")]:
             print(f"  {key}: {mh[key]:.2f}x (target >= 3)")
 

@@ -368,8 +368,8 @@ class MinHashDedup:
 
     def signature_stage(self) -> MinHashStage:
         return MinHashStage(text_field=self.text_field, num_perm=self.num_perm,
-                            ngram_size=self.ngram_size, char_ngrams=self.char_ngrams, seed=self.seed,
-                            signature_backend=self.signature_backend)
+                            ngram_size=self.ngram_size, char_ngrams=self.char_ngrams,
+                            seed=self.seed, signature_backend=self.signature_backend)
 
     def columns(self) -> list[str]:
         return ["_minhash"]

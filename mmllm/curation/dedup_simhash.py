@@ -2,11 +2,11 @@
 
 * **Fingerprint**: the document's features are its word shingles (default: single words; the
   normalisation and 64-bit shingle hashes of :mod:`mmllm.curation.dedup_minhash`), each weighted
-  by ``1 + log(count)`` (or its count, or 1). Bit ``b`` of the 64-bit SimHash is set when the weighted vote
-  ``sum(w * (+1 if bit b of the feature hash else -1))`` is positive. Similar documents get
-  fingerprints that differ in few bits (on Wikipedia articles with 0-4 % of words edited, 95 %
-  of the copies are within 6 bits while unrelated articles are 13 or more apart; longer
-  shingles make fingerprints more sensitive to edits).
+  by ``1 + log(count)`` (or its count, or 1). Bit ``b`` of the 64-bit SimHash is set when the
+  weighted vote ``sum(w * (+1 if bit b of the feature hash else -1))`` is positive. Similar
+  documents get fingerprints that differ in few bits (on Wikipedia articles with 0-4 % of
+  words edited, 95 % of the copies are within 6 bits while unrelated articles are 13 or more
+  apart; longer shingles make fingerprints more sensitive to edits).
 * **Candidates**: fingerprints within Hamming distance ``k`` agree exactly on at least ``m - k``
   of ``m`` bit blocks (pigeonhole), so for each of the ``C(m, k)`` choices of ``m - k`` blocks the
   fingerprints are sorted by those bits and equal keys form candidate pairs, which are kept when
@@ -39,7 +39,7 @@ _ROWS_PER_BLOCK = 1 << 16  # features per vote block: 65k x 64 x 4 B = 16 MiB
 
 
 def feature_bits(hashes: np.ndarray) -> np.ndarray:
-    """``(n, 64)`` uint8 bits of uint64 hashes, column ``b`` = bit ``b`` (least significant first)."""
+    """``(n, 64)`` uint8 bits of uint64 hashes; column ``b`` is bit ``b`` (LSB first)."""
     as_bytes = np.ascontiguousarray(hashes, dtype="<u8").view(np.uint8).reshape(-1, 8)
     return np.unpackbits(as_bytes, axis=1, bitorder="little")
 
@@ -94,7 +94,8 @@ class SimHasher:
         start = 0
         while start < len(feats):
             stop, rows = start, 0
-            while stop < len(feats) and (rows == 0 or rows + feats[stop][0].size <= _ROWS_PER_BLOCK):
+            while stop < len(feats) and (rows == 0
+                                         or rows + feats[stop][0].size <= _ROWS_PER_BLOCK):
                 rows += feats[stop][0].size
                 stop += 1
             docs = [i for i in range(start, stop) if feats[i][0].size]

@@ -178,7 +178,9 @@ class SubstringDedup:
         name: Step name (funnel row).
         min_tokens: Minimum length of a removed span, in word/punctuation tokens.
         max_chars_per_shard: Characters of text hashed or cut at once (bounds memory: about
-            15 bytes per character at the peak of the hash pass).
+            25 bytes per character at the peak of the hash pass; 27 MiB traced for 1 MB groups
+            and 200k-window partitions in ``benchmarks/curation_scaling.py``, flat from 1x to
+            8x input).
         max_windows_per_partition: Target windows per partition (24 bytes each on disk; sorting
             a partition peaks at about 3x that in memory). The partition count is derived from
             the corpus size; a partition that still comes out over twice this is split again.
@@ -195,7 +197,8 @@ class SubstringDedup:
     scratch_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.min_tokens < 2 or self.max_chars_per_shard < 1 or self.max_windows_per_partition < 1:
+        if self.min_tokens < 2 or min(self.max_chars_per_shard,
+                                      self.max_windows_per_partition) < 1:
             msg = (f"{self.name}: min_tokens must be >= 2, max_chars_per_shard and "
                    "max_windows_per_partition >= 1")
             raise ValueError(msg)

@@ -85,8 +85,9 @@ def test_signature_agreement_estimates_jaccard(wiki_texts, backend):
 
 
 def test_fast_word_split_equals_regex_normalisation(wiki_texts):
-    tricky = ["", "a", "Hello, World!", "x\x1cy z\u00a0w \u2014 \u201cquoted\u201d d\u00e9j\u00e0-vu",
-              "\u0130stanbul", "_under_score__ x", "\u2026", "tab\tand\nnew-line", "\ud800 lone"]
+    tricky = ["", "a", "Hello, World!", "x\x1cy z\u00a0w \u2014 \u201cquoted\u201d",
+              "d\u00e9j\u00e0-vu", "\u0130stanbul", "_under_score__ x", "\u2026",
+              "tab\tand\nnew-line", "\ud800 lone"]
     for text in wiki_texts[:30] + tricky:
         words = [w.decode("utf-8", "surrogatepass") for w in normalized_words(text)]
         assert words == MinHasher.normalize(text).split(), text[:60]
