@@ -14,8 +14,9 @@ step that is linear in its input shows a log-log slope of 1.
   input). Time is CPU
   seconds; peak memory is the largest traced allocation (``tracemalloc``, numpy included,
   native libraries such as rensa and fastText not) in a second, separate pass.
-* **Ray**: the whole pipeline pass (``run_curation`` with the Ray Data executor) on 1 and 2
-  workers of a Ray instance started beforehand (so startup is not timed; one warm-up run each).
+* **Ray**: the whole pipeline pass (``run_curation`` with the Ray Data executor, 8 JSONL
+  shards) on 1 and 2 workers of a Ray instance started beforehand, after a warm-up run that
+  starts every worker process (so Ray startup and worker imports are not timed).
 * **MinHash vs datasketch** at the same banding (word 5-grams, 112 permutations, 14 bands x 8
   rows): recall and precision on the planted copies and docs per CPU-second.
 
@@ -179,7 +180,8 @@ def measure_ray(docs_total: int, shards: int = 8) -> dict[str, Any]:
             ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
             try:
-                run_curation(files[:1], f"{tmp}/warm{workers}", executor="ray_data")
+                # Warm-up: start (and import into) every worker process before timing.
+                run_curation(files[:workers], f"{tmp}/warm{workers}", executor="ray_data")
                 r = run_curation(files, f"{tmp}/out{workers}", executor="ray_data")
             finally:
                 ray.shutdown()

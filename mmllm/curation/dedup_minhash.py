@@ -45,6 +45,7 @@ _ASCII_TO_SPACE = bytes(32 if c < 128 and re.match(r"[^\w\s]|[\x1c-\x1f]", chr(c
                         for c in range(256))
 _MERSENNE_SHIFT = np.uint64(32)
 _ROWS_PER_BLOCK = 1 << 16  # shingles per matrix block: 65k x 128 x 8 B = 64 MiB peak
+_DOCS_PER_CALL = 512  # documents per rensa call (their shingles are held at once)
 SignatureBackend = Literal["auto", "rensa", "numpy"]
 
 
@@ -179,6 +180,9 @@ class MinHasher:
         return sig
 
     def _rensa_signatures(self, texts: Sequence[str]) -> np.ndarray:
+        if len(texts) > _DOCS_PER_CALL:  # bounded memory for a long list of texts
+            return np.concatenate([self._rensa_signatures(texts[i:i + _DOCS_PER_CALL])
+                                   for i in range(0, len(texts), _DOCS_PER_CALL)])
         from rensa import RMinHash
 
         if self.char_ngrams:
