@@ -1,12 +1,16 @@
 """Fuzzy dedup: MinHash signatures + LSH banding + connected components, keep one per cluster.
 
-CPU path, vectorised with numpy:
+CPU path:
 
 * shingles are word n-grams (default 5, as datatrove/Gopher) or character n-grams of the
   normalised text (lower case, punctuation -> space); a shingle hash combines per-token 64-bit
   hashes with a rolling polynomial, all in numpy;
-* the ``num_perm`` permutations are multiply-shift hashes ``(a*h + b) >> 32`` evaluated as one
-  ``(shingles x num_perm)`` matrix per batch of documents, reduced with ``np.minimum.reduceat``;
+* signatures: with ``signature_backend="rensa"`` (the default when the ``rensa`` package is
+  installed) the flat shingle hashes of a batch go to rensa's native ``RMinHash`` in one call;
+  with ``"numpy"`` the ``num_perm`` permutations are multiply-shift hashes ``(a*h + b) >> 32``
+  evaluated as one ``(shingles x num_perm)`` matrix per batch, reduced with
+  ``np.minimum.reduceat``. The two give different (each self-consistent) signatures, so one run
+  uses one backend for every document;
 * LSH hashes each band of ``rows`` values to 64 bits, sorts per band and links equal neighbours;
   candidate pairs are verified (estimated Jaccard = share of equal signature values >=
   ``jaccard_threshold``), and ``scipy.sparse.csgraph.connected_components`` forms clusters.
@@ -17,9 +21,11 @@ and RAPIDS are importable (see :mod:`mmllm.curation.gpu`).
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Literal
 
 import numpy as np
@@ -33,8 +39,45 @@ from scipy.sparse.csgraph import connected_components
 from mmllm.curation.dedup_common import DedupResult, cluster_histogram, keep_first, mix64
 
 _PUNCT = re.compile(r"[^\w\s]+")
+# ASCII bytes that _PUNCT replaces, and the separators \x1c-\x1f that str.split() splits on but
+# bytes.split() does not, become spaces: bytes.split() then splits ASCII text like normalize().
+_ASCII_TO_SPACE = bytes(32 if c < 128 and re.match(r"[^\w\s]|[\x1c-\x1f]", chr(c)) else c
+                        for c in range(256))
 _MERSENNE_SHIFT = np.uint64(32)
 _ROWS_PER_BLOCK = 1 << 16  # shingles per matrix block: 65k x 128 x 8 B = 64 MiB peak
+_DOCS_PER_CALL = 512  # documents per rensa call (their shingles are held at once)
+SignatureBackend = Literal["auto", "rensa", "numpy"]
+
+
+def resolve_signature_backend(backend: str) -> str:
+    """``"auto"`` -> ``"rensa"`` when the package is importable, else ``"numpy"``."""
+    if backend not in ("auto", "rensa", "numpy"):
+        msg = f"signature backend must be auto, rensa or numpy, got {backend!r}"
+        raise ValueError(msg)
+    has_rensa = importlib.util.find_spec("rensa") is not None
+    if backend == "rensa" and not has_rensa:
+        msg = "signature_backend='rensa' needs the rensa package (pip install rensa)"
+        raise ImportError(msg)
+    return "rensa" if backend == "rensa" or (backend == "auto" and has_rensa) else "numpy"
+
+
+def normalized_words(text: str) -> list[bytes]:
+    """``MinHasher.normalize(text).split()`` as UTF-8 bytes, without a regex pass over ASCII.
+
+    The lower-cased text is split with ``bytes.translate`` + ``bytes.split`` (C speed); only the
+    words that contain non-ASCII characters go through the Unicode-aware regex.
+    """
+    raw = text.lower().encode("utf-8", "surrogatepass").translate(_ASCII_TO_SPACE)
+    if raw.isascii():
+        return raw.split()
+    out: list[bytes] = []
+    for tok in raw.split():
+        if tok.isascii():
+            out.append(tok)
+        else:
+            out.extend(w.encode("utf-8", "surrogatepass") for w in
+                       _PUNCT.sub(" ", tok.decode("utf-8", "surrogatepass")).split())
+    return out
 
 
 def word_hashes(codes: np.ndarray) -> np.ndarray:
@@ -70,14 +113,16 @@ class MinHasher:
         ngram_size: Shingle size in tokens (words, or characters with ``char_ngrams``).
         char_ngrams: Character instead of word shingles.
         seed: Seed of the permutations (same seed -> comparable signatures).
+        backend: ``"rensa"`` (native), ``"numpy"`` or ``"auto"`` (rensa when installed).
     """
 
     def __init__(self, *, num_perm: int = 112, ngram_size: int = 5, char_ngrams: bool = False,
-                 seed: int = 42) -> None:
+                 seed: int = 42, backend: SignatureBackend = "auto") -> None:
         if num_perm < 1 or ngram_size < 1:
             msg = f"num_perm and ngram_size must be >= 1, got {num_perm}, {ngram_size}"
             raise ValueError(msg)
         self.num_perm, self.ngram_size, self.char_ngrams = num_perm, ngram_size, char_ngrams
+        self.seed, self.backend = seed, resolve_signature_backend(backend)
         rng = np.random.default_rng(seed)
         self._a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)
         self._b = rng.integers(0, 2**63, size=num_perm, dtype=np.uint64)
@@ -93,8 +138,13 @@ class MinHasher:
         codes = codes.astype(np.uint64)
         return codes if self.char_ngrams else word_hashes(codes)
 
-    def shingle_hashes(self, text: str) -> np.ndarray:
-        """Unique 64-bit hashes of the document's shingles (a short text is one shingle)."""
+    def shingle_hashes(self, text: str, unique: bool = True) -> np.ndarray:
+        """64-bit hashes of the document's shingles (a short text is one shingle).
+
+        Args:
+            text: Document.
+            unique: Deduplicate the hashes (the minimum does not need it, set sizes do).
+        """
         tok = self._token_hashes(text)
         if tok.size == 0:
             return tok
@@ -104,7 +154,7 @@ class MinHasher:
         with np.errstate(over="ignore"):
             for k in range(n):  # rolling polynomial over the n-gram, wrapping mod 2**64
                 acc += tok[k:k + m] * self._coef[k]
-        return np.unique(mix64(acc))
+        return np.unique(mix64(acc)) if unique else mix64(acc)
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
         """Signatures of many documents.
@@ -115,6 +165,8 @@ class MinHasher:
         Returns:
             ``(len(texts), num_perm)`` uint32; an empty document gets all ``0xFFFFFFFF``.
         """
+        if self.backend == "rensa":
+            return self._rensa_signatures(texts)
         sig = np.full((len(texts), self.num_perm), np.iinfo(np.uint32).max, dtype=np.uint32)
         sh = [self.shingle_hashes(t) for t in texts]
         start = 0
@@ -126,6 +178,57 @@ class MinHasher:
             self._fill(sig, sh, start, stop)
             start = stop
         return sig
+
+    def _rensa_signatures(self, texts: Sequence[str]) -> np.ndarray:
+        if len(texts) > _DOCS_PER_CALL:  # bounded memory for a long list of texts
+            return np.concatenate([self._rensa_signatures(texts[i:i + _DOCS_PER_CALL])
+                                   for i in range(0, len(texts), _DOCS_PER_CALL)])
+        from rensa import RMinHash
+
+        if self.char_ngrams:
+            sh = [self.shingle_hashes(t, unique=False) for t in texts]
+            offsets = np.zeros(len(sh) + 1, dtype=np.uint64)
+            np.cumsum([s.size for s in sh], out=offsets[1:])
+            flat = np.concatenate(sh) if sh else np.empty(0, np.uint64)
+        else:
+            flat, offsets = self._word_shingles_flat(texts)
+        digest = RMinHash.digest_matrix_from_flat_token_hashes(flat, offsets, self.num_perm,
+                                                               self.seed)
+        sig = np.asarray(digest.to_rows(), dtype=np.uint32).reshape(len(texts), self.num_perm)
+        sig[offsets[1:] == offsets[:-1]] = np.iinfo(np.uint32).max  # empty document
+        return sig
+
+    def _word_shingles_flat(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Word n-gram hashes of a batch in one flat array, vectorised over all documents.
+
+        Words are hashed by rensa; each document is followed by ``n - 1`` zero words so the
+        rolling polynomial never mixes two documents (and a document shorter than ``n`` words is
+        one shingle, as in :meth:`shingle_hashes`).
+
+        Returns:
+            ``(hashes, offsets)``: uint64 shingle hashes and ``len(texts) + 1`` row offsets.
+        """
+        from rensa import RMinHash
+
+        n = self.ngram_size
+        words = RMinHash.hash_token_sets([normalized_words(t) for t in texts])
+        counts = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        tok = np.fromiter(chain.from_iterable(words), dtype=np.uint64, count=int(counts.sum()))
+        padded_start = np.concatenate([[0], np.cumsum(counts + n - 1)[:-1]]).astype(np.int64)
+        word_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        padded = np.zeros(int(counts.sum() + len(texts) * (n - 1) + n), dtype=np.uint64)
+        padded[np.arange(tok.size) + np.repeat(padded_start - word_start, counts)] = tok
+        m = padded.size - n + 1
+        acc = np.zeros(m, dtype=np.uint64)
+        with np.errstate(over="ignore"):
+            for k in range(n):
+                acc += padded[k:k + m] * self._coef[k]
+        n_sh = np.where(counts > 0, np.maximum(counts - n + 1, 1), 0)
+        offsets = np.zeros(len(texts) + 1, dtype=np.uint64)
+        np.cumsum(n_sh, out=offsets[1:])
+        first = offsets[:-1].astype(np.int64)
+        pos = np.repeat(padded_start - first, n_sh) + np.arange(int(n_sh.sum()))
+        return mix64(acc[pos]), offsets
 
     def _fill(self, sig: np.ndarray, sh: list[np.ndarray], start: int, stop: int) -> None:
         docs = [i for i in range(start, stop) if sh[i].size]
@@ -192,6 +295,7 @@ class MinHashStage(ProcessingStage[DocumentBatch, DocumentBatch]):
         ngram_size: Shingle size.
         char_ngrams: Character shingles instead of word shingles.
         seed: Permutation seed.
+        signature_backend: ``"rensa"``, ``"numpy"`` or ``"auto"`` (rensa when installed).
     """
 
     name: str = "minhash_signature"
@@ -201,10 +305,12 @@ class MinHashStage(ProcessingStage[DocumentBatch, DocumentBatch]):
     ngram_size: int = 5
     char_ngrams: bool = False
     seed: int = 42
+    signature_backend: SignatureBackend = "auto"
 
     def __post_init__(self) -> None:
         self._hasher = MinHasher(num_perm=self.num_perm, ngram_size=self.ngram_size,
-                                 char_ngrams=self.char_ngrams, seed=self.seed)
+                                 char_ngrams=self.char_ngrams, seed=self.seed,
+                                 backend=self.signature_backend)
 
     def inputs(self) -> tuple[list[str], list[str]]:
         return ["data"], [self.text_field]
@@ -237,6 +343,9 @@ class MinHashDedup:
         jaccard_threshold: Minimum estimated Jaccard of a linked pair (0 = bands only).
         seed: Permutation seed.
         backend: ``"cpu"``, ``"gpu"`` (NeMo Curator's RAPIDS workflow) or ``"auto"``.
+        signature_backend: CPU signatures: ``"rensa"`` (native Rust, many times the numpy path),
+            ``"numpy"`` or ``"auto"`` (rensa when installed). Resolved once here, so the
+            pipeline-pass workers and the step agree.
         text_field: Text column.
     """
 
@@ -249,9 +358,11 @@ class MinHashDedup:
     jaccard_threshold: float = 0.7
     seed: int = 42
     backend: Literal["cpu", "gpu", "auto"] = "auto"
+    signature_backend: SignatureBackend = "auto"
     text_field: str = "text"
 
     def __post_init__(self) -> None:
+        self.signature_backend = resolve_signature_backend(self.signature_backend)
         if self.bands * self.rows > self.num_perm:
             msg = f"{self.name}: bands*rows ({self.bands}*{self.rows}) exceeds num_perm {self.num_perm}"
             raise ValueError(msg)
@@ -261,7 +372,8 @@ class MinHashDedup:
 
     def signature_stage(self) -> MinHashStage:
         return MinHashStage(text_field=self.text_field, num_perm=self.num_perm,
-                            ngram_size=self.ngram_size, char_ngrams=self.char_ngrams, seed=self.seed)
+                            ngram_size=self.ngram_size, char_ngrams=self.char_ngrams,
+                            seed=self.seed, signature_backend=self.signature_backend)
 
     def columns(self) -> list[str]:
         return ["_minhash"]

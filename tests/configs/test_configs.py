@@ -69,7 +69,7 @@ def test_tool_entry_configs_compose(name, tmp_path):
     assert cfg.hydra.output_subdir is None  # tools write no Hydra run directories
 
 
-CURATE_GROUPS = ["curation/extractor", "curation/executor", "curation/c4"]
+CURATE_GROUPS = ["curation/extractor", "curation/executor", "curation/c4", "curation/fuzzy"]
 CURATE_CASES = [(g, o) for g in CURATE_GROUPS for o in _group_options(g)]
 
 
