@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -378,6 +379,11 @@ class Attention(nn.Module):
             raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}: expected one of {BACKENDS}")
+        if backend == "flash_attn" and not FLASH_ATTN_AVAILABLE and layer_idx == 0:
+            # Once per model, not per layer: the run goes on with SDPA rather than failing.
+            warnings.warn("attn_backend=flash_attn but flash-attn is not installed: using SDPA. "
+                          "fix: pip install flash-attn --no-build-isolation (CUDA only), or set "
+                          "model.lm.attn_backend=sdpa", stacklevel=2)
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.backend, self.layer_idx = backend, layer_idx
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)

@@ -178,3 +178,11 @@ def test_kv_cache_select_rows_expands_a_shared_prefix(tiny_lm_kwargs):
         got = model(conts, kv_cache=cache).logits
         want = model(torch.cat([prefix.expand(3, -1), conts], 1)).logits[:, 6:]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_flash_attn_backend_without_the_package_warns_with_the_fix(monkeypatch):
+    import mmllm.nn.attention as attention
+
+    monkeypatch.setattr(attention, "FLASH_ATTN_AVAILABLE", False)
+    with pytest.warns(UserWarning, match="pip install flash-attn"):
+        attention.Attention(dim=32, n_heads=4, n_kv_heads=2, head_dim=8, backend="flash_attn")
