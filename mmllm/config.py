@@ -254,7 +254,10 @@ def _check_plain_overrides(tree: dict, primary: str, overrides: list[str]) -> No
         key = override.split("=", 1)[0]
         if "=" not in override or key.startswith(("+", "~", "hydra")) or "/" in key:
             continue
-        default = OmegaConf.select(defaults, key, default=None, throw_on_missing=False)
+        # The raw file is not composed: an interpolated default (run_dir: ${paths...}) stays
+        # unresolved and has no type to check against.
+        default = OmegaConf.select(defaults, key, default=None, throw_on_missing=False,
+                                   throw_on_resolution_failure=False)
         value = OmegaConf.select(OmegaConf.create(tree), key, default=None, throw_on_missing=False,
                                  throw_on_resolution_failure=False)
         fits = _accepts(type(default), value) if isinstance(default, (bool, int, float)) else None
