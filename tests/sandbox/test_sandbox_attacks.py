@@ -187,6 +187,19 @@ def test_known_residual_a_program_aimed_at_this_harness_can_forge_a_pass():
     """Documented limit (mmllm.sandbox docstring): the tests share the program's process, so a
     program that knows the protocol can take the nonce from its input pipe and forge the
     epilogue. Were this ever to fail, the protocol got stronger: update the docs."""
-    forger = ("import os, json\ncfg = json.loads(open('/proc/self/cmdline', 'rb').read().split(b'\\0')[-2])\n"
-              "os.write(cfg['result_fd'], os.read(cfg['program_fd'], 32))\nos._exit(0)\nassert False\n")
+    # The child's pipe ends sit at fixed fds: 3 (program + nonce in), 4 (result out).
+    forger = "import os\nos.write(4, os.read(3, 32))\nos._exit(0)\nassert False\n"
     assert run_program(forger, isolation="bwrap").passed
+
+
+def test_fd_attacks_see_the_same_layout_when_the_harness_holds_many_fds():
+    """The child moves its pipe ends to fds 3 and 4: an attack on inherited fds is judged the same
+    in a long-running harness (CI's pytest holds >60 fds) as in a fresh one."""
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(120)]
+    try:
+        tamper = next(a for a in ATTACKS if a.name == "write_every_fd")
+        assert run_program(tamper.source, timeout=20).status == "failed"
+        assert run_program("assert 1 + 1 == 2\n", timeout=20).status == "passed"
+    finally:
+        for fd in held:
+            os.close(fd)
