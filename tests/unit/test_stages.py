@@ -254,6 +254,8 @@ def test_captured_output_keeps_the_last_lines_and_collapses_progress_bars(tmp_pa
     log = logging.getLogger("mmllm.test_capture")
     console = logging.StreamHandler(sys.stdout)  # like Hydra's console handler
     log.addHandler(console)
+    # Not to the root logger: a handler an earlier test left there may hold a closed stream.
+    log.propagate = False
     try:
         with CapturedOutput(tmp_path / "log.txt", n=4) as out:
             print("one")
@@ -263,6 +265,7 @@ def test_captured_output_keeps_the_last_lines_and_collapses_progress_bars(tmp_pa
         assert console.stream is sys.stdout  # the handler writes to the console again
     finally:
         log.removeHandler(console)
+        log.propagate = True
     assert out.tail == ["bar 100%", "two", "three", "logged"]  # each line once
     assert (tmp_path / "log.txt").read_text().startswith("one\nbar 10%")
 
