@@ -247,9 +247,14 @@ def iter_warc(path: str, *, max_payload_bytes: int = 2_000_000, drop_truncated: 
         gz = fh.read(2) == _GZIP_MAGIC[:2]
         cursor, after_damage = (_skip_separator(fh, start) if start else 0), False
         while cursor is not None:
+            at = cursor
             cursor = yield from _iter_from(fh, cursor, gz, path, max_payload_bytes, drop_truncated,
                                            decode, after_damage)
             after_damage = True  # _iter_from only returns a cursor to resynchronise
+            if cursor is not None and cursor <= at:
+                # Damaged headers can make warcio's offsets point backwards: never resume at or
+                # before where this attempt began (that loops forever), always strictly after.
+                cursor = _next_boundary(fh, at + 1, gz)
 
 
 def _skip_separator(fh: BinaryIO, pos: int) -> int:
