@@ -59,7 +59,7 @@ def _single(init: str, *, tie: bool, dm, model=None, idle_expert=None, **module)
     return recorder.losses
 
 
-def _close(got: list[float], expected: list[float]) -> None:
+def _assert_close(got: list[float], expected: list[float]) -> None:
     assert len(got) == len(expected) == STEPS
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=ATOL, rtol=0,
                                msg=lambda m: f"{m}\ngot {got}\nexpected {expected}")
@@ -91,7 +91,7 @@ def test_tensor_parallel_ranks_read_the_same_batches(two, setup):
     assert run["batches"][0] == run["batches"][1]  # one TP group, one batch
     ref = _single(setup["untied"], tie=False, model=BIG_VOCAB,
                   dm=pretrain_datamodule(setup["shards"], global_batch=4, data_parallel=1))
-    _close(run["losses"], ref)
+    _assert_close(run["losses"], ref)
     assert run["tokens_seen"] == STEPS * 4 * SEQ  # counted once per TP group
     assert run["data_position"] == (STEPS - 3) * 4  # second cycle, one global batch in
 
@@ -102,7 +102,7 @@ def test_data_parallel_ranks_read_different_halves(two, setup):
     assert len(mine) == STEPS and all(a != b for a, b in zip(mine, other, strict=True))
     ref = _single(setup["tied"], tie=True, model=BIG_VOCAB,
                   dm=pretrain_datamodule(setup["shards"], global_batch=4, data_parallel=1))
-    _close(run["losses"], ref)  # the two halves together are the one-process batch
+    _assert_close(run["losses"], ref)  # the two halves together are the one-process batch
     assert run["tokens_seen"] == STEPS * 4 * SEQ
     assert run["data_position"] == (STEPS - 3) * 4
 
@@ -116,11 +116,11 @@ def moe_reference(setup) -> list[float]:
 @pytest.mark.parametrize("name", ["moe_ddp", "moe_fsdp"])
 def test_moe_with_an_idle_expert_trains_under_data_parallel(two, moe_reference, name):
     run = two[name]
-    _close(run["losses"], moe_reference)
+    _assert_close(run["losses"], moe_reference)
     assert run["losses"][-1] < run["losses"][0]
 
 
 def test_fused_loss_under_fsdp2_matches_plain_single_process(two, setup):
     ref = _single(setup["small"], tie=True, dm=RandomTokensDataModule(global_batch=4,
                                                                        data_parallel=1))
-    _close(two["fused_fsdp"]["losses"], ref)
+    _assert_close(two["fused_fsdp"]["losses"], ref)

@@ -184,5 +184,6 @@ def test_flash_attn_backend_without_the_package_warns_with_the_fix(monkeypatch):
     import mmllm.nn.attention as attention
 
     monkeypatch.setattr(attention, "FLASH_ATTN_AVAILABLE", False)
-    with pytest.warns(UserWarning, match="pip install flash-attn"):
-        attention.Attention(dim=32, n_heads=4, n_kv_heads=2, head_dim=8, backend="flash_attn")
+    with pytest.warns(UserWarning, match="pip install flash-attn") as caught:
+        attn = attention.Attention(dim=32, n_heads=4, n_kv_heads=2, head_dim=8, backend="flash_attn")
+    assert len(caught) == 1 and attn.backend == "flash_attn"  # forward then uses SDPA
