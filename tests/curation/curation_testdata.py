@@ -7,6 +7,8 @@ known reason, so the funnel can be checked document by document.
 
 from __future__ import annotations
 
+import random
+
 from html import escape
 
 from mmllm.curation.sample_data import NON_ENGLISH, SHARED_PASSAGE
@@ -163,3 +165,12 @@ CORRUPT_INDEX = 22  # "broken": in the middle, so the records after it must stil
 MAX_PAYLOAD = 200_000  # the giant page is ~300 kB
 
 
+def near_duplicate(text: str, rng: random.Random, edit_rate: float) -> str:
+    """Delete or replace about ``edit_rate`` of the words and add a boilerplate line."""
+    words = []
+    for w in text.split():
+        r = rng.random()
+        if r < edit_rate / 2:
+            continue
+        words.append("edited" if r < edit_rate else w)
+    return " ".join(words) + "\nShare this article with your friends"

@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-from curation_testdata import TEXTS
+from curation_testdata import TEXTS, near_duplicate
 
 from mmllm.curation.dedup_common import keep_first, mix64
 from mmllm.curation.dedup_exact import ExactDedup
@@ -20,17 +20,6 @@ from mmllm.curation.sample_data import wikipedia_articles
 @pytest.fixture(scope="module")
 def wiki_texts() -> list[str]:
     return ["\n\n".join(t for _, t in blocks) for _, blocks in wikipedia_articles()]
-
-
-def near_duplicate(text: str, rng: random.Random, edit_rate: float) -> str:
-    """Delete or replace about ``edit_rate`` of the words and add a boilerplate line."""
-    words = []
-    for w in text.split():
-        r = rng.random()
-        if r < edit_rate / 2:
-            continue
-        words.append("edited" if r < edit_rate else w)
-    return " ".join(words) + "\nShare this article with your friends"
 
 
 @pytest.mark.parametrize("backend", ["rensa", "numpy"])

@@ -8,6 +8,7 @@ from itertools import combinations
 
 import numpy as np
 import pytest
+from curation_testdata import near_duplicate
 
 from mmllm.curation.dedup_minhash import MinHasher
 from mmllm.curation.dedup_simhash import (
@@ -91,17 +92,6 @@ def test_table_lookup_finds_exactly_the_pairs_within_k_bits():
         assert (same == (np.array(roots)[:, None] == np.array(roots)[None, :])).all(), (k, m)
     with pytest.raises(ValueError, match="max_distance"):
         simhash_clusters(fp, max_distance=6, blocks=6)
-
-
-def near_duplicate(text: str, rng: random.Random, edit_rate: float) -> str:
-    """Delete or replace about ``edit_rate`` of the words and add a boilerplate line."""
-    words = []
-    for w in text.split():
-        r = rng.random()
-        if r < edit_rate / 2:
-            continue
-        words.append("edited" if r < edit_rate else w)
-    return " ".join(words) + "\nShare this article with your friends"
 
 
 def test_simhash_recall_and_precision_on_planted_near_duplicates(wiki_texts):

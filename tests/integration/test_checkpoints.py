@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from test_train import LossRecorder  # the same per-step loss recorder
 
 from mmllm.checkpoint import (
     checkpoint_problem,
@@ -35,15 +35,6 @@ from mmllm.modules.causal_lm import CausalLMModule
 from mmllm.train import build, resolve_ckpt_arg
 
 TINY = ["debug=tiny"]
-
-
-class LossRecorder(L.Callback):
-    def __init__(self):
-        self.losses: dict[int, float] = {}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if outputs is not None:
-            self.losses[trainer.global_step] = float(outputs["loss"])
 
 
 def _fit(cfg, *callbacks, ckpt_path=None):
