@@ -4,14 +4,20 @@
 # ARCHITECTURE.md); elsewhere pip downloads them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# bubblewrap: the code sandbox's OS isolation (mmllm.sandbox). Installed only when missing.
-if ! command -v bwrap >/dev/null; then
+# System packages: bubblewrap (the code sandbox's OS isolation, mmllm.sandbox) and headless
+# Chromium (browser tests of the RLHF labelling page and the HTML report). Installed only when
+# missing, through apt-get as root or with passwordless sudo.
+need=()
+command -v bwrap >/dev/null || need+=(bubblewrap)
+command -v chromium >/dev/null || command -v chromium-browser >/dev/null || need+=(chromium)
+if [ ${#need[@]} -gt 0 ]; then
   as_root=""
   [ "$(id -u)" = 0 ] || { command -v sudo >/dev/null && sudo -n true 2>/dev/null && as_root=sudo; } || as_root=none
   if command -v apt-get >/dev/null && [ "$as_root" != none ]; then
-    { $as_root apt-get update -qq && $as_root apt-get install -y -qq bubblewrap >/dev/null; } || true
+    { $as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; } || true
   fi
   command -v bwrap >/dev/null || echo "setup: bubblewrap (bwrap) not installed: the code sandbox refuses to run unless isolation='none' (weaker)" >&2
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || echo "setup: chromium not installed: the browser tests are skipped" >&2
 fi
 PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null || PY=python3
