@@ -6,7 +6,7 @@
   agents outlive their raylet, so each private instance records its owner and marks its
   processes; the next session removes what a dead owner left (:mod:`mmllm.curation.ray_cleanup`).
 * :func:`make_executor` gives the executor for a name: ``ray_data`` (NeMo Curator's
-  ``RayDataExecutor``; works on 2 cores), ``xenna`` (batch mode; the streaming default wants more
+  ``RayDataExecutor``, made to leave a Ray instance it did not start running; works on 2 cores), ``xenna`` (batch mode; the streaming default wants more
   CPUs than small machines have) or ``local`` (:class:`LocalExecutor`, no Ray at all).
 """
 
@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
 from nemo_curator.backends.base import BaseExecutor, BaseStageAdapter, NodeInfo, WorkerMetadata
+from nemo_curator.backends.ray_data import RayDataExecutor as NemoRayDataExecutor
 from nemo_curator.tasks import EmptyTask, Task
 from tqdm.auto import tqdm
 
@@ -59,6 +60,29 @@ class LocalExecutor(BaseExecutor):
         return tasks
 
 
+class RayDataExecutor(NemoRayDataExecutor):
+    """NeMo Curator's Ray Data executor that leaves a running Ray instance running.
+
+    NeMo's ``execute`` ends with ``ray.shutdown()`` even when the caller started Ray (a notebook,
+    a benchmark that sized the instance, a cluster joined once for several passes), so the next
+    pass silently started a default-sized instance of its own. Here Ray is stopped only when this
+    call started it.
+    """
+
+    def execute(self, stages: list[ProcessingStage], initial_tasks: list[Task] | None = None,
+                ) -> list[Task]:
+        import ray
+
+        if not ray.is_initialized():
+            return super().execute(stages, initial_tasks)
+        shutdown = ray.shutdown
+        ray.shutdown = lambda *args, **kwargs: None  # the caller owns the instance
+        try:
+            return super().execute(stages, initial_tasks)
+        finally:
+            ray.shutdown = shutdown
+
+
 def make_executor(name: ExecutorName) -> BaseExecutor:
     """Executor for a name (see the module docstring).
 
@@ -68,8 +92,6 @@ def make_executor(name: ExecutorName) -> BaseExecutor:
     if name == "local":
         return LocalExecutor()
     if name == "ray_data":
-        from nemo_curator.backends.ray_data import RayDataExecutor
-
         return RayDataExecutor()
     if name == "xenna":
         from nemo_curator.backends.xenna import XennaExecutor

@@ -72,7 +72,6 @@ def test_demo_curation_through_ray(tmp_path, monkeypatch, _ray_session_env):
     funnel = {f["stage"]: f for f in ray_run.report["funnel"]}
     assert funnel["substring_dedup"]["docs_edited"] == 2  # the shared passage cut twice
     assert ray_run.num_documents >= 80
-    assert wall < 120, wall  # well under a minute on an idle 2-core machine (see report)
 
     local = run_curation(str(warc), tmp_path / "local", executor="local", overrides=ov)
     assert _docs(local) == _docs(ray_run)
