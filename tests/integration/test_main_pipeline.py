@@ -12,7 +12,7 @@ import pytest
 from mmllm.config import compose_config
 from mmllm.stages import Marker, StageError
 
-STAGES = ["tokenize", "pretrain", "export", "evaluate", "samples", "summary"]
+STAGES = ["tokenize", "pretrain", "export", "evaluate", "samples", "summary", "report"]
 
 
 def _tiny(data_dir: Path) -> list[str]:
@@ -60,7 +60,7 @@ def test_pipeline_end_to_end(tmp_path):
     assert {"capitals", "capitals_3shot"} <= set(ev) and 0.0 <= ev["capitals"]["acc"] <= 1.0
     # Every stage left its marker; the tokenizer trained on the curated corpus.
     assert all(Marker.read(run, s) for s in ["curate", *STAGES])
-    assert list(summary["seconds"]) == ["curate", *STAGES[:-1]]
+    assert list(summary["seconds"]) == ["curate", *STAGES[:-2]]
     updates = Marker.read(run, "curate").config_updates
     assert updates["data.train_texts"] == str(run / "corpus" / "train.jsonl")
 
@@ -71,14 +71,14 @@ def test_tiny_pipeline_writes_every_marker_and_a_rerun_skips_every_stage(tmp_pat
     res = _mmllm("pipeline", f"run_dir={run}", *_tiny(shared_data_dir), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     for i, name in enumerate(STAGES, 1):
-        assert f"[pipeline] stage {i}/6 {name}: ran" in res.stdout
+        assert f"[pipeline] stage {i}/{len(STAGES)} {name}: ran" in res.stdout
     markers = {s: Marker.read(run, s) for s in STAGES}
     assert all(markers.values())
     assert markers["pretrain"].outputs["checkpoint"] == "checkpoints/final.ckpt"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train"]["steps"] == 10 and summary["val_ppl_after"] < summary["val_ppl_before"]
     assert summary["tokenizer"]["vocab_size"] == 512 and len(summary["samples"]) == 3
-    assert list(summary["seconds"]) == STAGES[:-1] and "curation" not in summary
+    assert list(summary["seconds"]) == STAGES[:-2] and "curation" not in summary
     assert (run / "hf" / "model.safetensors").is_file() and (run / "config.yaml").is_file()
     md = (run / "summary.md").read_text()
     assert md.startswith("# mmllm pipeline run") and "## Evaluation" in md and "## Samples" in md
@@ -87,7 +87,7 @@ def test_tiny_pipeline_writes_every_marker_and_a_rerun_skips_every_stage(tmp_pat
     res = _mmllm("pipeline", f"hydra.run.dir={run}", *_tiny(shared_data_dir), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-4000:]
     for i, name in enumerate(STAGES, 1):
-        assert f"[pipeline] stage {i}/6 {name}: skipped" in res.stdout
+        assert f"[pipeline] stage {i}/{len(STAGES)} {name}: skipped" in res.stdout
     assert "===" not in res.stdout  # no stage started
     assert {s: Marker.read(run, s).run_id for s in STAGES} == {s: m.run_id for s, m in markers.items()}
 
@@ -101,17 +101,17 @@ def test_failed_stage_resumes_and_a_changed_option_reruns_only_what_reads_it(tmp
     assert str(err.value).startswith("stage 'export' failed: ValueError: unknown dtype 'bogus'")
     assert Marker.read(run, "tokenize") and Marker.read(run, "pretrain")
     assert (run / "checkpoints" / "final.ckpt").is_file()
-    assert not any(Marker.read(run, s) for s in ["export", "evaluate", "samples", "summary"])
+    assert not any(Marker.read(run, s) for s in ["export", "evaluate", "samples", "summary", "report"])
 
     # Fixed: the rerun resumes from the failed stage.
     assert _run(run, tiny) == {"tokenize": "skipped", "pretrain": "skipped", "export": "ran",
-                               "evaluate": "ran", "samples": "ran", "summary": "ran"}
+                               "evaluate": "ran", "samples": "ran", "summary": "ran", "report": "ran"}
     before = json.loads((run / "summary.json").read_text())
 
     # One stage's option: that stage and what reads it (the summary) rerun, nothing else.
     assert _run(run, [*tiny, "pipeline.stages.evaluate.limit=4"]) == {
         "tokenize": "skipped", "pretrain": "skipped", "export": "skipped", "evaluate": "ran",
-        "samples": "skipped", "summary": "ran"}
+        "samples": "skipped", "summary": "ran", "report": "ran"}
     after = json.loads((run / "summary.json").read_text())
     assert after["samples"] == before["samples"] and after["train"] == before["train"]
     assert Marker.read(run, "evaluate").config["stage"]["limit"] == 4
@@ -127,7 +127,7 @@ def test_stages_subset_reads_earlier_outputs_and_names_a_missing_stage(tmp_path,
     assert [s for s in STAGES if Marker.read(run, s)] == ["tokenize"]
     status = _run(run, [*tiny, "stages=[pretrain,samples]"])
     assert status == {"tokenize": "skipped", "pretrain": "ran", "export": "outdated", "evaluate": "outdated",
-                      "samples": "ran", "summary": "outdated"}
+                      "samples": "ran", "summary": "outdated", "report": "outdated"}
     samples = Marker.read(run, "samples").record["samples"]
     assert len(samples) == 3 and all(s["completion"] for s in samples)
     assert not (run / "hf").exists() and not (run / "summary.json").exists()
