@@ -20,11 +20,13 @@ COMMANDS = {
     "curate": ("mmllm.curation.cli:main", "curate web data with NeMo Curator (conf/curate.yaml)"),
     "eval": ("mmllm.eval.cli:main", "evaluate a checkpoint on benchmark tasks (conf/eval.yaml)"),
     "serve": ("mmllm.serve.cli:main", "an OpenAI-compatible server for a checkpoint (conf/serve.yaml)"),
+    "rlhf-round": ("mmllm.rlhf.round:main",
+                   "one online RLHF round: sample, label, reward model, PPO (conf/rlhf_round.yaml)"),
     "inspect-batch": ("mmllm.data.inspect:main",
                       "print a training batch with its supervised tokens marked (conf/train.yaml)"),
 }
 # Commands whose Hydra config is not named after them.
-CONFIG_NAMES = {"inspect-batch": "train"}
+CONFIG_NAMES = {"inspect-batch": "train", "rlhf-round": "rlhf_round"}
 
 
 def usage() -> str:

@@ -81,7 +81,7 @@ async def _page(request: web.Request) -> web.Response:
     store, state = request.app[STORE_KEY], request.app[STATE_KEY]
     answered, total = store.progress(state["round"])
     c = store.next_pending(state["round"])
-    kw = dict(answered=answered, total=total, labeller=state["labeller"])
+    kw = {"answered": answered, "total": total, "labeller": state["labeller"]}
     html = render_comparison(c, **kw) if c else render_done(round=state["round"], **kw)
     return web.Response(text=html, content_type="text/html",
                         headers={"Cache-Control": "no-store",

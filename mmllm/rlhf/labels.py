@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 LABELS = ("a", "b", "tie", "skip")
 SOURCES = ("human", "ai")
@@ -305,7 +306,7 @@ class LabelStore:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> LabelStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
