@@ -256,7 +256,9 @@ class Round:
     def _merge(self, store) -> tuple[dict, dict]:
         path = self.dir / "comparisons.jsonl"
         n = store.export_jsonl(path)
-        if n == 0:
+        if n == 0 and not self.cfg.get("require_preferences", True):
+            print(f"round {self.k}: no decisive labels yet; training is skipped this round")
+        elif n == 0:
             raise RuntimeError(f"no decisive (a/b) labels in {store.path} yet: nothing to train the "
                                f"reward model on (labels so far: {store.counts()})")
         return {"preference_pairs": n, "counts": store.counts()}, {"comparisons": str(path)}
@@ -272,13 +274,21 @@ class Round:
         except KeyError as e:
             raise KeyError(f"{key}.overrides uses {{{e.args[0]}}}; known: {sorted(values)}") from e
 
+    def _nothing_to_train(self) -> bool:
+        """No preference pair yet (allowed by ``require_preferences=false``): carry inputs forward."""
+        return self.state["steps"]["merge"]["metrics"]["preference_pairs"] == 0
+
     def _reward_model(self, store) -> tuple[dict, dict]:
+        if self._nothing_to_train():
+            return {"skipped": "no preference pairs"}, {"reward_model": self.inputs["reward_model"]}
         out = self.dir / "reward_model"
         init = self.inputs["reward_model"] or self.inputs["policy"]  # round 0: from the policy
         metrics = self.train(self._overrides("reward_train", self._vars(init=init, output_dir=str(out))), out)
         return dict(metrics or {}), {"reward_model": str(out)}
 
     def _ppo(self, store) -> tuple[dict, dict]:
+        if self._nothing_to_train():
+            return {"skipped": "no preference pairs"}, {"policy": self.inputs["policy"]}
         out = self.dir / "policy"
         values = self._vars(reward_model=self.state["outputs"]["reward_model"], output_dir=str(out))
         metrics = self.train(self._overrides("ppo_train", values), out)
