@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Self
 
 import aiohttp
 import httpx
@@ -69,7 +70,7 @@ def test_token_required_off_loopback_and_enforced(db):
     check_bind("127.0.0.1", None)
     check_bind("::1", None)
     proc = subprocess.run([sys.executable, "-m", "mmllm.rlhf.label_server", "--db", str(db), "--round", "0",
-                           "--host", "0.0.0.0", "--port", "0"], capture_output=True, text=True, timeout=60,
+                           "--host", "0.0.0.0", "--port", "0"], check=False, capture_output=True, text=True, timeout=60,
                           env={k: v for k, v in os.environ.items() if k != "MMLLM_LABEL_TOKEN"})
     assert proc.returncode != 0 and "without a token" in proc.stderr
     with LabelStore(db) as store, ServerThread(create_label_app(store, 0, token="secret")) as s:
@@ -94,14 +95,14 @@ class DevTools:
     """A headless Chromium page driven over the DevTools protocol."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp, self._id = tmp, 0
-
-    async def __aenter__(self) -> DevTools:
-        profile = self.tmp / "profile"
+        self.profile, self._id = tmp / "profile", 0
         self.proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
                                       "--no-first-run", "--remote-debugging-port=0",
-                                      f"--user-data-dir={profile}", "about:blank"],
+                                      f"--user-data-dir={self.profile}", "about:blank"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def __aenter__(self) -> Self:
+        profile = self.profile
         port_file = profile / "DevToolsActivePort"
         await self._until(lambda: port_file.exists() and port_file.read_text().strip(), "DevTools port")
         port = int(port_file.read_text().split()[0])
@@ -194,9 +195,10 @@ def test_keyboard_labelling_in_chromium_survives_sigkill(db, tmp_path):
     """1/2/3/u/s in the browser; each answer is in the DB when the next pair shows; SIGKILL keeps them."""
     proc, url = _start_server(db)
     reader = LabelStore(db)
+    browser = DevTools(tmp_path)
     try:
         async def session() -> dict:
-            async with DevTools(tmp_path) as page:
+            async with browser as page:
                 await page.goto(url)
                 seen = {"pwned": await page.eval("window.__pwned === undefined ? null : window.__pwned"),
                         "shown_a": await page.eval("document.getElementById('response-a').textContent")}
