@@ -158,7 +158,10 @@ async def _serve(app: web.Application, host: str, port: int, *, stop_when_done: 
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+        try:
+            loop.add_signal_handler(sig, on_signal)
+        except (RuntimeError, ValueError):  # not the main thread: the caller stops us otherwise
+            break
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
