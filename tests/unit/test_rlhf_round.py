@@ -183,3 +183,79 @@ def test_prompt_sources_and_metrics_csv(tmp_path):
         load_prompts(str(tmp_path / "bad.jsonl"))
     (tmp_path / "m.csv").write_text("step,train/loss,val/loss\n1,2.0,\n2,1.5,\n2,,1.7\n")
     assert last_metrics(tmp_path / "m.csv") == {"step": 2.0, "train/loss": 1.5, "val/loss": 1.7}
+
+
+# --------------------------------------------------------------------- the pipeline stage
+TEXT = ("The capital of France is Paris. Name a colour: blue. Name a fruit: apple. Hello there! "
+        "Verdict: A. Verdict: B. One, two, three. Response A is better than response B.") * 30
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A random tiny DecoderLM saved as a kit training checkpoint, its tokenizer recorded."""
+    import torch
+
+    from mmllm.data.tokenizer import train_bpe_tokenizer
+    from mmllm.models.decoder_lm import DecoderLM
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = train_bpe_tokenizer([TEXT], vocab_size=400, show_progress=False)
+    tok.save_pretrained(root / "tokenizer")
+    config = {"vocab_size": len(tok), "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+              "hidden_dim": 64, "max_seq_len": 512}
+    torch.manual_seed(0)
+    model = DecoderLM(**config)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "mmllm": {"model_class": "mmllm.models.decoder_lm.DecoderLM", "model_config": config,
+                          "tokenizer": str(root / "tokenizer")}}, root / "final.ckpt")
+    return root / "final.ckpt"
+
+
+def stage_ctx(run: Path, ckpt: Path):
+    from mmllm.stages.base import Marker, StageContext
+
+    def marker(name, outputs):
+        return Marker(stage=name, target="x", fingerprint="f", run_id=name, started_at="", finished_at="",
+                      seconds=0.0, outputs=outputs, record={}, config_updates={}, config={})
+
+    return StageContext(name="rlhf_round", run_dir=run, cfg=OmegaConf.create({"seed": 3}),
+                        markers={"tokenize": marker("tokenize", {}),
+                                 "pretrain": marker("pretrain", {"checkpoint": str(ckpt)})})
+
+
+def test_stage_runs_a_round_on_the_real_checkpoint_with_the_local_judge(tmp_path, tiny_ckpt):
+    from mmllm.stages.rlhf_round import RLHFRoundStage
+
+    train = FakeTrain()
+    stage = RLHFRoundStage(prompts=["Name a colour.", "Say hello."], samples_per_prompt=3, budget=4,
+                           max_new_tokens=8, judge_max_tokens=8, train=train)
+    ctx = stage_ctx(tmp_path, tiny_ckpt)
+    stage.run(ctx)
+    rec = ctx.record["rlhf_round"]
+    assert rec["selected"] == 4 and rec["strategy"] == "random"
+    assert sum(rec["judge"].values()) == 4  # every comparison judged (both orders), counted by outcome
+    samples = [json.loads(ln) for ln in (tmp_path / "rlhf/rounds/0/samples.jsonl").read_text().splitlines()]
+    assert [len(s["responses"]) for s in samples] == [3, 3]
+    with LabelStore(tmp_path / "rlhf/labels.sqlite") as store:
+        labelled = store.comparisons(0, pending=False)
+    assert len(labelled) == 4 - rec["judge"]["failed"]
+    assert all(c.source == "ai" and c.rationale.startswith("[A first]") for c in labelled)
+    assert rec["trained"] == (rec["preference_pairs"] > 0) == bool(train.calls)
+    assert Path(rec["round_json"]).exists()
+
+
+def test_stage_trains_on_what_a_decisive_judge_labels(tmp_path, tiny_ckpt):
+    from mmllm.stages.rlhf_round import RLHFRoundStage
+
+    train = FakeTrain()
+    stage = RLHFRoundStage(prompts=["Name a colour.", "Say hello."], samples_per_prompt=3, budget=4,
+                           max_new_tokens=8, train=train, require_preferences=True,
+                           overrides=["selection.max_pairs_per_prompt=1"])
+    cfg = stage.round_config(stage_ctx(tmp_path, tiny_ckpt))
+    assert cfg.teacher._target_ == "mmllm.teacher.LocalTeacher" and cfg.teacher.checkpoint == str(tiny_ckpt)
+    with open_dict(cfg):  # the same round with a judge that always decides
+        cfg.teacher = OmegaConf.create({"_target_": f"{HERE}.LengthTeacher"})
+    state = run_round(cfg, train=train)
+    assert [c[0] for c in train.calls] == ["reward_model", "ppo"]
+    assert state["steps"]["select"]["metrics"]["selected"] == 2  # the override: one pair per prompt
+    assert state["steps"]["merge"]["metrics"]["preference_pairs"] == 2
