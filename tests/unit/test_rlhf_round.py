@@ -259,3 +259,45 @@ def test_stage_trains_on_what_a_decisive_judge_labels(tmp_path, tiny_ckpt):
     assert [c[0] for c in train.calls] == ["reward_model", "ppo"]
     assert state["steps"]["select"]["metrics"]["selected"] == 2  # the override: one pair per prompt
     assert state["steps"]["merge"]["metrics"]["preference_pairs"] == 2
+
+
+def test_scalar_head_scorer_batches_with_padding_like_one_at_a_time(tiny_ckpt, monkeypatch):
+    import functools
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from mmllm.data.chat import ChatRenderer
+    from mmllm.models.decoder_lm import DecoderLM
+    from mmllm.models.heads import DecoderWithScalarHead
+    from mmllm.nn.heads import ScalarHead
+    from mmllm.rlhf import policy
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_ckpt.parent / "tokenizer"))
+    decoder = DecoderLM(vocab_size=len(tok), dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                        max_seq_len=256)
+    rm = DecoderWithScalarHead(decoder=decoder, head=functools.partial(ScalarHead, init_std=1.0)).eval()
+    monkeypatch.setattr(policy, "_load", lambda *a: (rm, tok, ChatRenderer(tok), "cpu"))
+    scorer = policy.ScalarHeadScorer(checkpoint="rm", batch_size=3)
+    prompts, responses = ["Say hello."] * 2 + ["Name a colour."] * 2, ["Hello there!", "Hi", "blue", "It is blue."]
+    got = scorer(prompts, responses)
+    renderer = ChatRenderer(tok)
+    with torch.no_grad():
+        want = [rm(torch.tensor([renderer([{"role": "user", "content": p}, {"role": "assistant", "content": r}])
+                                 .input_ids])).scores.item() for p, r in zip(prompts, responses)]
+    assert got == pytest.approx(want, abs=1e-5) and len(set(got)) == 4
+    monkeypatch.setattr(policy, "_load", lambda *a: (decoder, tok, ChatRenderer(tok), "cpu"))
+    with pytest.raises(TypeError, match="not a reward model"):
+        policy.ScalarHeadScorer(checkpoint="lm")(prompts, responses)
+
+
+def test_round_config_passes_the_config_check(tmp_path):
+    from mmllm.config import check_config
+
+    overrides = [f"run_dir={tmp_path}", "policy=smollm2", "prompts=[a,b]", "teacher=local"]
+    cfg = compose_config("rlhf_round", overrides)
+    check_config(cfg, choices=dict(cfg.hydra.runtime.choices), overrides=overrides, primary="rlhf_round")
+    bad = [*overrides, "+judge.bogus=1"]  # the check does read the round's targets
+    cfg = compose_config("rlhf_round", bad)
+    with pytest.raises(Exception, match="PairwiseJudge takes no argument 'bogus'"):
+        check_config(cfg, choices=dict(cfg.hydra.runtime.choices), overrides=bad, primary="rlhf_round")
