@@ -6,9 +6,9 @@ Round k in ``<run_dir>/rounds/<k>/``:
    ``policy`` option for round 0) -> ``samples.jsonl``;
 2. ``select``: pairs ordered by the current reward model's uncertainty (random before one
    exists), de-duplicated, ``budget`` of them -> the label store (``<run_dir>/labels.sqlite``);
-3. ``label``: ``labeller=human`` serves the labelling page until the round is answered (or the
-   labeller stops the server: the round goes on with what was answered); ``labeller=ai`` runs
-   the pairwise judge through the teacher;
+3. ``label``: ``labeller=human`` serves the labelling page until the round is answered (stopping
+   it earlier pauses the round: a rerun serves the rest, or ``label_server.accept_partial=true``
+   goes on with the answers given); ``labeller=ai`` runs the pairwise judge through the teacher;
 4. ``merge``: every labelled comparison of every round -> ``comparisons.jsonl`` (chosen/rejected);
 5. ``reward_model``: retrains the reward model on the merged comparisons (default ``mmllm train
    experiment=reward_model``, initialised from the previous reward model);
@@ -41,6 +41,10 @@ from mmllm.rlhf.labels import LabelStore
 from mmllm.rlhf.select import select_pairs
 
 TrainFn = Callable[[list[str], Path], dict]
+
+
+class LabellingPaused(Exception):
+    """The labeller stopped the page before the round's budget was answered (resumable)."""
 STEPS = ("sample", "select", "label", "merge", "reward_model", "ppo")
 
 
@@ -176,6 +180,7 @@ class Round:
     def run(self) -> dict:
         """Runs the steps not yet done; returns ``round.json``'s content."""
         store = LabelStore(self.run_dir / "labels.sqlite")
+        self.state["status"] = "running"
         try:
             for name in STEPS:
                 if self.state["steps"].get(name, {}).get("status") == "done":
@@ -183,7 +188,13 @@ class Round:
                     continue
                 t0, started = time.perf_counter(), time.time()
                 print(f"round {self.k}: {name}")
-                metrics, outputs = getattr(self, f"_{name}")(store)
+                try:
+                    metrics, outputs = getattr(self, f"_{name}")(store)
+                except LabellingPaused as e:
+                    print(e)
+                    self.state["status"] = "paused"
+                    self.save()
+                    return self.state
                 self.state["steps"][name] = {"status": "done", "started_at": started,
                                              "seconds": round(time.perf_counter() - t0, 2),
                                              "outputs": outputs, "metrics": metrics}
@@ -243,12 +254,17 @@ class Round:
             from mmllm.rlhf.label_server import serve_labels
 
             opts = OmegaConf.to_container(self.cfg.label_server, resolve=True)
+            accept_partial, labeller = bool(opts.pop("accept_partial", False)), str(opts.pop("labeller"))
 
             def ready(port: int) -> None:
-                print(f"round {self.k}: label at http://{opts['host']}:{port}/ (Ctrl-C ends labelling "
-                      "for this round; the round continues with the answers given)", flush=True)
+                print(f"round {self.k}: label at http://{opts['host']}:{port}/ (Ctrl-C pauses; every "
+                      "answer is saved)", flush=True)
 
-            stats = serve_labels(store, self.k, on_ready=ready, labeller=str(opts.pop("labeller")), **opts)
+            stats = serve_labels(store, self.k, on_ready=ready, labeller=labeller, **opts)
+            if stats["stopped_early"] and not accept_partial:
+                raise LabellingPaused(f"round {self.k}: labelling paused at {stats['answered']} of "
+                                      f"{stats['total']}; rerun to continue labelling, or add "
+                                      "label_server.accept_partial=true to go on with the answers given")
         else:
             raise ValueError(f"labeller must be 'human' or 'ai', got {self.inputs['labeller']!r}")
         return {**stats, "counts": store.counts(self.k)}, {}
@@ -303,6 +319,8 @@ def run_round(cfg: DictConfig, *, train: TrainFn | None = None) -> dict:
 @hydra.main(config_path=CONF_DIR, config_name="rlhf_round", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     state = run_round(cfg)
+    if state["status"] != "finished":
+        return
     print(f"round {state['round']} finished: policy {state['outputs']['policy']}, reward model "
           f"{state['outputs']['reward_model']} ({Path(cfg.run_dir) / 'rounds' / str(state['round'])}/round.json)")
 

@@ -174,6 +174,25 @@ def test_human_round_waits_for_the_budget_answered_by_any_writer(tmp_path):
     assert result["steps"]["label"]["metrics"]["stopped_early"] is False
 
 
+def test_stopping_the_page_early_pauses_the_round_until_resumed(tmp_path, monkeypatch):
+    from mmllm.rlhf import label_server
+
+    def stopped(store, round, **kw):  # the labeller answered one, then pressed Ctrl-C
+        store.answer(store.next_pending(round).id, "a", labeller="ann")
+        answered, total = store.progress(round)
+        return {"answered": answered, "total": total, "answers": 1, "stopped_early": True,
+                "stopped_by_signal": True}
+
+    monkeypatch.setattr(label_server, "serve_labels", stopped)
+    cfg = round_cfg(tmp_path, "labeller=human")
+    train = FakeTrain()
+    state = run_round(cfg, train=train)
+    assert state["status"] == "paused" and "label" not in state["steps"] and train.calls == []
+    state = run_round(round_cfg(tmp_path, "labeller=human", "label_server.accept_partial=true"), train=train)
+    assert state["status"] == "finished" and state["round"] == 0  # the paused round, not a new one
+    assert state["steps"]["merge"]["metrics"]["preference_pairs"] == 2
+
+
 def test_prompt_sources_and_metrics_csv(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n')
     (tmp_path / "p.txt").write_text("a\n\nb\n")
