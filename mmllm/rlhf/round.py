@@ -69,6 +69,9 @@ def train_cli(overrides: list[str], output_dir: Path) -> dict:
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
         raise RuntimeError(f"`{' '.join(cmd[2:])}` failed (exit {rc}); the end of {log}:\n{tail}")
+    from mmllm.checkpoint import resolve_ckpt
+
+    resolve_ckpt(output_dir)  # the next step loads it: a run that saved nothing is an error here
     return last_metrics(output_dir / "csv" / "metrics.csv")
 
 
