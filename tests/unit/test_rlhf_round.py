@@ -320,3 +320,35 @@ def test_round_config_passes_the_config_check(tmp_path):
     cfg = compose_config("rlhf_round", bad)
     with pytest.raises(Exception, match="PairwiseJudge takes no argument 'bogus'"):
         check_config(cfg, choices=dict(cfg.hydra.runtime.choices), overrides=bad, primary="rlhf_round")
+
+
+def test_train_cli_command_resume_and_errors(tmp_path, monkeypatch):
+    """The default trainer's plumbing (the subprocess faked): command, resume, failure, no checkpoint."""
+    import subprocess
+    import types
+
+    from mmllm.errors import MissingFileError
+    from mmllm.rlhf import round as round_mod
+
+    seen, rc = [], {"value": 0}
+
+    def fake_run(cmd, check, stdout, stderr):
+        seen.append(cmd)
+        stdout.write(b"training...\nboom: bad override\n" if rc["value"] else b"ok\n")
+        return types.SimpleNamespace(returncode=rc["value"])
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    out = tmp_path / "rm"
+    rc["value"] = 1
+    with pytest.raises(RuntimeError, match="(?s)failed \\(exit 1\\).*boom: bad override"):
+        round_mod.train_cli(["experiment=reward_model"], out)
+    assert seen[-1][1:] == ["-m", "mmllm", "train", "experiment=reward_model", f"hydra.run.dir={out}"]
+    rc["value"] = 0
+    with pytest.raises(MissingFileError):  # "succeeded" but saved nothing to load
+        round_mod.train_cli(["experiment=reward_model"], out)
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (out / "csv").mkdir()
+    (out / "csv" / "metrics.csv").write_text("step,val/loss\n3,0.25\n")
+    assert round_mod.train_cli(["experiment=reward_model"], out) == {"step": 3.0, "val/loss": 0.25}
+    assert "ckpt_path=last" in seen[-1]  # an earlier attempt's last.ckpt: resumed
