@@ -147,7 +147,7 @@ def create_label_app(store: LabelStore, round: int, *, labeller: str = "human",
 
 
 async def _serve(app: web.Application, host: str, port: int, *, stop_when_done: bool,
-                 poll_s: float, on_ready) -> None:
+                 poll_s: float, linger_s: float, on_ready) -> None:
     state = app[STATE_KEY]
     stop = asyncio.Event()
     state["stop"], state["stop_when_done"] = stop, stop_when_done
@@ -175,13 +175,15 @@ async def _serve(app: web.Application, host: str, port: int, *, stop_when_done: 
                 await asyncio.wait_for(stop.wait(), poll_s)
             except TimeoutError:
                 pass
+        if not state["stopped"]:
+            await asyncio.sleep(linger_s)  # the redirect after the last answer gets its "done" page
     finally:
         await runner.cleanup()
 
 
 def serve_labels(store: LabelStore, round: int, *, host: str = "127.0.0.1", port: int = 8008,
                  token: str | None = None, labeller: str = "human", stop_when_done: bool = True,
-                 poll_s: float = 1.0, on_ready=None) -> dict:
+                 poll_s: float = 1.0, linger_s: float = 1.0, on_ready=None) -> dict:
     """Serves the labelling page in the foreground until the round is answered (or SIGINT/SIGTERM).
 
     Args:
@@ -189,6 +191,8 @@ def serve_labels(store: LabelStore, round: int, *, host: str = "127.0.0.1", port
         port: the port (0: any free one, passed to ``on_ready``).
         token: the labeller token (default ``$MMLLM_LABEL_TOKEN``).
         stop_when_done: return once every comparison of the round is answered.
+        poll_s: how often the store is checked for answers from other writers.
+        linger_s: seconds served after the last answer (the browser's "done" page).
         on_ready: called with the bound port once the server accepts connections.
 
     Returns:
@@ -197,7 +201,8 @@ def serve_labels(store: LabelStore, round: int, *, host: str = "127.0.0.1", port
     token = token or os.environ.get("MMLLM_LABEL_TOKEN") or None
     check_bind(host, token)
     app = create_label_app(store, round, labeller=labeller, token=token)
-    asyncio.run(_serve(app, host, port, stop_when_done=stop_when_done, poll_s=poll_s, on_ready=on_ready))
+    asyncio.run(_serve(app, host, port, stop_when_done=stop_when_done, poll_s=poll_s, linger_s=linger_s,
+                       on_ready=on_ready))
     answered, total = store.progress(round)
     return {"answered": answered, "total": total, "answers": app[STATE_KEY]["answers"],
             "stopped_early": answered < total, "stopped_by_signal": app[STATE_KEY]["stopped"]}

@@ -191,8 +191,9 @@ def _start_server(db: Path) -> tuple[subprocess.Popen, str]:
 
 @needs_chromium
 @pytest.mark.slow
-def test_keyboard_labelling_in_chromium_survives_sigkill(db, tmp_path):
-    """1/2/3/u/s in the browser; each answer is in the DB when the next pair shows; SIGKILL keeps them."""
+def test_keyboard_labelling_in_chromium_survives_sigkill_and_resumes(db, tmp_path):
+    """1/2/3/u/s in the browser; each answer is in the DB when the next pair shows; SIGKILL keeps
+    them; a restarted server continues the round."""
     proc, url = _start_server(db)
     reader = LabelStore(db)
     browser = DevTools(tmp_path)
@@ -223,3 +224,25 @@ def test_keyboard_labelling_in_chromium_survives_sigkill(db, tmp_path):
     assert labels == [("Say hi", "a", "ann", "human"), ("2+2?", "b", "ann", "human"),
                       ("Capital of France?", "skip", "ann", "human"),
                       ("Colour of the sky?", None, None, None), ("A fruit?", None, None, None)]
+
+    # A new server on the same file resumes where the killed one stopped and ends on its own
+    # once the round is answered, after the browser got the "done" page.
+    proc, url = _start_server(db)
+    browser = DevTools(tmp_path / "again")
+    try:
+        async def finish() -> bool:
+            async with browser as page:
+                await page.goto(url)
+                assert await page.answered() == 3
+                await page.press_until("1", 4)
+                await page.press_until("2", 5)
+                return bool(await page.eval("!!document.getElementById('done')"))
+
+        assert asyncio.run(finish())
+        assert proc.wait(60) == 0 and "answered 5 of 5" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    with LabelStore(db) as store:
+        assert store.progress(0) == (5, 5) and store.comparisons(0)[-1].label == "b"
