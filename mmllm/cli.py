@@ -21,11 +21,13 @@ COMMANDS = {
     "eval": ("mmllm.eval.cli:main", "evaluate a checkpoint on benchmark tasks (conf/eval.yaml)"),
     "serve": ("mmllm.serve.cli:main", "an OpenAI-compatible server for a checkpoint (conf/serve.yaml)"),
     "plan": ("mmllm.plan:main", "parameters, Chinchilla tokens, memory per GPU and wall time of a run (conf/plan.yaml)"),
+    "rlhf-round": ("mmllm.rlhf.round:main",
+                   "one online RLHF round: sample, label, reward model, PPO (conf/rlhf_round.yaml)"),
     "inspect-batch": ("mmllm.data.inspect:main",
                       "print a training batch with its supervised tokens marked (conf/train.yaml)"),
 }
 # Commands whose Hydra config is not named after them.
-CONFIG_NAMES = {"inspect-batch": "train"}
+CONFIG_NAMES = {"inspect-batch": "train", "rlhf-round": "rlhf_round"}
 
 
 def usage() -> str:
