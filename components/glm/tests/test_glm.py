@@ -168,3 +168,25 @@ def test_measured_infilling_loss_of_glm_and_of_a_causal_lm_of_the_same_size():
           f"causal LM {causal_loss:.3f} nats")
     assert glm_loss < initial - 1.5  # GLM learns to fill blanks (ln 259 = 5.56 at the start)
     assert glm_loss < causal_loss + 1.0  # and is in the causal LM's range on the same tokens
+
+
+@pytest.mark.slow
+def test_mmllm_train_module_glm_composes_with_one_override(tmp_path):
+    """`mmllm train module=glm` (the search-path plugin finds components/glm/conf), a checkpoint
+    that loads as the kit's plain decoder."""
+    import subprocess
+    import sys
+
+    from mmllm.checkpoint import load_model
+
+    run = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-m", "mmllm", "train", "module=glm", "debug=tiny",
+                          "model.lm.vocab_size=515", "model.lm.dim=32", "model.lm.n_layers=1",
+                          "trainer.max_steps=6", f"hydra.run.dir={run}",
+                          f"paths.data_dir={tmp_path}/data"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = (run / "csv" / "metrics.csv").read_text()
+    assert "train/loss" in metrics and "val/loss" in metrics
+    model, _ = load_model(str(run / "checkpoints" / "last.ckpt"))
+    assert isinstance(model, DecoderLM) and model.vocab_size == 515
