@@ -161,7 +161,7 @@ def make_plan(model: torch.nn.Module, *, gpu: str = "h100", gpus_per_node: int =
               tp: int = 8, micro_batch: int = 1, seq_len: int | None = None,
               precision: str = "bf16-mixed", fused_loss: bool = False, flash_attention: bool = True,
               tokens: float | None = None,
-              mfu: float = 0.4, gpu_memory_gib: float | None = None,
+              mfu: float = 0.484, gpu_memory_gib: float | None = None,
               peak_tflops: float | None = None) -> Plan:
     """The plan of one model (built on any device, meta included) on one cluster."""
     if gpu not in GPUS and (gpu_memory_gib is None or peak_tflops is None):

@@ -53,3 +53,10 @@ def test_04_evaluate(run_notebook):
     out = _text(run_notebook("04_evaluate.ipynb", timeout=900))
     assert "| capitals | 20 | acc |" in out and "reference solutions pass: [True, True, True]" in out
     assert "bits/byte" in out and "lm_eval_mmllm" in out
+
+
+@pytest.mark.slow
+def test_09_research_variant(run_notebook):
+    text = _text(run_notebook("09_research_variant.ipynb", timeout=300))
+    assert "Part A:" in text and "[MASK]" in text and "components.glm.module.GLMModule" in text
+    assert "blank-infilling loss:" in text
