@@ -407,7 +407,7 @@ class RecordsSource:
             ``mmllm.data.vlm_data.skimage_pairs`` with ``_partial_: true``).
     """
 
-    def __init__(self, *, records: list[dict] | Callable[[], list[dict]], block_size: int = 64,
+    def __init__(self, *, records: list[dict] | Callable[[], list[dict]], block_size: int = 8,
                  name: str = "records") -> None:
         self.records = records() if callable(records) else list(records)
         self.block_size, self.name = block_size, name

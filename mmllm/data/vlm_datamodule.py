@@ -41,7 +41,7 @@ def records_collate(records: list[dict]) -> list[dict]:
 
 
 class RecordStream(IterableDataset):
-    """``(batch, {reader: position})`` of the readers of one rank (see the module doc).
+    """``(batch, (reader, position after it))`` of the readers of one rank (see the module doc).
 
     Args:
         source: a source of :mod:`mmllm.data.vlm_data` (``units()``, ``read_unit()``).
@@ -64,9 +64,11 @@ class RecordStream(IterableDataset):
         self.transform, self.collate_fn = transform, collate_fn or records_collate
         self.drop_last = drop_last
         self.positions: dict[int, tuple[int, int, int]] = {}  # reader -> (pass, unit, sample)
+        self.first_reader = 0  # the local reader whose batch comes first (set before iter())
+        self.remaining: int | None = None  # batches left in this epoch (endless mode)
         self.stats = ReadStats()
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # the whole epoch, as Lightning counts a resumed one
         if self.num_batches is None:
             raise TypeError("a one-pass RecordStream has no length")
         return self.num_batches
@@ -102,25 +104,31 @@ class RecordStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        reader, readers = self.rank * workers + worker, self.world_size * workers
+        # Worker w plays reader (w + offset) % W: the loader takes workers round robin from
+        # worker 0, and a resumed epoch must go on with the reader whose turn was next.
+        local = (worker + self.first_reader) % workers
+        reader, readers = self.rank * workers + local, self.world_size * workers
         endless = self.num_batches is not None
-        todo = None if not endless else len(range(worker, self.num_batches, workers))
-        if todo == 0:
-            return
+        todo = None
+        if endless:
+            todo = len(range(worker, self.num_batches if self.remaining is None else self.remaining,
+                             workers))
+            if todo == 0:
+                return
         batch, pos = [], self.positions.get(reader, (0, 0, 0))
         for record, pos in self._records(reader, readers, endless):
             if record is None:
                 continue
             batch.append(self.transform(record) if self.transform is not None else record)
             if len(batch) == self.batch_size:
-                yield self.collate_fn(batch), {reader: pos}
+                yield self.collate_fn(batch), (reader, pos)
                 batch = []
                 if todo is not None:
                     todo -= 1
                     if todo == 0:
                         return
         if batch and not self.drop_last:
-            yield self.collate_fn(batch), {reader: pos}
+            yield self.collate_fn(batch), (reader, pos)
 
 
 class _PositionLoader(DataLoader):
@@ -132,7 +140,8 @@ class _PositionLoader(DataLoader):
 
     def __iter__(self):
         dm = self._datamodule
-        self.dataset.positions = dm._start_positions()
+        self.dataset.positions, self.dataset.first_reader, self.dataset.remaining = \
+            dm._start_positions(self.num_workers)
         for batch, pos in super().__iter__():
             dm._pending.append(pos)
             if dm.trainer is None:
@@ -187,6 +196,7 @@ class VisionTextDataModule(L.LightningDataModule):
         self._positions: dict[int, tuple[int, int, int]] = {}
         self._pending: deque[dict] = deque()
         self._pass_ended = False
+        self._next_reader, self._consumed = 0, 0  # local reader due next; batches of this epoch
         self._restored: dict | None = None
 
     def _stream(self, source, *, train: bool) -> RecordStream:
@@ -216,27 +226,37 @@ class VisionTextDataModule(L.LightningDataModule):
         _, world = data_parallel_rank(self.trainer)
         return world * max(self.num_workers, 1)
 
-    def _start_positions(self) -> dict[int, tuple[int, int, int]]:
-        """Where each reader starts the next iteration of the train loader."""
+    def _start_positions(self, workers: int) -> tuple[dict, int, int | None]:
+        """Where the readers start the next iteration of the train loader: their positions, the
+        local reader that goes first, the batches left in the epoch (endless mode)."""
         if self._restored is not None:
             state, self._restored = self._restored, None
             if state.get("readers") != self._readers() or state.get("seed") != self.seed:
                 log.warning("the checkpoint's data state was saved with %s readers (seed %s); this run "
                             "has %s (seed %s): the data restarts from its first pass",
                             state.get("readers"), state.get("seed"), self._readers(), self.seed)
-                state = {"positions": {}, "pass_ended": False}
+                state = {"positions": {}}
             self._positions = {int(r): tuple(p) for r, p in state["positions"].items()}
             self._pass_ended = bool(state.get("pass_ended"))
+            self._next_reader, self._consumed = state.get("next_reader", 0), state.get("consumed", 0)
         if self._pass_ended:  # one-pass mode: the last epoch read everything, start the next pass
             n_pass = max((p[0] for p in self._positions.values()), default=0) + 1
             self._positions = {r: (n_pass, 0, 0) for r in range(self._readers())}
-            self._pass_ended = False
+            self._pass_ended, self._next_reader = False, 0
+        remaining = None
+        if self.batches_per_epoch is not None:
+            if self._consumed >= self.batches_per_epoch:
+                self._consumed = 0  # a new epoch; the streams go on
+            remaining = self.batches_per_epoch - self._consumed
         self._pending.clear()
-        return dict(self._positions)
+        return dict(self._positions), self._next_reader % max(workers, 1), remaining
 
     def _commit(self) -> None:
         if self._pending:
-            self._positions.update(self._pending.popleft())
+            reader, pos = self._pending.popleft()
+            self._positions[reader] = pos
+            self._next_reader = reader % max(self.num_workers, 1) + 1
+            self._consumed += 1
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         trainer = self.trainer
@@ -248,7 +268,8 @@ class VisionTextDataModule(L.LightningDataModule):
         if self._restored is not None:
             return dict(self._restored)
         return {"positions": {str(r): list(p) for r, p in _gather(self._positions).items()},
-                "readers": self._readers(), "seed": self.seed, "pass_ended": self._pass_ended}
+                "readers": self._readers(), "seed": self.seed, "pass_ended": self._pass_ended,
+                "next_reader": self._next_reader, "consumed": self._consumed}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = dict(state_dict)
