@@ -20,6 +20,7 @@ def build_app(cfg: DictConfig):
     from mmllm.checkpoint import load_model
     from mmllm.serve.app import create_app
     from mmllm.serve.engine import Engine
+    from mmllm.serve.images import ImageLimits
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(cfg.checkpoint, dtype=to_dtype(cfg.dtype))
@@ -35,7 +36,8 @@ def build_app(cfg: DictConfig):
     return create_app(engine, model_name=cfg.model_name or str(cfg.checkpoint), api_key=api_key,
                       max_body_bytes=cfg.max_body_bytes, max_prompt_tokens=cfg.max_prompt_tokens,
                       max_tokens=cfg.max_tokens, max_n=cfg.max_n, max_pending=cfg.max_pending,
-                      chat_template=cfg.chat_template)
+                      chat_template=cfg.chat_template,
+                      image_limits=ImageLimits(**cfg.get("images") or {}))
 
 
 def run(cfg: DictConfig) -> None:
