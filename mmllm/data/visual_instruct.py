@@ -84,9 +84,9 @@ DETAIL_QUESTIONS = (
 )
 
 _REFUSAL = re.compile(r"\b(i'?m sorry|i am sorry|i apologi[sz]e|as an ai\b|i cannot|i can'?t|"
-                      r"i am unable|i'?m unable|unable to (see|view)|i do not have access)", re.I)
+                      r"i am unable|i'?m unable|unable to (see|view)|i do not have access)", re.IGNORECASE)
 _LEAK = re.compile(r"\b(captions?|bounding box(es)?|coordinates?|\[\s*0?\.\d+|described in the|"
-                   r"the description|descriptions? (provided|given)|annotations?)\b", re.I)
+                   r"the description|descriptions? (provided|given)|annotations?)\b", re.IGNORECASE)
 
 
 @dataclass
@@ -145,8 +145,8 @@ def parse_qa(reply: str) -> list[tuple[str, str]]:
         return []
     pairs = []
     for q, a in zip(parts[::2], parts[1::2]):
-        mq = re.match(r"^(?:question|q)\s*:\s*(.+)$", q, re.I | re.S)
-        ma = re.match(r"^(?:answer|a)\s*:\s*(.+)$", a, re.I | re.S)
+        mq = re.match(r"^(?:question|q)\s*:\s*(.+)$", q, re.IGNORECASE | re.DOTALL)
+        ma = re.match(r"^(?:answer|a)\s*:\s*(.+)$", a, re.IGNORECASE | re.DOTALL)
         if not mq or not ma:
             return []
         pairs.append((mq.group(1).strip(), ma.group(1).strip()))

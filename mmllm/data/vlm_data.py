@@ -46,9 +46,19 @@ _IMAGE_KEY = re.compile(r"^(?:(\d+)\.)?(jpg|jpeg|png|webp)$")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "system": "system"}
 
-__all__ = ["CocoCaptionsSource", "IMAGE_PLACEHOLDER", "LlavaInstructSource", "ReadStats",
-           "RecordsSource", "WebDatasetSource", "decode_image", "expand_urls", "skimage_instructions",
-           "skimage_pairs", "write_webdataset"]
+__all__ = [
+    "IMAGE_PLACEHOLDER",
+    "CocoCaptionsSource",
+    "LlavaInstructSource",
+    "ReadStats",
+    "RecordsSource",
+    "WebDatasetSource",
+    "decode_image",
+    "expand_urls",
+    "skimage_instructions",
+    "skimage_pairs",
+    "write_webdataset",
+]
 
 
 class BadSample(ValueError):

@@ -139,32 +139,32 @@ def skimage_pairs(*, names: tuple[str, ...] = SKIMAGE_IMAGES, augment: bool = Tr
 _INSTRUCTIONS: dict[str, list[tuple[str, str]]] = {
     "astronaut": [
         ("What is the person in the image wearing?",
-         "She is wearing an orange spacesuit with mission patches on the chest. Her helmet, "
-         "which has a dark visor, is beside her."),
+         ("She is wearing an orange spacesuit with mission patches on the chest. Her helmet, "
+          "which has a dark visor, is beside her.")),
         ("What is in the background?",
-         "An American flag on the left and a model of the space shuttle on its launch rocket "
-         "on the right."),
+         ("An American flag on the left and a model of the space shuttle on its launch rocket "
+          "on the right.")),
     ],
     "coffee": [
         ("Describe the image in detail.",
-         "A small cup of espresso with a golden crema sits on a red saucer, with a spoon resting "
-         "on the saucer beside the cup. The cup is red outside and white inside, and everything "
-         "stands on a wooden table seen from above at an angle."),
+         ("A small cup of espresso with a golden crema sits on a red saucer, with a spoon resting "
+          "on the saucer beside the cup. The cup is red outside and white inside, and everything "
+          "stands on a wooden table seen from above at an angle.")),
     ],
     "chelsea": [
         ("What animal is this, and what color are its eyes?",
          "It is a tabby cat, shown in a close-up of its face. Its eyes are green-yellow."),
         ("Does the animal look relaxed or alarmed? Why?",
-         "It looks calm and attentive: it is looking straight ahead with its ears up, and "
-         "nothing in the picture suggests it is startled."),
+         ("It looks calm and attentive: it is looking straight ahead with its ears up, and "
+          "nothing in the picture suggests it is startled.")),
     ],
     "rocket": [
         ("What is happening in this image?",
-         "A rocket stands on its launch pad at dusk, lit by floodlights and flanked by tall "
-         "lightning towers. It is a SpaceX Falcon 9 before the launch of the DSCOVR satellite."),
+         ("A rocket stands on its launch pad at dusk, lit by floodlights and flanked by tall "
+          "lightning towers. It is a SpaceX Falcon 9 before the launch of the DSCOVR satellite.")),
         ("Why would the pad be surrounded by tall towers?",
-         "They are lightning protection towers: they are taller than the rocket so that a "
-         "lightning strike hits them instead of the vehicle and its fuel."),
+         ("They are lightning protection towers: they are taller than the rocket so that a "
+          "lightning strike hits them instead of the vehicle and its fuel.")),
     ],
     "coins": [
         ("How many coins are in the image, and how are they arranged?",
@@ -172,28 +172,28 @@ _INSTRUCTIONS: dict[str, list[tuple[str, str]]] = {
     ],
     "camera": [
         ("What is the man doing?",
-         "He is looking through a camera mounted on a tripod, standing on a lawn. The photograph "
-         "is in black and white, with buildings in the distance."),
+         ("He is looking through a camera mounted on a tripod, standing on a lawn. The photograph "
+          "is in black and white, with buildings in the distance.")),
     ],
     "horse": [
         ("Describe the image.",
-         "A black silhouette of a standing horse, seen from the side and facing right, on a "
-         "plain white background."),
+         ("A black silhouette of a standing horse, seen from the side and facing right, on a "
+          "plain white background.")),
     ],
     "clock": [
         ("Why is it hard to read the time in this picture?",
-         "The clock is motion blurred: the camera moved horizontally while the picture was taken, "
-         "so the hands and numbers are smeared."),
+         ("The clock is motion blurred: the camera moved horizontally while the picture was taken, "
+          "so the hands and numbers are smeared.")),
     ],
     "hubble_deep_field": [
         ("What are the small colored spots in this image?",
-         "Almost all of them are distant galaxies. This is the Hubble eXtreme Deep Field, the "
-         "Hubble telescope's farthest view of the universe."),
+         ("Almost all of them are distant galaxies. This is the Hubble eXtreme Deep Field, the "
+          "Hubble telescope's farthest view of the universe.")),
     ],
     "retina": [
         ("What does this image show?",
-         "A photograph of the back of a human eye, the retina: red-orange tissue with blood "
-         "vessels branching out from the bright optic disc on the left."),
+         ("A photograph of the back of a human eye, the retina: red-orange tissue with blood "
+          "vessels branching out from the bright optic disc on the left.")),
     ],
 }
 

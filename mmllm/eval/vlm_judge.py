@@ -67,13 +67,13 @@ def parse_scores(reply: str | None) -> tuple[float, float] | None:
     score = r"(10(?:\.0+)?|[1-9](?:\.\d+)?)"
     for line in reply.strip().splitlines()[:3]:
         line = re.sub(r"/\s*10\b", "", line.strip().strip("*`"))
-        m = re.fullmatch(rf"(?:scores?:?\s*)?{score}\s*(?:[,;/]|\s|and)\s*{score}\.?", line, re.I)
+        m = re.fullmatch(rf"(?:scores?:?\s*)?{score}\s*(?:[,;/]|\s|and)\s*{score}\.?", line, re.IGNORECASE)
         if m:
             return float(m.group(1)), float(m.group(2))
     found = []
     for k in (1, 2):
         m = re.search(rf"assistant\s*{k}\D{{0,40}}?(?:score\D{{0,10}}?)?\b{score}\b(?:\s*/\s*10)?",
-                      reply, re.I)
+                      reply, re.IGNORECASE)
         if not m:
             return None
         found.append(float(m.group(1)))

@@ -20,7 +20,8 @@ from collections import Counter
 from aiohttp import web
 
 from mmllm.data.chat import ChatFormatError, ChatRenderer
-from mmllm.serve import images as vision, protocol
+from mmllm.serve import images as vision
+from mmllm.serve import protocol
 from mmllm.serve.engine import Delta, Done, Engine, Event, Failed, GenRequest
 from mmllm.serve.protocol import APIError, Limits
 

@@ -251,7 +251,7 @@ class Engine:
             try:
                 (row_id,) = self.session.add_rows(**self._prompt(req), max_new_tokens=req.max_tokens,
                                                   stop=list(req.stop) or None, sampling=req.sampling)
-            except Exception as e:  # a bad prompt or image fails its request, not the batch
+            except Exception as e:  # noqa: BLE001 - a bad prompt or image fails its request only
                 _emit(req, Failed(str(e)))
                 continue
             self._live[row_id] = req

@@ -40,7 +40,7 @@ from mmllm.serve.protocol import APIError
 IMG_START, IMG_FEATURE, IMG_END = "<Img>", "<ImageFeature>", "</Img>"
 NO_IMAGES = "this model does not take images (it is not a vision-language model)"
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*?);base64,(?P<data>.*)$",
-                       re.S)
+                       re.DOTALL)
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,8 @@ def test_coco_contexts_join_captions_and_instances(tmp_path):
 
 
 def test_parse_qa():
-    assert parse_qa(GOOD["conversation"])[1] == ("Is it indoors?", "Yes, it sits in front of a plain "
-                                                 "wall inside a room.")
+    answer = "Yes, it sits in front of a plain wall inside a room."
+    assert parse_qa(GOOD["conversation"])[1] == ("Is it indoors?", answer)
     assert parse_qa("Question: only a question") == []
     assert parse_qa("no format at all") == []
 

@@ -205,7 +205,8 @@ def test_readers_of_ranks_and_workers_are_disjoint_and_cover_everything(pairs):
 
 
 def test_multiworker_resume_matches_an_uninterrupted_run(shards):
-    out, paths = shards
+    _, paths = shards
+
     def dm(**kw):
         return VisionTextDataModule(train=WebDatasetSource(urls=paths), batch_size=2, num_workers=2,
                                     seed=3, **kw)

@@ -25,8 +25,8 @@ class ScriptedTeacher(Teacher):
 
 def _answers(messages) -> tuple[str, str]:
     text = messages[-1]["content"]
-    return (re.search(r"\[Assistant 1\]\n(.*?)\n\n\[End of Assistant 1\]", text, re.S).group(1),
-            re.search(r"\[Assistant 2\]\n(.*?)\n\n\[End of Assistant 2\]", text, re.S).group(1))
+    return (re.search(r"\[Assistant 1\]\n(.*?)\n\n\[End of Assistant 1\]", text, re.DOTALL).group(1),
+            re.search(r"\[Assistant 2\]\n(.*?)\n\n\[End of Assistant 2\]", text, re.DOTALL).group(1))
 
 
 @pytest.mark.parametrize("reply,expected", [
