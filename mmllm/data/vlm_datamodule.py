@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from collections import deque
 from collections.abc import Callable
 
@@ -33,6 +34,10 @@ from mmllm.data.vlm_data import ReadStats
 from mmllm.distributed.strategy import data_parallel_rank
 
 log = logging.getLogger(__name__)
+
+# Each worker yields its own share of the epoch's batches (RecordStream.__iter__), so the length
+# Lightning warns about is exact.
+warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
 
 
 def records_collate(records: list[dict]) -> list[dict]:

@@ -244,3 +244,37 @@ def test_hydra_configs_compose_and_skimage_instantiates(name, tmp_path):
         dm = instantiate(cfg.data, train={"records": {"names": ["coffee", "coins"]}})
         batch = next(iter(dm.train_dataloader()))
         assert len(batch) == 4 and {r["id"].split("/")[1] for r in batch} <= {"coffee", "coins"}
+
+
+def test_lightning_resume_mid_epoch_runs_exactly_the_unseen_batches(pairs, tmp_path):
+    import lightning as L
+    import torch
+
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.ids: list[str] = []
+
+        def training_step(self, batch, batch_idx):
+            self.ids += [r["id"] for r in batch]
+            return (self.w - 1).pow(2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def fit(max_steps, ckpt_path=None):
+        module = Recorder()
+        dm = VisionTextDataModule(train=RecordsSource(records=pairs, block_size=2), batch_size=2,
+                                  batches_per_epoch=4, seed=5)
+        trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+        return trainer, module
+
+    _, full = fit(6)
+    trainer, head = fit(3)  # stops mid-epoch (3 of 4 batches)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    _, tail = fit(6, ckpt_path=str(tmp_path / "mid.ckpt"))
+    assert len(full.ids) == 12 and head.ids + tail.ids == full.ids
