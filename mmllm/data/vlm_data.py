@@ -61,6 +61,7 @@ __all__ = [
     "WebDatasetSource",
     "decode_image",
     "expand_urls",
+    "iter_records",
     "skimage_instructions",
     "skimage_pairs",
     "write_webdataset",
@@ -324,6 +325,15 @@ class RecordsSource:
         def keep(record: dict) -> dict:
             return record
         return read_unit_items(self.records[unit[0]:unit[1]], keep, stats, skip)
+
+
+def iter_records(source, stats: ReadStats | None = None) -> Iterator[dict]:
+    """Every good record of a source, in unit order (bad ones counted in ``stats``); e.g. COCO to
+    shards: ``write_webdataset(iter_records(CocoCaptionsSource(...)), "coco/%06d.tar")``."""
+    stats = stats if stats is not None else ReadStats()
+    for unit in source.units():
+        yield from (r for r in source.read_unit(unit, stats=stats) if r is not None)
+    stats.log_summary(getattr(source, "name", "source"))
 
 
 # --------------------------------------------------------------------------------- writer

@@ -16,12 +16,14 @@ Python.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,45 @@ def summarize(judged: Sequence[JudgedItem]) -> dict[str, dict[str, float]]:
                          "relative": model / ref * 100 if ok and ref else float("nan"),
                          "n": len(ok), "unscored": len(items) - len(ok)}
     return summary
+
+
+# ----------------------------------------------------------------------------- LLaVA-Bench
+def _jsonl(path: str | Path) -> list[dict]:
+    with Path(path).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def llava_bench_items(*, questions: str | Path, contexts: str | Path,
+                      references: str | Path) -> list[dict]:
+    """Judge items from LLaVA-Bench files (``questions.jsonl``: question_id, image, text,
+    category; ``context.jsonl``: image, caption; the reference answers: question_id, text).
+    Add each item's ``answer`` (:func:`answer_questions`) before :meth:`VLMJudge.judge`."""
+    context = {c["image"]: c["caption"] for c in _jsonl(contexts)}
+    refs = {r["question_id"]: r["text"] for r in _jsonl(references)}
+    items = []
+    for q in _jsonl(questions):
+        if q["question_id"] not in refs or q.get("image") not in context:
+            raise ValueError(f"question {q['question_id']} has no reference answer or no context")
+        items.append({"id": str(q["question_id"]), "question": q["text"], "image": q.get("image"),
+                      "context": context[q["image"]], "reference": refs[q["question_id"]],
+                      "category": q.get("category", "all")})
+    return items
+
+
+def answer_questions(chat, items: Sequence[dict], *, image_dir: str | Path | None = None) -> list[dict]:
+    """Items with the model's ``answer``: one fresh conversation per question, its image attached.
+
+    Args:
+        chat: a :class:`mmllm.chat.ChatSession` over the model (greedy for reproducible scores).
+        items: dicts with ``question`` and optionally ``image`` (a file under ``image_dir``).
+    """
+    out = []
+    for it in items:
+        chat.reset()
+        if it.get("image"):
+            chat.attach_image(str(Path(image_dir or ".") / it["image"]))
+        out.append({**it, "answer": chat.reply(it["question"])})
+    return out
 
 
 # -------------------------------------------------------------------------- caption metrics

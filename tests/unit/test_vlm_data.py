@@ -278,3 +278,12 @@ def test_lightning_resume_mid_epoch_runs_exactly_the_unseen_batches(pairs, tmp_p
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     _, tail = fit(6, ckpt_path=str(tmp_path / "mid.ckpt"))
     assert len(full.ids) == 12 and head.ids + tail.ids == full.ids
+
+
+def test_iter_records_converts_a_source_to_shards(pairs, tmp_path):
+    from mmllm.data.vlm_data import iter_records
+
+    stats = ReadStats()
+    paths = write_webdataset(iter_records(RecordsSource(records=pairs[:5]), stats), str(tmp_path / "%03d.tar"))
+    back = list(iter_records(WebDatasetSource(urls=paths)))
+    assert [r["id"] for r in back] == [r["id"] for r in pairs[:5]] and stats.counts["records"] == 5

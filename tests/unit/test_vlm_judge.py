@@ -103,3 +103,39 @@ def test_bleu_and_cider_hand_checked():
     assert none["CIDEr"] == pytest.approx(0.0) and none["BLEU-1"] < 1e-6
     with pytest.raises(ValueError, match="no references"):
         caption_metrics({"3": "x"}, refs, tokenizer="simple")
+
+
+def test_llava_bench_files_to_items_and_answers(tmp_path):
+    import json
+
+    from mmllm.eval.vlm_judge import answer_questions, llava_bench_items
+
+    def jsonl(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    jsonl("questions.jsonl", [{"question_id": 0, "image": "a.jpg", "text": "What is it?", "category": "conv"},
+                              {"question_id": 1, "image": "a.jpg", "text": "Describe.", "category": "detail"}])
+    jsonl("context.jsonl", [{"image": "a.jpg", "caption": "A red cup."}])
+    jsonl("answers_gpt4.jsonl", [{"question_id": 0, "text": "A cup."}, {"question_id": 1, "text": "Red cup."}])
+    items = llava_bench_items(questions=tmp_path / "questions.jsonl", contexts=tmp_path / "context.jsonl",
+                              references=tmp_path / "answers_gpt4.jsonl")
+    assert [(i["id"], i["context"], i["reference"], i["category"]) for i in items] == \
+        [("0", "A red cup.", "A cup.", "conv"), ("1", "A red cup.", "Red cup.", "detail")]
+
+    class EchoChat:  # the ChatSession interface answer_questions uses
+        def __init__(self):
+            self.log = []
+
+        def reset(self):
+            self.log.append("reset")
+
+        def attach_image(self, path):
+            self.log.append(path)
+
+        def reply(self, text):
+            return f"answer to {text}"
+
+    chat = EchoChat()
+    answered = answer_questions(chat, items, image_dir=tmp_path)
+    assert [a["answer"] for a in answered] == ["answer to What is it?", "answer to Describe."]
+    assert chat.log == ["reset", str(tmp_path / "a.jpg")] * 2
