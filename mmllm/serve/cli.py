@@ -27,7 +27,8 @@ def build_app(cfg: DictConfig):
     if tokenizer is None:
         raise ValueError(f"{cfg.checkpoint} has no tokenizer recorded; a server needs one")
     model = model.to(device).eval()
-    max_seq_len = min(cfg.max_seq_len or model.max_seq_len, model.max_seq_len)
+    context = getattr(model, "max_seq_len", None) or model.decoder.max_seq_len  # a VLM: its decoder's
+    max_seq_len = min(cfg.max_seq_len or context, context)
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_seq_len=max_seq_len,
                     seed=cfg.seed, static_decode=cfg.static_decode)
     api_key = cfg.api_key or os.environ.get("MMLLM_API_KEY") or None
