@@ -244,3 +244,27 @@ def write_llava_json(entries: Sequence[dict], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(list(entries), ensure_ascii=False, indent=1), encoding="utf-8")
     return path
+
+
+def generate_from_coco(*, teacher, captions: str | Path, output: str | Path,
+                       instances: str | Path | None = None, max_images: int | None = None,
+                       kinds: Sequence[str] = KINDS, seed: int = 0) -> tuple[Path, Counter]:
+    """LLaVA-style instruction data for COCO images, written as LLaVA JSON.
+
+    A rerun with the same teacher cache (``cache_path``) pays only for the requests that had not
+    been answered, so a large run can be stopped and restarted.
+
+    Args:
+        teacher: a :class:`mmllm.teacher.Teacher` (Hydra: ``mmllm/conf/teacher/*.yaml``).
+        captions, instances: COCO captions and (optional) instances JSON.
+        output: the LLaVA JSON file to write.
+        max_images: use the first N images (None: all).
+        kinds, seed: see :class:`VisualInstructGenerator`.
+
+    Returns:
+        The output path and the generator's stats (kept per kind, dropped per reason).
+    """
+    contexts = coco_contexts(captions, instances)[:max_images]
+    gen = VisualInstructGenerator(teacher=teacher, kinds=kinds, seed=seed)
+    path = write_llava_json(gen.generate(contexts), output)
+    return path, gen.stats

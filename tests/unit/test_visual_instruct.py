@@ -12,6 +12,7 @@ from mmllm.data.visual_instruct import (
     ImageContext,
     VisualInstructGenerator,
     coco_contexts,
+    generate_from_coco,
     parse_qa,
     write_llava_json,
 )
@@ -75,6 +76,13 @@ def test_coco_contexts_join_captions_and_instances(tmp_path):
     (ctx,) = coco_contexts(tmp_path / "caps.json", tmp_path / "inst.json")
     assert (ctx.image, ctx.captions, ctx.id) == ("5.jpg", ["One.", "Two."], "5")
     assert ctx.text().splitlines()[-1] == "dog: [0.00, 0.00, 0.50, 1.00]"
+    teacher = ScriptedTeacher(lambda m: GOOD[_kind(m)])
+    path, stats = generate_from_coco(teacher=teacher, captions=tmp_path / "caps.json",
+                                     instances=tmp_path / "inst.json", output=tmp_path / "out.json")
+    entries = json.loads(path.read_text())
+    assert [e["id"] for e in entries] == ["5-conversation", "5-detail", "5-complex"]
+    assert "dog: [0.00, 0.00, 0.50, 1.00]" in teacher.seen[0][-1]["content"]
+    assert stats["kept_detail"] == 1
 
 
 def test_parse_qa():
