@@ -175,3 +175,16 @@ def test_load_image_url_defaults_refuse_local_files(image_dir):
     assert e.value.status == 400
     image = load_image_url(data_url(Image.new("RGB", (5, 7), "blue"), "JPEG"), ImageLimits())
     assert image.size == (5, 7) and image.mode == "RGB"
+
+
+def test_openai_client_streams_an_image_request(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+    content = [{"type": "text", "text": "Describe the image."},
+               {"type": "image_url", "image_url": {"url": data_url(Image.new("RGB", (9, 9), "green"))}}]
+    whole = client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": content}],
+                                           temperature=0, max_tokens=8)
+    chunks = client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": content}],
+                                            temperature=0, max_tokens=8, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
