@@ -23,6 +23,7 @@ COMMANDS = {
     "plan": ("mmllm.plan:main", "parameters, Chinchilla tokens, memory per GPU and wall time of a run (conf/plan.yaml)"),
     "rlhf-round": ("mmllm.rlhf.round:main",
                    "one online RLHF round: sample, label, reward model, PPO (conf/rlhf_round.yaml)"),
+    "chat": ("mmllm.chat:main", "chat with a checkpoint in the terminal; image=PATH for VLMs (conf/chat.yaml)"),
     "inspect-batch": ("mmllm.data.inspect:main",
                       "print a training batch with its supervised tokens marked (conf/train.yaml)"),
 }

@@ -20,6 +20,7 @@ from collections import Counter
 from aiohttp import web
 
 from mmllm.data.chat import ChatFormatError, ChatRenderer
+from mmllm.serve import images as vision
 from mmllm.serve import protocol
 from mmllm.serve.engine import Delta, Done, Engine, Event, Failed, GenRequest
 from mmllm.serve.protocol import APIError, Limits
@@ -34,7 +35,8 @@ ENGINE, SETTINGS, STATS = web.AppKey("engine", Engine), web.AppKey("settings", d
 def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                max_body_bytes: int = 1 << 20, max_prompt_tokens: int | None = None,
                max_tokens: int = 1024, max_n: int = 8, max_pending: int = 256,
-               chat_template: str | None = None) -> web.Application:
+               chat_template: str | None = None,
+               image_limits: vision.ImageLimits | None = None) -> web.Application:
     """The aiohttp application serving ``engine`` (started and stopped with the app).
 
     Args:
@@ -48,6 +50,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
         max_n: most choices (``n``) per request; each is a row of the batch.
         max_pending: requests queued or running at once; more get 429 (clients retry).
         chat_template: overrides the tokenizer's chat template.
+        image_limits: what image content parts a chat request may carry (VLMs only).
     """
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors, _auth])
     limits = Limits(max_prompt_tokens=max_prompt_tokens or engine.max_seq_len - 1,
@@ -57,7 +60,7 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                      "max_pending": max_pending, "max_body_bytes": max_body_bytes,
                      "created": int(time.time()),
                      "renderer": _renderer(engine.tokenizer, chat_template),
-                     "lock": threading.Lock()}
+                     "lock": threading.Lock(), "image_limits": image_limits or vision.ImageLimits()}
     app[STATS] = Counter()
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -145,19 +148,28 @@ async def _json_body(request: web.Request) -> dict:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
-    s = request.app[SETTINGS]
+    s, engine, loop = request.app[SETTINGS], request.app[ENGINE], asyncio.get_running_loop()
+    images = []
+    if vision.has_image_parts(body):
+        if not engine.takes_images:
+            raise APIError(400, vision.NO_IMAGES, param="messages", code="images_not_supported")
+        body, images = await loop.run_in_executor(None, vision.extract_images, body, s["image_limits"])
     messages = protocol.chat_messages(body)
     if isinstance(s["renderer"], ChatFormatError):
         raise APIError(400, f"this model has no chat template: {s['renderer']} (use /v1/completions)")
     def render() -> list[int]:
         with s["lock"]:  # the renderer's template-id cache is not thread-safe
+            if images:
+                span = vision.image_span_ids(engine.tokenizer, engine.model.num_image_tokens)
+                return vision.encode_prompt(s["renderer"], messages, len(images), span)
             return s["renderer"].prompt(messages)
 
     try:  # off the event loop: a long conversation takes a while to tokenise
-        prompt = await asyncio.get_running_loop().run_in_executor(None, render)
+        prompt = await loop.run_in_executor(None, render)
     except ChatFormatError as e:
         raise APIError(400, f"cannot render the conversation: {e}", param="messages") from e
-    return await _generate(request, body, prompt, chat=True)
+    pixels = await loop.run_in_executor(None, vision.preprocess, engine.model, images) if images else None
+    return await _generate(request, body, prompt, chat=True, images=pixels)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -166,10 +178,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, body, prompt, chat=False)
 
 
-async def _generate(request: web.Request, body: dict, prompt: list[int], *, chat: bool):
+async def _generate(request: web.Request, body: dict, prompt: list[int], *, chat: bool, images=None):
     """Runs one request (its ``n`` choices) through the engine: one JSON response, or server-sent events."""
     engine, s = request.app[ENGINE], request.app[SETTINGS]
     reqs = protocol.choices(protocol.parse_generation(body, prompt, s["limits"]), body.get("n") or 1)
+    for req in reqs:
+        req.images = images
     if engine.pending + len(reqs) > s["max_pending"]:
         raise APIError(429, f"the server is busy ({engine.pending} requests in flight); retry later",
                        type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})

@@ -20,13 +20,15 @@ def build_app(cfg: DictConfig):
     from mmllm.checkpoint import load_model
     from mmllm.serve.app import create_app
     from mmllm.serve.engine import Engine
+    from mmllm.serve.images import ImageLimits
 
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(cfg.checkpoint, dtype=to_dtype(cfg.dtype))
     if tokenizer is None:
         raise ValueError(f"{cfg.checkpoint} has no tokenizer recorded; a server needs one")
     model = model.to(device).eval()
-    max_seq_len = min(cfg.max_seq_len or model.max_seq_len, model.max_seq_len)
+    context = getattr(model, "max_seq_len", None) or model.decoder.max_seq_len  # a VLM: its decoder's
+    max_seq_len = min(cfg.max_seq_len or context, context)
     engine = Engine(model, tokenizer, max_batch=cfg.max_batch, max_seq_len=max_seq_len,
                     seed=cfg.seed, static_decode=cfg.static_decode)
     api_key = cfg.api_key or os.environ.get("MMLLM_API_KEY") or None
@@ -35,7 +37,8 @@ def build_app(cfg: DictConfig):
     return create_app(engine, model_name=cfg.model_name or str(cfg.checkpoint), api_key=api_key,
                       max_body_bytes=cfg.max_body_bytes, max_prompt_tokens=cfg.max_prompt_tokens,
                       max_tokens=cfg.max_tokens, max_n=cfg.max_n, max_pending=cfg.max_pending,
-                      chat_template=cfg.chat_template)
+                      chat_template=cfg.chat_template,
+                      image_limits=ImageLimits(**cfg.get("images") or {}))
 
 
 def run(cfg: DictConfig) -> None:

@@ -76,6 +76,7 @@ class GenRequest:
         stop: strings that end the completion (excluded from the text).
         seed: makes a sampled request reproducible (it then runs alone, see the module doc).
         on_event: called with each :data:`Event`, on the engine thread; must not block.
+        images: (n, 3, H, W) preprocessed images of a VLM prompt (its image spans, in order).
     """
 
     prompt: list[int]
@@ -86,6 +87,7 @@ class GenRequest:
     on_event: Callable[[Event], None] = lambda event: None
     cancelled: threading.Event = field(default_factory=threading.Event)
     sent: str = ""  # text already reported by Delta events
+    images: torch.Tensor | None = None
 
     @property
     def exclusive(self) -> bool:
@@ -96,7 +98,8 @@ class Engine:
     """Continuous-batching generation over one model.
 
     Args:
-        model: a DecoderLM in eval mode.
+        model: a DecoderLM in eval mode, or a VLM (:func:`mmllm.serve.images.is_vlm`): its
+            decoder runs the session, prompts with images are prefilled from embeddings.
         tokenizer: its HF tokenizer (eos ends a completion; decodes the text).
         max_batch: rows decoded at once (KV cache slots).
         max_seq_len: positions per row (prompt + completion).
@@ -106,7 +109,11 @@ class Engine:
 
     def __init__(self, model: nn.Module, tokenizer, *, max_batch: int = 8, max_seq_len: int = 2048,
                  seed: int = 0, static_decode: bool = False) -> None:
+        from mmllm.serve.images import is_vlm
+
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.takes_images = is_vlm(model)
+        self.lm = model.decoder if self.takes_images else model  # what the decode session runs
         self.max_batch, self.max_seq_len, self.seed = max_batch, max_seq_len, seed
         self.static_decode = static_decode
         eos = tokenizer.eos_token_id
@@ -123,7 +130,7 @@ class Engine:
         self.max_rows_seen = 0  # most rows decoded together
 
     def _new_session(self) -> DecodeSession:
-        return DecodeSession(self.model, max_rows=self.max_batch, max_len=self.max_seq_len,
+        return DecodeSession(self.lm, max_rows=self.max_batch, max_len=self.max_seq_len,
                              eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.pad_id,
                              tokenizer=self.tokenizer, generator=self.generator,
                              static_decode=self.static_decode)
@@ -242,13 +249,21 @@ class Engine:
             if req.exclusive:
                 self.generator.manual_seed(req.seed)
             try:
-                (row_id,) = self.session.add_rows([req.prompt], max_new_tokens=req.max_tokens,
+                (row_id,) = self.session.add_rows(**self._prompt(req), max_new_tokens=req.max_tokens,
                                                   stop=list(req.stop) or None, sampling=req.sampling)
-            except ValueError as e:
+            except Exception as e:  # noqa: BLE001 - a bad prompt or image fails its request only
                 _emit(req, Failed(str(e)))
                 continue
             self._live[row_id] = req
         self.max_rows_seen = max(self.max_rows_seen, len(self._live))
+
+    def _prompt(self, req: GenRequest) -> dict:
+        """add_rows' prompt argument: ids, or embeddings with the image features in place."""
+        if req.images is None:
+            return {"prompts": [req.prompt]}
+        from mmllm.serve.images import prompt_embeddings
+
+        return {"inputs_embeds": [prompt_embeddings(self.model, req.prompt, req.images)]}
 
     def _report(self) -> None:
         """Sends each live request its new text; finished or cancelled rows leave the session."""

@@ -1,0 +1,202 @@
+"""``mmllm chat checkpoint=<source> [image=PATH]``: an interactive chat over any checkpoint.
+
+Each turn renders the whole conversation with the kit's chat renderer (:mod:`mmllm.data.chat`,
+tokenised exactly as training data) and decodes the reply on a
+:class:`~mmllm.generation.DecodeSession`, printing tokens as they come. A turn stops at eos or
+the template's end-of-turn token. With a VLM checkpoint (:func:`mmllm.serve.images.is_vlm`),
+``image=PATH`` (or ``--image PATH``) attaches an image to the first message and ``/image PATH``
+to the next one; the prompt is prefilled from embeddings with the image features in place.
+
+REPL commands: ``/image PATH``, ``/reset`` (forget the conversation), ``/exit`` (or end of input).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TextIO
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from mmllm.config import CONF_DIR, to_dtype
+from mmllm.data.special_tokens import SPECIAL_TOKENS
+from mmllm.errors import UserError
+
+HELP = "commands: /image PATH (attach to your next message), /reset, /exit"
+
+
+class ChatSession:
+    """A conversation with a model: history, prompt rendering and streamed decoding.
+
+    Args:
+        model: a DecoderLM or a VLM (see :func:`mmllm.serve.images.is_vlm`), in eval mode.
+        tokenizer: its tokenizer (with a chat template, or the kit's ChatML tokens).
+        system: an optional system prompt.
+        max_new_tokens: cap per reply.
+        temperature, top_k, top_p: sampling (temperature 0: greedy).
+        max_seq_len: prompt + reply positions (the conversation must fit).
+        chat_template: overrides the tokenizer's chat template.
+        seed: seeds sampling.
+    """
+
+    def __init__(self, model, tokenizer, *, system: str | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.7, top_k: int | None = None, top_p: float | None = None,
+                 max_seq_len: int = 2048, chat_template: str | None = None, seed: int = 0) -> None:
+        from mmllm.data.chat import ChatRenderer
+        from mmllm.generation import SamplingParams
+        from mmllm.serve.images import is_vlm
+
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.renderer = ChatRenderer(tokenizer, chat_template=chat_template)
+        self.vlm = is_vlm(model)
+        self.lm = model.decoder if self.vlm else model
+        self.system, self.max_new_tokens, self.max_seq_len = system, max_new_tokens, max_seq_len
+        self.sampling = SamplingParams(temperature, top_k, top_p)
+        self.device = next(model.parameters()).device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        end = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS.chat_end) \
+            if SPECIAL_TOKENS.chat_end in tokenizer.get_vocab() else None
+        self.stop_ids = [t for t in (tokenizer.eos_token_id, end) if t is not None]
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self.images: list = []  # every image of the conversation, in placeholder order
+        self.pending: list = []  # images for the next user message
+
+    def attach_image(self, path: str) -> None:
+        """Attaches an image file to the next user message (VLMs only)."""
+        from mmllm.serve.images import NO_IMAGES, ImageLimits, load_image_url
+
+        if not self.vlm:
+            raise UserError(NO_IMAGES, fix="chat with a VLM checkpoint, or drop image=")
+        self.pending.append(load_image_url(str(path), ImageLimits(allow_local_files=True), where=str(path)))
+
+    def _prompt(self) -> dict:
+        """add_rows' prompt: ids, or embeddings when the conversation has images."""
+        if not self.images:
+            return {"prompts": [self.renderer.prompt(self.messages)]}
+        from mmllm.serve.images import encode_prompt, image_span_ids, preprocess, prompt_embeddings
+
+        span = image_span_ids(self.tokenizer, self.model.num_image_tokens)
+        ids = encode_prompt(self.renderer, self.messages, len(self.images), span)
+        return {"inputs_embeds": [prompt_embeddings(self.model, ids, preprocess(self.model, self.images))]}
+
+    def reply(self, text: str, on_text: Callable[[str], None] = lambda s: None) -> str:
+        """Adds a user message, streams the model's reply through ``on_text`` and returns it."""
+        from mmllm.generation import DecodeSession
+
+        content = "".join("<image>\n" for _ in self.pending) + text
+        self.messages.append({"role": "user", "content": content})
+        self.images += self.pending
+        self.pending = []
+        try:
+            prompt = self._prompt()
+            length = len(next(iter(prompt.values()))[0])
+            if length + 1 >= self.max_seq_len:
+                raise UserError(f"the conversation has {length} tokens; max_seq_len is {self.max_seq_len}",
+                                fix="/reset to start over, or raise max_seq_len")
+            session = DecodeSession(self.lm, max_rows=1, max_len=min(self.max_seq_len, length + self.max_new_tokens + 1),
+                                    eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id or 0,
+                                    generator=self.generator)
+            (row,) = session.add_rows(**prompt, max_new_tokens=self.max_new_tokens, sampling=self.sampling)
+        except Exception:
+            self.messages.pop()  # the turn did not happen
+            raise
+        shown = ""
+        while session.step():
+            text_now = self._text(session.rows[row].tokens).rstrip("\ufffd")  # whole characters only
+            if len(text_now) > len(shown):
+                on_text(text_now[len(shown):])
+                shown = text_now
+        final = self._text(session.rows[row].tokens)
+        if len(final) > len(shown):
+            on_text(final[len(shown):])
+        self.messages.append({"role": "assistant", "content": final.strip()})
+        return final.strip()
+
+    def _text(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+    """Reads user lines from ``stdin`` until ``/exit`` or end of input; streams replies to ``stdout``."""
+    interactive = stdin.isatty()
+    print(f"mmllm chat: {HELP}", file=stdout, flush=True)
+    while True:
+        if interactive:
+            print("you> ", end="", file=stdout, flush=True)
+        line = stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=stdout, flush=True)
+        elif line.startswith("/image"):
+            try:
+                session.attach_image(line[len("/image"):].strip())
+                print("(image attached to your next message)", file=stdout, flush=True)
+            except Exception as e:  # noqa: BLE001 - a bad path or image is reported, the chat goes on
+                print(f"error: {e}", file=stdout, flush=True)
+        elif line.startswith("/"):
+            print(HELP, file=stdout, flush=True)
+        else:
+            print("assistant> ", end="", file=stdout, flush=True)
+            try:
+                session.reply(line, on_text=lambda s: print(s, end="", file=stdout, flush=True))
+            except Exception as e:  # noqa: BLE001 - a turn that cannot run is reported, the chat goes on
+                print(f"\nerror: {e}", file=stdout, flush=True)
+            print(file=stdout, flush=True)
+
+
+def run(cfg: DictConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> ChatSession:
+    from mmllm.checkpoint import load_model
+
+    model, tokenizer = load_model(cfg.checkpoint, dtype=to_dtype(cfg.dtype))
+    if tokenizer is None:
+        raise UserError(f"{cfg.checkpoint} records no tokenizer; a chat needs one",
+                        fix="train with the kit's callbacks (they record the tokenizer) or use an HF directory")
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    max_seq_len = min(cfg.max_seq_len, getattr(model, "max_seq_len", None)
+                      or getattr(getattr(model, "decoder", None), "max_seq_len", cfg.max_seq_len))
+    session = ChatSession(model, tokenizer, system=cfg.system, max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                          max_seq_len=max_seq_len, chat_template=cfg.chat_template, seed=cfg.seed)
+    if cfg.image:
+        session.attach_image(cfg.image)
+    repl(session, stdin, stdout)
+    return session
+
+
+def translate_argv(argv: list[str]) -> list[str]:
+    """``--image PATH`` / ``--image=PATH`` -> Hydra's ``image=PATH``."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--image" and i + 1 < len(argv):
+            out.append(f"image={argv[i + 1]}")
+            i += 2
+            continue
+        out.append("image=" + a[len("--image="):] if a.startswith("--image=") else a)
+        i += 1
+    return out
+
+
+@hydra.main(config_path=CONF_DIR, config_name="chat", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *translate_argv(sys.argv[1:])]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
