@@ -11,11 +11,12 @@ runs ``pip download --no-deps bfcl-eval`` into a cache and unzips ``bfcl_eval/da
 Outputs are decoded as BFCL's prompting format, a Python list of keyword-argument calls
 ``[f(a=1), g.h(b='x')]`` (brackets optional), or with ``fmt="json"`` as OpenAI-style
 ``[{"name": ..., "arguments": {...}}]``. Each output is one of three things: **calls**;
-**no call** (empty, ``[]``, prose without call syntax); or a **parse failure** (call syntax that
-does not parse, positional or ``**`` arguments, values that are not literals). A parse failure
-is a *failure in every category, irrelevance included*; it is not an abstention. (BFCL's own
-runner scores an undecodable output as correct on irrelevance; the kit does not.) The checker
-rules are in :mod:`mmllm.tools.bfcl_checker`.
+**no call** (empty, ``[]``, prose that does not start like a call); or a **parse failure** (it
+starts like a call, ``[f(`` or ``f(``, but does not parse; positional or ``**`` arguments;
+values that are not literals). A parse failure is a *failure in every category, irrelevance
+included*; it is not an abstention. (BFCL's own runner scores an undecodable output as correct
+on irrelevance; ``irrelevance_parse_failure="no_call"`` reproduces that for comparisons.)
+The checker rules are in :mod:`mmllm.tools.bfcl_checker`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from mmllm.tools.calculator import evaluate as safe_arithmetic
 CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple", "irrelevance")
 _FILE_NAMES = {"simple": ("simple_python", "simple"), "multiple": ("multiple",), "parallel": ("parallel",),
                "parallel_multiple": ("parallel_multiple",), "irrelevance": ("irrelevance",)}
-_CALL_LIKE = re.compile(r"[A-Za-z_][\w.]*\s*\(")
+_STARTS_AS_CALL = re.compile(r"\[?\s*[A-Za-z_][\w.]*\(")  # "[f(" or "f(" at the start: a call attempt
 FETCH_FIX = "fetch the data with `python -m mmllm.tools.bfcl fetch` and pass the directory it prints"
 
 
@@ -220,7 +221,7 @@ def decode_output(text: str | None, *, fmt: str = "python") -> list[tuple[str, d
     try:
         node = ast.parse(body, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-        if _CALL_LIKE.search(text):
+        if _STARTS_AS_CALL.match(text):
             raise DecodeError(f"call syntax that does not parse: {getattr(exc, 'msg', exc)}") from None
         return []  # prose: no call
     elts = node.elts if isinstance(node, (ast.List, ast.Tuple)) else [node]
@@ -233,11 +234,21 @@ def decode_output(text: str | None, *, fmt: str = "python") -> list[tuple[str, d
 
 
 def check_output(example: BFCLExample, output: str | None, *, fmt: str = "python",
-                 underscore_names: bool = False) -> Check:
-    """The verdict on one model output (``error_type`` ``parse_failure`` / ``no_call`` / ...)."""
+                 underscore_names: bool = False, irrelevance_parse_failure: str = "fail") -> Check:
+    """The verdict on one model output (``error_type`` ``parse_failure`` / ``no_call`` / ...).
+
+    Args:
+        irrelevance_parse_failure: ``"fail"`` (the kit's rule: a parse failure is never a
+            correct answer) or ``"no_call"`` (BFCL's runner: an undecodable output on an
+            irrelevance test counts as no call, i.e. correct), for comparisons with published scores.
+    """
+    if irrelevance_parse_failure not in ("fail", "no_call"):
+        raise ValueError(f"irrelevance_parse_failure must be 'fail' or 'no_call', got {irrelevance_parse_failure!r}")
     try:
         calls = decode_output(output, fmt=fmt)
     except DecodeError as exc:
+        if example.category == "irrelevance" and irrelevance_parse_failure == "no_call":
+            return OK
         return Check(False, "parse_failure", str(exc))
     if example.category == "irrelevance":
         return OK if not calls else Check(False, "called_irrelevant", f"made {len(calls)} call(s); expected none")
@@ -268,12 +279,14 @@ class BFCLReport:
 
 
 def evaluate(examples: Sequence[BFCLExample], outputs: Mapping[str, str | None], *, fmt: str = "python",
-             underscore_names: bool = False) -> BFCLReport:
-    """Checks every example's output (a missing output is a failure, ``missing_output``)."""
+             underscore_names: bool = False, irrelevance_parse_failure: str = "fail") -> BFCLReport:
+    """Checks every example's output (a missing output is a failure, ``missing_output``);
+    the options are :func:`check_output`'s."""
     report = BFCLReport()
     for ex in examples:
         verdict = (Check(False, "missing_output", "no output") if ex.id not in outputs else
-                   check_output(ex, outputs[ex.id], fmt=fmt, underscore_names=underscore_names))
+                   check_output(ex, outputs[ex.id], fmt=fmt, underscore_names=underscore_names,
+                                irrelevance_parse_failure=irrelevance_parse_failure))
         report.total[ex.category] += 1
         report.correct[ex.category] += verdict.valid
         if not verdict.valid:

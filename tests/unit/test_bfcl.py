@@ -117,6 +117,8 @@ def test_irrelevance_is_no_call_and_a_parse_failure_is_a_failure(examples):
     assert (called.valid, called.error_type) == (False, "called_irrelevant")
     broken = check_output(ex, "[determine_body_mass_index(weight=10.0,")
     assert (broken.valid, broken.error_type) == (False, "parse_failure")  # BFCL's runner would score it correct
+    assert check_output(ex, "[determine_body_mass_index(weight=10.0,", irrelevance_parse_failure="no_call").valid
+    assert check_output(ex, "I cannot (sadly) do that: determine_body_mass_index(w) needs a weight.").valid
 
 
 def test_decoding_never_executes_and_json_format():
