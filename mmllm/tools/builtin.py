@@ -8,7 +8,7 @@ and python. Dates are ISO ``YYYY-MM-DD``; a malformed date is an error result na
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 from mmllm.tools.calculator import calculator_tool
 from mmllm.tools.registry import Tool, ToolError, ToolRegistry
@@ -124,7 +124,8 @@ def python_tool(*, timeout: float = 5.0, memory_mb: int = 512, isolation: str = 
 
 
 def default_registry(*, search=None, translator=None, python: bool = False,
-                     clock: Callable[[], dt.date] = dt.date.today, **registry_kwargs: Mapping) -> ToolRegistry:
+                     clock: Callable[[], dt.date] = dt.date.today, timeout: float = 10.0,
+                     max_output_chars: int = 4000, max_workers: int = 4) -> ToolRegistry:
     """A registry with the calculator and the calendar tools, plus the optional ones.
 
     Args:
@@ -132,7 +133,7 @@ def default_registry(*, search=None, translator=None, python: bool = False,
         translator: a translation callable or teacher (see :func:`translate_tool`).
         python: register the sandboxed ``python`` tool.
         clock: today's date source.
-        **registry_kwargs: :class:`ToolRegistry` options (timeout, max_output_chars, ...).
+        timeout, max_output_chars, max_workers: the :class:`ToolRegistry` limits.
     """
     tools = [calculator_tool(), *calendar_tools(clock=clock)]
     if search is not None:
@@ -142,4 +143,4 @@ def default_registry(*, search=None, translator=None, python: bool = False,
         tools.append(translate_tool(translator))
     if python:
         tools.append(python_tool())
-    return ToolRegistry(tools=tools, **registry_kwargs)
+    return ToolRegistry(tools=tools, timeout=timeout, max_output_chars=max_output_chars, max_workers=max_workers)

@@ -127,3 +127,22 @@ def test_python_tool_runs_in_the_sandbox():
     err = reg.call("python", {"code": "import os\nos.listdir('/work')"})
     assert not err.ok and "python failed" in err.content
     assert "timed out" in reg.call("python", {"code": "while True: pass"}).content
+
+
+def test_hydra_configs_instantiate():
+    from pathlib import Path
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    from mmllm.config import CONF_DIR
+
+    cfg = OmegaConf.load(Path(CONF_DIR) / "tools" / "default.yaml")
+    reg = hydra.utils.instantiate(cfg)
+    assert reg.names == ["calculator", "today", "weekday", "add_days", "days_between"]
+    assert reg.timeout == 10.0 and reg.call("calculator", {"expression": "6*7"}).content == "42"
+    wiki = OmegaConf.load(Path(CONF_DIR) / "tools" / "wiki_search.yaml")
+    assert wiki.search._target_ == "mmllm.tools.search.BM25Index.from_corpus"
+    wiki.search.source = [{"text": "Owls hunt at night.", "title": "Owl"}]
+    wiki = OmegaConf.merge(cfg, {k: v for k, v in wiki.items() if k != "defaults"})
+    assert hydra.utils.instantiate(wiki).call("search", {"query": "owls"}).content.startswith("[1] Owl")
