@@ -11,7 +11,10 @@ parallel_multiple / irrelevance:
   parallel calls reversed, integers for floats, positional arguments, cut-off syntax, prose;
   for irrelevance a call of the offered function;
 * ``ngram``: samples of a tiny model, a character 6-gram model trained on the reference outputs
-  and prompted with ``[<function name>(``: near-miss calls, broken syntax, stray text.
+  and prompted with ``[<function name>(``: near-miss calls, broken syntax, stray text;
+* ``model`` (``--model smollm2 --model-tests N``): a real small chat model's greedy answers to
+  :func:`mmllm.tools.bfcl.prompt_messages` for the first N tests of each category (through
+  :class:`mmllm.teacher.LocalTeacher`, cached in the cache dir), with its accuracy.
 
 Prints the agreement (goal >= 99 %) under the kit's rules and under BFCL's irrelevance convention
 (``irrelevance_parse_failure="no_call"``), and every disagreement with the rule behind it.
@@ -155,15 +158,32 @@ class CharNGram:
         return text
 
 
-def build_outputs(examples, seed: int = 0, samples: int = 2) -> list[dict]:
+def model_outputs(examples, model: str, n_per_category: int, cache: Path) -> dict[str, str | None]:
+    """Greedy answers of a kit checkpoint to the first ``n_per_category`` tests per category."""
+    from mmllm.teacher import LocalTeacher
+
+    chosen, seen = [], Counter()
+    for ex in examples:
+        if seen[ex.category] < n_per_category:
+            chosen.append(ex)
+            seen[ex.category] += 1
+    with LocalTeacher(checkpoint=model, max_seq_len=4096, max_batch=8, cache_path=cache / "teacher.sqlite",
+                      sampling={"temperature": 0.0, "max_tokens": 96}) as teacher:
+        answers = teacher.chat_many([bfcl.prompt_messages(ex) for ex in chosen], desc=f"{model} on BFCL")
+    return {ex.id: a for ex, a in zip(chosen, answers)}
+
+
+def build_outputs(examples, seed: int = 0, samples: int = 2, model: dict | None = None) -> list[dict]:
     rng = random.Random(seed)
     refs = [bfcl.reference_output(e.ground_truth) for e in examples if e.ground_truth]
-    model = CharNGram(refs)
+    ngram = CharNGram(refs)
     rows = []
     for ex in examples:
         variants = perturbations(ex, rng)
         for k in range(samples):
-            variants[f"ngram{k}"] = model.sample(f"[{ex.functions[0]['name']}(", rng)
+            variants[f"ngram{k}"] = ngram.sample(f"[{ex.functions[0]['name']}(", rng)
+        if model and ex.id in model:
+            variants["model"] = model[ex.id] or ""
         for name, output in variants.items():
             rows.append({"key": f"{ex.id}|{name}", "id": ex.id, "variant": name, "category": ex.category,
                          "output": output, "functions": ex.functions, "ground_truth": ex.ground_truth})
@@ -191,12 +211,15 @@ def main() -> int:
     ap.add_argument("--version", default=None)
     ap.add_argument("--limit", type=int, default=None, help="tests per category")
     ap.add_argument("--samples", type=int, default=2, help="n-gram samples per test")
+    ap.add_argument("--model", default=None, help="a kit checkpoint (e.g. smollm2) whose answers join the outputs")
+    ap.add_argument("--model-tests", type=int, default=20, help="tests per category the model answers")
     args = ap.parse_args()
     cache = Path(args.cache_dir)
     py, ver = ensure_venv(cache, args.version)
     data = cache / f"bfcl_eval-{ver}" / "bfcl_eval" / "data"
     examples = bfcl.load_bfcl(data, limit=args.limit)
-    rows = build_outputs(examples, samples=args.samples)
+    answers = model_outputs(examples, args.model, args.model_tests, cache) if args.model else None
+    rows = build_outputs(examples, samples=args.samples, model=answers)
     proc = subprocess.run([str(py), "-c", WORKER], input="".join(json.dumps(r) + "\n" for r in rows),
                           capture_output=True, text=True)
     if proc.returncode != 0:
@@ -221,6 +244,10 @@ def main() -> int:
     print(f"bfcl-eval {ver}: {len(examples)} tests, {len(rows)} outputs")
     for variant, c in sorted(per_variant.items()):
         print(f"  {variant:<16} outputs {c['agree'] + c['differ']:>5}  differ {c['differ']:>4}  kit-valid {c['kit_valid']:>5}")
+    if answers:
+        scored = [e for e in examples if e.id in answers]
+        print(f"{args.model} (kit checker, first {args.model_tests} tests per category):\n"
+              + bfcl.evaluate(scored, answers).summary())
     print(f"agreement (kit rules): {agree}/{len(rows)} = {100 * agree / len(rows):.2f} %")
     print(f"agreement with irrelevance_parse_failure='no_call' (BFCL's convention): {agree_bfcl_rule}/{len(rows)}"
           f" = {100 * agree_bfcl_rule / len(rows):.2f} %")

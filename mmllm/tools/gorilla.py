@@ -213,3 +213,62 @@ def eval_prompts(pairs: Sequence[dict], catalog: Sequence[APIDoc], *, retrieval:
 def evaluate(answers: Sequence[str | None], pairs: Sequence[dict], catalog: Sequence[APIDoc]) -> MatchReport:
     """AST sub-tree matching of ``answers`` against the pairs' reference calls over ``catalog``."""
     return evaluate_answers(answers, [p["api_call"] for p in pairs], [d.api_call for d in catalog])
+
+
+def _read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mmllm.tools.gorilla generate|evaluate`` (see ``--help``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mmllm.tools.gorilla")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate", help="self-instruct pairs through a teacher; writes pairs + SFT chats")
+    g.add_argument("--catalog", default=None, help="API catalog JSONL (default: the shipped one)")
+    g.add_argument("--teacher", default="openai", help="a mmllm/conf/teacher option (openai, local)")
+    g.add_argument("--set", nargs="*", default=[], help="teacher overrides, e.g. model=gpt-4o-mini")
+    g.add_argument("--per-api", type=int, default=10)
+    g.add_argument("--seed-examples", default=None, help="JSONL of hand-written {instruction, api_call}")
+    g.add_argument("--out", required=True, help="output directory")
+    e = sub.add_parser("evaluate", help="AST-match answers ({answer} per line, in pair order) against pairs")
+    e.add_argument("--catalog", default=None)
+    e.add_argument("--pairs", required=True)
+    e.add_argument("--answers", required=True)
+    args = ap.parse_args(argv)
+    from mmllm.tools.catalog import load_catalog
+
+    catalog = load_catalog(args.catalog)
+    if args.cmd == "evaluate":
+        pairs, answers = _read_jsonl(args.pairs), [r.get("answer") for r in _read_jsonl(args.answers)]
+        report = evaluate(answers, pairs, catalog)
+        print(report.summary())
+        print(json.dumps(report.as_dict()))
+        return 0
+    import hydra
+    from omegaconf import OmegaConf
+
+    from mmllm.config import CONF_DIR
+
+    # The teacher's YAML plus key=value overrides (not composed: "model" would name a config group).
+    cfg = OmegaConf.merge(OmegaConf.load(Path(CONF_DIR) / "teacher" / f"{args.teacher}.yaml"),
+                          OmegaConf.from_dotlist(list(args.set)))
+    seeds = _read_jsonl(args.seed_examples) if args.seed_examples else ()
+    stats = GenerationStats()
+    with hydra.utils.instantiate(cfg) as teacher:
+        pairs = generate_pairs(teacher, catalog, per_api=args.per_api, seed_examples=seeds, stats=stats)
+    out = Path(args.out)
+    write_jsonl(pairs, out / "pairs.jsonl")
+    retriever = APIRetriever(catalog)
+    for mode in (None, "oracle", "bm25"):
+        write_jsonl(to_chats(pairs, catalog, retrieval=mode, retriever=retriever), out / f"sft_{mode or 'no_doc'}.jsonl")
+    print(json.dumps({"pairs": len(pairs), "stats": dict(stats), "out": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

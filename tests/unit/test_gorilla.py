@@ -168,3 +168,37 @@ def test_retriever_finds_the_api(catalog):
     assert retriever.retrieve("detect people and their body keypoints pose")[0].api_name.endswith("keypointrcnn_resnet50_fpn")
     assert retriever.retrieve("transcribe speech audio to text")[0].api_name == "openai/whisper-small"
     assert retriever.retrieve("qwertyuiop") == []
+
+
+class ListTeacher(Teacher):
+    """Answers every self-instruct prompt with two numbered instructions naming the API's task."""
+
+    def __init__(self, **kw):
+        super().__init__(model="list", progress=False)
+
+    def _complete(self, messages, sampling):
+        api = messages[-1]["content"].rsplit("calls ", 1)[1].split(" like")[0]
+        return f"1. First task for {api}\n2. Second task for {api}"
+
+
+def test_generate_cli_writes_pairs_and_three_chat_files(tmp_path, monkeypatch, catalog):
+    import hydra
+
+    seen = {}
+
+    def fake_instantiate(cfg, **kw):
+        seen.update(cfg)
+        return ListTeacher()
+
+    monkeypatch.setattr(hydra.utils, "instantiate", fake_instantiate)
+    assert gorilla.main(["generate", "--teacher", "openai", "--set", "model=my-model", "--per-api", "2",
+                         "--out", str(tmp_path)]) == 0
+    assert seen["_target_"] == "mmllm.teacher.OpenAITeacher" and seen["model"] == "my-model"
+    pairs = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
+    assert len(pairs) == 2 * len(catalog)
+    for mode in ("no_doc", "oracle", "bm25"):
+        rows = [json.loads(line) for line in open(tmp_path / f"sft_{mode}.jsonl")]
+        assert len(rows) == len(pairs) and (gorilla.DOC_PREFIX in rows[0]["messages"][0]["content"]) == (mode != "no_doc")
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"answer": p["api_call"]}) + "\n" for p in pairs))
+    assert gorilla.main(["evaluate", "--pairs", str(tmp_path / "pairs.jsonl"), "--answers", str(answers)]) == 0
