@@ -8,8 +8,13 @@
   a local corpus (:mod:`~mmllm.tools.search`).
 * :mod:`~mmllm.tools.catalog`: an API catalog in Gorilla's schema (a small real one ships).
 * :mod:`~mmllm.tools.gorilla`: self-instruct <instruction, API> data through a teacher, chats
-  with and without the retrieved API doc, AST sub-tree matching evaluation.
-* :mod:`~mmllm.tools.bfcl`: the Berkeley Function Calling Leaderboard loader and checker.
+  with and without the retrieved API doc, evaluation by AST sub-tree matching
+  (:mod:`~mmllm.tools.ast_match`); ``python -m mmllm.tools.gorilla generate|evaluate``.
+* :mod:`~mmllm.tools.bfcl`: the Berkeley Function Calling Leaderboard: data fetch and loader,
+  output decoding, the kit's checker (:mod:`~mmllm.tools.bfcl_checker`);
+  ``python -m mmllm.tools.bfcl fetch|evaluate``.
+
+Hydra: ``mmllm/conf/tools/{default,wiki_search}.yaml`` (``hydra.utils.instantiate`` gives a registry).
 """
 
 from mmllm.tools.builtin import calendar_tools, default_registry, python_tool, translate_tool

@@ -6,9 +6,12 @@ dotted names compared exactly), every positional argument of the reference at th
 position and every keyword of the reference present (any order), each with an equal **value**;
 extra arguments in the candidate are allowed (optional arguments). Values: literals are
 compared as Python values (``1 == 1.0``, but ``True`` is not ``1``; lists and tuples alike;
-strings normalised: surrounding whitespace stripped, case folded, so ``'IMAGENET1K_V1'`` and
-``' imagenet1k_v1'`` agree), nested calls recursively by the same rule, names and attributes
-by their structure.
+strings as parsed, so quote style never matters, with surrounding whitespace stripped; as in
+Gorilla's scripts, which strip the quotes and compare case-sensitively, since torchvision weight
+names and Hub ids are case-sensitive), nested calls recursively by the same rule, names and
+attributes by their structure. Gorilla's own scripts compare only the ``repo_or_dir``/``model``
+arguments and call an answer correct when the API it matches has the question's domain; the
+kit compares every reference argument and asks for the reference API itself.
 
 Outcomes (:data:`OUTCOMES`), one per answer:
 
@@ -66,7 +69,7 @@ def parse_call(source: str) -> ast.Call:
 
 
 def normalise_string(s: str) -> str:
-    return s.strip().casefold()
+    return s.strip()
 
 
 def _literal(node: ast.AST):

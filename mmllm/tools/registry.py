@@ -49,6 +49,11 @@ class ToolResult:
     seconds: float = 0.0
     truncated: bool = False
 
+    def message(self, tool_call_id: str | None = None) -> dict:
+        """The result as an OpenAI-style ``{"role": "tool", ...}`` chat message."""
+        msg = {"role": "tool", "name": self.name, "content": self.content}
+        return msg | ({"tool_call_id": tool_call_id} if tool_call_id else {})
+
 
 @dataclass
 class Tool:

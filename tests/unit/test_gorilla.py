@@ -45,7 +45,8 @@ MATCH_CASES = [
     # (answer, reference, outcome): the paper's definition, case by case
     (REF, REF, "correct"),
     ("torchvision.models.resnet50(weights='IMAGENET1K_V2', progress=False)", REF, "correct"),  # extra optional arg
-    ('torchvision.models.resnet50(weights=" imagenet1k_v2")', REF, "correct"),  # strings normalised
+    ('torchvision.models.resnet50(weights=" IMAGENET1K_V2 ")', REF, "correct"),  # quotes, whitespace
+    ("torchvision.models.resnet50(weights='imagenet1k_v2')", REF, "hallucination"),  # case-sensitive
     ("m = torchvision.models.resnet50(weights='IMAGENET1K_V2').eval()", REF, "correct"),  # a sub-tree
     ("<<<domain>>>: Image Classification\n<<<api_call>>>: torchvision.models.resnet50(weights='IMAGENET1K_V2')\n"
      "<<<api_provider>>>: PyTorch", REF, "correct"),
@@ -63,7 +64,7 @@ MATCH_CASES = [
     (OTHER, REF, "wrong_api"),
     ("torchvision.models.resnet18(weights='IMAGENET1K_V1', progress=True)", REF, "wrong_api"),
     (HF_REF.replace("'sentiment-analysis', ", "task='sentiment-analysis', "), HF_REF, "hallucination"),  # positional
-    ("pipeline('sentiment-analysis', model='DistilBERT-base-uncased-finetuned-sst-2-english', device=0)",
+    ("pipeline('sentiment-analysis', model='distilbert-base-uncased-finetuned-sst-2-english', device=0)",
      HF_REF, "correct"),
     ("torchvision.models.resnet50(weights='IMAGENET1K_V2'", REF, "parse_failure"),
     ("<<<api_call>>>: torchvision.models.resnet50(weights=", REF, "parse_failure"),

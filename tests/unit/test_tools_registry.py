@@ -40,6 +40,7 @@ def test_call_ok_with_dict_and_json_arguments(registry):
     r = registry.call("echo", '{"n": 4}')
     assert r.ok and r.content == "n=4" and not r.truncated
     assert registry.call("data", {"n": 3}).content == '{"n": 3, "sq": 9}'
+    assert r.message("call_1") == {"role": "tool", "name": "echo", "content": "n=4", "tool_call_id": "call_1"}
 
 
 @pytest.mark.parametrize("name,args,needle", [
