@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 OUTCOMES = ("correct", "wrong_api", "hallucination", "parse_failure", "abstention")
 _MISSING = object()
 _CALL_LIKE = re.compile(r"[A-Za-z_][\w.]*\s*\(")
-_FENCE = re.compile(r"```[\w+-]*\n(.*?)```", re.S)
+_FENCE = re.compile(r"```[\w+-]*\n(.*?)```", re.DOTALL)
 
 
 def call_path(node: ast.Call) -> str | None:
@@ -64,7 +64,7 @@ def parse_call(source: str) -> ast.Call:
     except SyntaxError as exc:
         raise ValueError(f"not a Python call: {source!r} ({exc.msg})") from None
     if not isinstance(node, ast.Call):
-        raise ValueError(f"not a single call: {source!r}")
+        raise ValueError(f"not a single call: {source!r}")  # noqa: TRY004 (a bad value, not a bad type)
     return node
 
 
@@ -123,7 +123,7 @@ def call_contains(candidate: ast.Call, reference: ast.Call) -> bool:
 
 def extract_code(answer: str) -> str:
     """The code part of an answer (``<<<api_call>>>`` field, fenced blocks, or all of it)."""
-    m = re.search(r"<<<api_call>>>\s*:?\s*(.*?)(?=<<<|\n\s*\n|$)", answer, re.S)
+    m = re.search(r"<<<api_call>>>\s*:?\s*(.*?)(?=<<<|\n\s*\n|$)", answer, re.DOTALL)
     if m:
         return m.group(1).strip()
     blocks = _FENCE.findall(answer)

@@ -37,6 +37,7 @@ from pathlib import Path
 from mmllm.errors import MissingFileError
 from mmllm.tools.bfcl_checker import OK, Check, check_calls
 from mmllm.tools.calculator import evaluate as safe_arithmetic
+from mmllm.tools.registry import ToolError
 
 CATEGORIES = ("simple", "multiple", "parallel", "parallel_multiple", "irrelevance")
 _FILE_NAMES = {"simple": ("simple_python", "simple"), "multiple": ("multiple",), "parallel": ("parallel",),
@@ -117,7 +118,7 @@ def fetch_bfcl_data(cache_dir: str | Path | None = None, *, version: str | None 
     wheels = cache / "wheels"
     spec = f"bfcl-eval=={version}" if version else "bfcl-eval"
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec, "-d", str(wheels)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr[-2000:]}")
     wheel = max(wheels.glob(f"bfcl_eval-{version or '*'}-py3-none-any.whl"), key=lambda p: p.stat().st_mtime)
@@ -161,7 +162,7 @@ def _value(node: ast.AST):
                 return left + right
         try:
             return safe_arithmetic(ast.unparse(node))  # never eval: the calculator's whitelist
-        except Exception as exc:
+        except ToolError as exc:
             raise DecodeError(f"argument {ast.unparse(node)!r} is not a literal: {exc}") from None
     raise DecodeError(f"unsupported argument {ast.unparse(node)!r} ({type(node).__name__})")
 
@@ -208,7 +209,7 @@ def decode_output(text: str | None, *, fmt: str = "python") -> list[tuple[str, d
         DecodeError: a parse failure (see the module docstring).
     """
     text = (text or "").strip()
-    fenced = re.findall(r"```[\w]*\n?(.*?)```", text, re.S)
+    fenced = re.findall(r"```[\w]*\n?(.*?)```", text, re.DOTALL)
     text = (fenced[0] if fenced else text).strip().strip("`").strip()
     if not text or text == "[]":
         return []

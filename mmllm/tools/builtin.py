@@ -53,7 +53,7 @@ def calendar_tools(*, clock: Callable[[], dt.date] = dt.date.today) -> list[Tool
     Args:
         clock: the source of today's date (tests pin it).
     """
-    obj = lambda props, req: {"type": "object", "properties": props, "required": req,  # noqa: E731
+    obj = lambda props, req: {"type": "object", "properties": props, "required": req,
                               "additionalProperties": False}
     return [
         Tool(name="today", description="Today's date and weekday.", parameters=obj({}, []),

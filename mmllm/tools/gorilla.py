@@ -73,7 +73,7 @@ def parse_pairs(text: str | None) -> list[dict] | None:
     """
     if not text or not text.strip():
         return None
-    body = "\n".join(re.findall(r"```(?:json)?\n(.*?)```", text, re.S)) or text
+    body = "\n".join(re.findall(r"```(?:json)?\n(.*?)```", text, re.DOTALL)) or text
     candidates = [body] + ([body[body.index("["):body.rindex("]") + 1]] if "[" in body and "]" in body else [])
     for cand in candidates:
         try:
@@ -83,7 +83,7 @@ def parse_pairs(text: str | None) -> list[dict] | None:
         if isinstance(data, dict):
             data = [data]
         if isinstance(data, list):
-            return [_pair(d) for d in data if isinstance(d, dict) or isinstance(d, str)]
+            return [_pair(d) for d in data if isinstance(d, (dict, str))]
     rows = []
     for line in body.splitlines():
         line = line.strip().rstrip(",")

@@ -154,7 +154,7 @@ class ToolRegistry:
             except FutureTimeout:
                 future.cancel()
                 raise ToolError(f"{name} timed out after {timeout:g} s") from None
-        except Exception as exc:  # every failure becomes text for the model
+        except Exception as exc:  # noqa: BLE001 (every failure becomes text for the model)
             text = str(exc) if isinstance(exc, ToolError) else f"{name} failed: {type(exc).__name__}: {exc}"
             content, cut = self._cap("error: " + text)
             return ToolResult(name, False, content, time.perf_counter() - start, cut)

@@ -151,8 +151,8 @@ class BM25Index:
         out = Path(directory)
         self.retriever.save(str(out), show_progress=False)
         with open(out / _PASSAGES, "w", encoding="utf-8") as f:
-            for p in self.passages:
-                f.write(json.dumps({"doc_id": p.doc_id, "title": p.title, "text": p.text}, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps({"doc_id": p.doc_id, "title": p.title, "text": p.text}, ensure_ascii=False)
+                         + "\n" for p in self.passages)
         (out / "mmllm_index.json").write_text(json.dumps({"stopwords": self.stopwords}))
         return out
 

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from mmllm.tools import bfcl
-from mmllm.tools.bfcl import BFCLExample, DecodeError, check_output, decode_output, evaluate, load_bfcl
+from mmllm.tools.bfcl import (
+    BFCLExample,
+    DecodeError,
+    check_output,
+    decode_output,
+    evaluate,
+    load_bfcl,
+)
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures" / "bfcl"
 # Rows whose own ground truth fails any checker: the answer omits a parameter the schema requires

@@ -48,8 +48,8 @@ MATCH_CASES = [
     ('torchvision.models.resnet50(weights=" IMAGENET1K_V2 ")', REF, "correct"),  # quotes, whitespace
     ("torchvision.models.resnet50(weights='imagenet1k_v2')", REF, "hallucination"),  # case-sensitive
     ("m = torchvision.models.resnet50(weights='IMAGENET1K_V2').eval()", REF, "correct"),  # a sub-tree
-    ("<<<domain>>>: Image Classification\n<<<api_call>>>: torchvision.models.resnet50(weights='IMAGENET1K_V2')\n"
-     "<<<api_provider>>>: PyTorch", REF, "correct"),
+    (("<<<domain>>>: Image Classification\n<<<api_call>>>: torchvision.models.resnet50(weights='IMAGENET1K_V2')\n"
+      "<<<api_provider>>>: PyTorch"), REF, "correct"),
     ("Use this:\n```python\nimport torchvision\nmodel = torchvision.models.resnet50(weights='IMAGENET1K_V2')\n```",
      REF, "correct"),
     ("Sure! model = torchvision.models.resnet50(weights='IMAGENET1K_V2') should work.", REF, "parse_failure"),  # code inline in prose
@@ -195,10 +195,10 @@ def test_generate_cli_writes_pairs_and_three_chat_files(tmp_path, monkeypatch, c
     assert gorilla.main(["generate", "--teacher", "openai", "--set", "model=my-model", "--per-api", "2",
                          "--out", str(tmp_path)]) == 0
     assert seen["_target_"] == "mmllm.teacher.OpenAITeacher" and seen["model"] == "my-model"
-    pairs = [json.loads(line) for line in open(tmp_path / "pairs.jsonl")]
+    pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 2 * len(catalog)
     for mode in ("no_doc", "oracle", "bm25"):
-        rows = [json.loads(line) for line in open(tmp_path / f"sft_{mode}.jsonl")]
+        rows = [json.loads(line) for line in (tmp_path / f"sft_{mode}.jsonl").read_text().splitlines()]
         assert len(rows) == len(pairs) and (gorilla.DOC_PREFIX in rows[0]["messages"][0]["content"]) == (mode != "no_doc")
     answers = tmp_path / "answers.jsonl"
     answers.write_text("".join(json.dumps({"answer": p["api_call"]}) + "\n" for p in pairs))
