@@ -92,8 +92,8 @@ def test_eval_suite_instantiates_its_tasks(suite, tmp_path):
 def test_every_yaml_is_covered():
     """A new YAML must be reached by one of the tests above."""
     covered = {CONF / f"{p}.yaml" for p in PRIMARY}
-    # teacher/*: instantiated by tests/unit/test_teacher.py
-    covered |= {CONF / g / f"{o}.yaml" for g in TRAIN_GROUPS + CURATE_GROUPS + ["eval/suite", "teacher"]
+    # teacher/*: instantiated by tests/unit/test_teacher.py; tools/*: by tests/unit/test_tools_registry.py
+    covered |= {CONF / g / f"{o}.yaml" for g in TRAIN_GROUPS + CURATE_GROUPS + ["eval/suite", "teacher", "tools"]
                 for o in _group_options(g)}
     # Task YAMLs are reached through the suites ("all" holds every benchmark).
     in_suites = set()

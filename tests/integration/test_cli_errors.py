@@ -151,7 +151,7 @@ def _group_options() -> list[tuple[str, str]]:
     out = []
     for f in sorted(conf.rglob("*.yaml")):
         rel = f.relative_to(conf)
-        if len(rel.parts) > 1 and rel.parts[0] not in ("hydra", "curation", "eval", "teacher"):
+        if len(rel.parts) > 1 and rel.parts[0] not in ("hydra", "curation", "eval", "teacher", "tools"):
             out.append((str(rel.parent), f.stem))
     return out
 
