@@ -20,6 +20,7 @@ COMMANDS = {
     "curate": ("mmllm.curation.cli:main", "curate web data with NeMo Curator (conf/curate.yaml)"),
     "eval": ("mmllm.eval.cli:main", "evaluate a checkpoint on benchmark tasks (conf/eval.yaml)"),
     "serve": ("mmllm.serve.cli:main", "an OpenAI-compatible server for a checkpoint (conf/serve.yaml)"),
+    "synth": ("mmllm.synth.cli:main", "self-instruct / Evol-Instruct data through a teacher (conf/synth.yaml)"),
     "inspect-batch": ("mmllm.data.inspect:main",
                       "print a training batch with its supervised tokens marked (conf/train.yaml)"),
 }
