@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from hydra.utils import instantiate
 
@@ -24,8 +25,10 @@ class SelfInstructStage(Stage):
     """Generates ``<stage dir>/sft.jsonl`` (``{"messages": [...]}`` rows) and ``stats.json``.
 
     Args:
-        teacher: a teacher config node (``_target_: mmllm.teacher.OpenAITeacher`` ...); None
-            serves the pretrain stage's checkpoint and asks it through the OpenAI client.
+        teacher: a :class:`~mmllm.teacher.Teacher`, or its config node (``_target_:
+            mmllm.teacher.OpenAITeacher``, ...; Hydra builds a node in ``pipeline.stages`` with
+            the stage, and a teacher loads its model only at its first request); None serves the
+            pretrain stage's checkpoint and asks it through the OpenAI client.
         num_instructions: tasks to keep (the run stops there, or after ``max_rounds``).
         requests_per_round: proposal requests per round.
         max_rounds: rounds at most.
@@ -38,10 +41,10 @@ class SelfInstructStage(Stage):
     optional_inputs = ("tokenize",)
     config_keys = ("seed",)
 
-    def __init__(self, *, teacher: Mapping | None = None, num_instructions: int = 8,
+    def __init__(self, *, teacher: Any = None, num_instructions: int = 8,
                  requests_per_round: int = 8, max_rounds: int = 2, max_tokens: int = 48,
                  max_seq_len: int = 512, options: Mapping | None = None) -> None:
-        self.teacher = dict(teacher) if teacher is not None else None
+        self.teacher = dict(teacher) if isinstance(teacher, Mapping) else teacher
         self.inputs = () if self.teacher is not None else ("pretrain",)
         self.num_instructions, self.requests_per_round = num_instructions, requests_per_round
         self.max_rounds, self.max_tokens, self.max_seq_len = max_rounds, max_tokens, max_seq_len
@@ -61,9 +64,14 @@ class SelfInstructStage(Stage):
     def run(self, ctx: StageContext) -> None:
         generator = self.generator(ctx)
         if self.teacher is not None:
-            with instantiate(self.teacher) as teacher:
+            built = isinstance(self.teacher, Mapping)
+            teacher = instantiate(self.teacher) if built else self.teacher
+            try:
                 result = generator.run(teacher, ctx.dir)
-            source = self.teacher.get("_target_", "teacher")
+            finally:
+                if built:
+                    teacher.close()
+            source = f"{type(teacher).__name__}({teacher.model})"
         else:
             result, source = self._run_served(ctx, generator), "pretrain (mmllm serve)"
         s = result.stats
@@ -73,8 +81,9 @@ class SelfInstructStage(Stage):
         print(f"self-instruct ({source}): kept {s['kept']} of {s['generated']} generated instructions "
               f"({s['rows']} SFT rows)")
         if not s["kept"]:
-            print(f"self-instruct kept nothing: every candidate was dropped ({s['dropped']}); "
-                  f"{result.paths['sft']} is empty")
+            why = (f"every candidate was dropped ({s['dropped']})" if s["generated"] else
+                   f"no answer held a parsable instruction (requests: {s['requests']})")
+            print(f"self-instruct kept nothing: {why}; {result.paths['sft']} is empty")
 
     def _run_served(self, ctx: StageContext, generator):
         """Serves the pretrained checkpoint on loopback and generates through the OpenAI client."""

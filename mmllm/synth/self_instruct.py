@@ -227,7 +227,8 @@ class SelfInstruct:
         counts["candidates"] += len(candidates)
         room = self.num_instructions - len(generated)
         screened = self.screen(candidates, pool, dropped)
-        dropped["over_target"] += max(0, len(screened) - room)
+        if len(screened) > room:
+            dropped["over_target"] += len(screened) - room
         screened = screened[:room]  # proposals beyond the target are not worth more requests
         labels = ask(teacher, [self.classify_prompt(s, rng) for s in screened], counts, "classify",
                      desc="self-instruct: classify", sampling=self.classify_sampling)
