@@ -69,9 +69,15 @@ class RougePool:
         self._tokens.append(tokens)
         self._bags.append(Counter(tokens))
 
-    def most_similar(self, text: str, tokens: list[str] | None = None) -> tuple[float, int | None]:
-        """``(best ROUGE-L F, index of that pool text)``, only exact for scores >= threshold
-        (lower pool entries may be bounded away); ``(0.0, None)`` for an empty pool or text."""
+    def most_similar(self, text: str, tokens: list[str] | None = None, *,
+                     first: bool = False) -> tuple[float, int | None]:
+        """``(best ROUGE-L F, index of that pool text)``: exact when it reaches the threshold;
+        below it, pool texts that cannot reach it are skipped, so it is only a lower bound
+        (``(0.0, None)`` when every text was skipped, the pool is empty or ``text`` has no words).
+
+        Args:
+            first: stop at the first pool text at or above the threshold (a yes/no lookup).
+        """
         tokens = self.tokenize(text) if tokens is None else tokens
         if not tokens:
             return 0.0, None
@@ -86,10 +92,12 @@ class RougePool:
             f = rouge_scorer._score_lcs(other, tokens).fmeasure
             if f > best:
                 best, where = f, i
+                if first and best >= self.threshold:
+                    break
         return best, where
 
     def is_duplicate(self, text: str, tokens: list[str] | None = None) -> bool:
-        return self.most_similar(text, tokens)[0] >= self.threshold
+        return self.most_similar(text, tokens, first=True)[0] >= self.threshold
 
 
 def instruction_reason(text: str, *, min_words: int = 3, max_words: int = 150,

@@ -25,7 +25,7 @@ import logging
 import random
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mmllm.synth.common import SeedTask, SynthResult, ask, load_seed_tasks, prompt_text, sft_row, write_outputs
@@ -83,7 +83,7 @@ class SelfInstruct:
                  requests_per_round: int = 8, max_rounds: int = 100, num_prompt_instructions: int = 8,
                  num_machine_instructions: int = 2, num_shots: int = 4, max_instances: int = 3,
                  rouge_threshold: float = 0.7, min_words: int = 3, max_words: int = 150,
-                 max_output_words: int = 400, blacklist: list[str] = BLACKLIST,
+                 max_output_words: int = 400, blacklist: Sequence[str] = BLACKLIST,
                  propose_sampling: Mapping | None = None, classify_sampling: Mapping | None = None,
                  instance_sampling: Mapping | None = None, seed: int = 0) -> None:
         if num_instructions < 1 or requests_per_round < 1 or max_rounds < 1:
