@@ -72,14 +72,17 @@ def sft_row(user: str, assistant: str) -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
-def ask(teacher, prompts: Sequence[str], counter: Counter, stage: str, *, desc: str,
+def ask(teacher, prompts: Sequence[str | list[dict]], counter: Counter, stage: str, *, desc: str,
         sampling: Mapping | None = None) -> list[str | None]:
-    """The teacher's answers to single-turn ``prompts``, concurrently (None for a failed request).
+    """The teacher's answers to ``prompts``, concurrently (None for a failed request).
+
+    A prompt is the text of one user turn, or a whole conversation (few-shot examples as
+    earlier user/assistant turns, which chat models follow more reliably than inline shots).
 
     ``counter[f"{stage}_requests"]`` counts the requests and ``counter[f"{stage}_failed"]`` the
     answers that came back None (a teacher with ``on_error="skip"``).
     """
-    convs = [[{"role": "user", "content": p}] for p in prompts]
+    convs = [[{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
     answers = teacher.chat_many(convs, desc=desc, **dict(sampling or {})) if convs else []
     counter[f"{stage}_requests"] += len(convs)
     counter[f"{stage}_failed"] += sum(a is None for a in answers)

@@ -11,7 +11,8 @@ teacher then answers each evolved instruction, and the eliminator drops failed e
   Equal" as in the paper, or ``equality_check="rouge"``: ROUGE-L F >= ``equality_threshold``);
   ``malformed_judgement`` when the judge says neither;
 * ``refused_response`` (the answer says "sorry" and is under ``sorry_max_words`` words),
-  ``degenerate_response`` (too short, or only punctuation and stop words), ``teacher_failed``;
+  ``degenerate_response`` (too short, or only punctuation and stop words),
+  ``response_copies_instruction`` (ROUGE-L F >= 0.9 with the instruction: an echo), ``teacher_failed``;
 * ``duplicate``: an instruction already kept.
 
 A successful evolution is kept (an SFT row with the teacher's answer) and evolves further next
@@ -60,6 +61,10 @@ EQUAL = ("Here are two instructions to an AI assistant. Are they equal to each o
          "they have the same constraints and requirements, and the same depth and breadth of "
          "inquiry?\n\nThe first instruction: {a}\n\nThe second instruction: {b}\n\n"
          "Answer with Equal or Not Equal only.")
+# Few-shot turns of the equality judge: a paraphrase is Equal, an added requirement is not.
+JUDGE_SHOTS = (("Name three rivers in Europe.", "List three European rivers.", "Equal"),
+               ("Name three rivers in Europe.",
+                "Name three rivers in Europe and give the length of each in kilometres.", "Not Equal"))
 _LABEL = re.compile(r"^\s*(?:\*\*|#)*\s*(?:the\s+)?(?:rewritten|created|new)\s+prompt\s*(?:\*\*|#)*\s*:?\s*",
                     re.IGNORECASE)
 _COPIED = re.compile(r"(given|rewritten|created)\s*#?\s*prompt|#\s*rewritten|#\s*created", re.IGNORECASE)
@@ -101,6 +106,14 @@ def evolution_prompt(instruction: str, operation: str) -> str:
     if operation == "breadth":
         return BREADTH.format(instruction=instruction)
     return DEPTH.format(method=METHODS[operation], instruction=instruction)
+
+
+def judge_prompt(parent: str, child: str) -> list[dict]:
+    """The equality question as a conversation, after the :data:`JUDGE_SHOTS` answered turns."""
+    conv = []
+    for a, b, verdict in JUDGE_SHOTS:
+        conv += [{"role": "user", "content": EQUAL.format(a=a, b=b)}, {"role": "assistant", "content": verdict}]
+    return conv + [{"role": "user", "content": EQUAL.format(a=parent, b=child)}]
 
 
 def evolved_text(answer: str) -> str:
@@ -215,6 +228,8 @@ class EvolInstruct:
         for i, resp in zip(live, responses):
             reasons[i] = response_reason(resp, min_words=self.min_response_words,
                                          sorry_max_words=self.sorry_max_words)
+            if reasons[i] is None and RougePool(threshold=0.9, texts=[children[i]]).is_duplicate(resp):
+                reasons[i] = "response_copies_instruction"  # an echo, not an answer
         if self.equality_check == "teacher":
             self._judge(teacher, generation, children, reasons, counts)
         nxt, eliminated = [], Counter()
@@ -238,7 +253,7 @@ class EvolInstruct:
     def _judge(self, teacher, parents: list[str], children: list, reasons: list, counts: Counter) -> None:
         """Asks the teacher whether each surviving evolution equals its parent (no information gain)."""
         live = [i for i, why in enumerate(reasons) if why is None]
-        verdicts = ask(teacher, [EQUAL.format(a=parents[i], b=children[i]) for i in live], counts, "judge",
+        verdicts = ask(teacher, [judge_prompt(parents[i], children[i]) for i in live], counts, "judge",
                        desc="evol-instruct: equality", sampling=self.judge_sampling)
         for i, verdict in zip(live, verdicts):
             equal = parse_equal(verdict)

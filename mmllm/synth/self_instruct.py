@@ -39,8 +39,8 @@ PROPOSE = ("Come up with a series of new tasks that people could ask a helpful A
            "classification, editing, reasoning, coding, advice). Each task is one or two sentences, "
            "can be done with text alone (no images, files or web browsing), and some need an input "
            "while others do not. Continue the numbered list with new tasks, one per line.\n\n")
-CLASSIFY = ("Is the task a classification task, one whose answer is a label from a small, fixed set "
-            "of labels? Answer Yes or No.\n\n")
+CLASSIFY = ("Is the task below a classification task, one whose answer is a label from a small, fixed "
+            "set of labels? Answer Yes or No.\n\n")
 INPUT_FIRST = ("Write examples for the task. Each example gives an Input (the information the task "
                "works on, or <none> when it needs none) and the Output a good assistant would give. "
                "Write one to three examples in the same format as the ones below.\n\n")
@@ -112,15 +112,18 @@ class SelfInstruct:
         lines = [f"Task {i}: {t.instruction}" for i, t in enumerate(shown, 1)]
         return PROPOSE + "\n".join(lines) + f"\nTask {len(shown) + 1}:"
 
-    def classify_prompt(self, instruction: str, rng: random.Random) -> str:
+    def classify_prompt(self, instruction: str, rng: random.Random) -> list[dict]:
+        """A conversation: seed tasks of both kinds as answered turns, then ``instruction``."""
         yes = [t for t in self.seeds if t.is_classification]
         no = [t for t in self.seeds if not t.is_classification]
         k = max(1, self.num_shots // 2)
         shots = rng.sample(yes, min(k, len(yes))) + rng.sample(no, min(k, len(no)))
         rng.shuffle(shots)
-        body = "".join(f"Task: {t.instruction}\nClassification: {'Yes' if t.is_classification else 'No'}\n\n"
-                       for t in shots)
-        return CLASSIFY + body + f"Task: {instruction}\nClassification:"
+        conv = []
+        for t in shots:
+            conv += [{"role": "user", "content": f"{CLASSIFY}Task: {t.instruction}"},
+                     {"role": "assistant", "content": "Yes" if t.is_classification else "No"}]
+        return conv + [{"role": "user", "content": f"{CLASSIFY}Task: {instruction}"}]
 
     def instance_prompt(self, instruction: str, classification: bool, rng: random.Random) -> str:
         pool = [t for t in self.seeds if t.is_classification == classification] or self.seeds

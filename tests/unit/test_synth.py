@@ -203,8 +203,11 @@ def evol_script(prompt: str) -> str:
                 "Say hello.": "Rewrite the given prompt: say hello.",
                 "Count to three.": "Count to three.",
                 "Greet a friend.": "Greet a friend in Japanese and explain the politeness level.",
-                "Name a gas giant.": "Name a gas giant other than Jupiter."}.get(
+                "Name a gas giant.": "Name a gas giant other than Jupiter.",
+                "Spell cat.": "Spell the word cat backwards, letter by letter."}.get(
             given, f"{given} Then justify the answer with two reasons.")
+    if "backwards" in prompt:
+        return "Spell the word cat backwards, letter by letter."  # an echo
     if "Japanese" in prompt:
         return "Sorry, I can't do that."
     if "rings" in prompt:
@@ -217,17 +220,18 @@ def test_evol_instruct_eliminates_failed_evolutions_and_retries_their_parents(tm
     seeds.write_text("".join(json.dumps(r) + "\n" for r in [
         {"instruction": "Name a planet."}, {"prompt": "Describe the moon."},
         {"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hi"}]},
-        {"instruction": "Count to three."}, {"instruction": "Greet a friend."}, {"prompt": "Name a gas giant."}]))
+        {"instruction": "Count to three."}, {"instruction": "Greet a friend."}, {"prompt": "Name a gas giant."},
+        {"instruction": "Spell cat."}]))
     teacher = ScriptedTeacher(evol_script)
     result = EvolInstruct(instructions=str(seeds), rounds=2, seed=0).run(teacher, tmp_path / "ei")
     r1, r2 = result.stats["rounds"]
-    assert r1["evolved"] == 6 and r1["kept"] == 1
+    assert r1["evolved"] == 7 and r1["kept"] == 1
     assert r1["eliminated"] == {"copied_prompt_words": 1, "no_information_gain": 2, "refused_response": 1,
-                                "malformed_judgement": 1}
+                                "malformed_judgement": 1, "response_copies_instruction": 1}
     # round 2: the kept evolution evolves on; the failed parents are evolved again (same outcome)
-    assert r2["evolved"] == 6 and r2["kept"] == 1 and sum(r2["eliminated"].values()) == 5
-    assert result.stats["generated"] == 12 and result.stats["kept"] == 2 == result.stats["rows"]
-    assert sum(s["operations"][op] for s in (r1, r2) for op in s["operations"]) == 12
+    assert r2["evolved"] == 7 and r2["kept"] == 1 and sum(r2["eliminated"].values()) == 6
+    assert result.stats["generated"] == 14 and result.stats["kept"] == 2 == result.stats["rows"]
+    assert sum(s["operations"][op] for s in (r1, r2) for op in s["operations"]) == 14
     rows = _rows_ok(result.paths["sft"])
     assert rows[0]["messages"][0]["content"] == "Name a planet with rings and explain how they formed."
     assert rows[0]["messages"][1]["content"].startswith("Saturn")
@@ -238,7 +242,8 @@ def test_evol_instruct_eliminates_failed_evolutions_and_retries_their_parents(tm
     rouge = EvolInstruct(instructions=str(seeds), rounds=1, equality_check="rouge").run(teacher, tmp_path / "r")
     assert not any(p.startswith("Here are two") for p in teacher.prompts)
     assert rouge.stats["kept"] == 3 and rouge.stats["eliminated"] == {
-        "copied_prompt_words": 1, "no_information_gain": 1, "refused_response": 1}
+        "copied_prompt_words": 1, "no_information_gain": 1, "refused_response": 1,
+        "response_copies_instruction": 1}
     assert rouge.stats["generated"] == rouge.stats["kept"] + sum(rouge.stats["eliminated"].values())
 
 
