@@ -134,12 +134,25 @@ def is_degenerate(text: str, *, min_words: int = 1) -> bool:
     return len(ws) < min_words or all(w in STOPWORDS for w in ws)
 
 
+def is_repetitive(text: str, *, n: int = 4, max_repeat: float = 0.5) -> bool:
+    """Whether ``text`` loops (a small model's greedy failure): at least 3 lines, at most half of
+    them distinct; or at least 12 words whose distinct word ``n``-grams are under ``1 - max_repeat``
+    of all of them."""
+    lines = [line.strip().lower() for line in text.splitlines() if line.strip()]
+    if len(lines) >= 3 and len(set(lines)) <= len(lines) * max_repeat:
+        return True
+    ws = words(text)
+    grams = [tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)]
+    return len(ws) >= 12 and len(set(grams)) < len(grams) * (1 - max_repeat)
+
+
 def response_reason(response: str | None, *, min_words: int = 3, sorry_max_words: int = 80) -> str | None:
     """Why a teacher's answer is eliminated (Evol-Instruct's response rules), None: it passes.
 
     Reasons: ``teacher_failed`` (no answer), ``degenerate_response`` (fewer than ``min_words``
     words, or only punctuation and stop words), ``refused_response`` (it says "sorry" and is
-    shorter than ``sorry_max_words`` words: the instruction was too hard to answer).
+    shorter than ``sorry_max_words`` words: the instruction was too hard to answer),
+    ``repetitive_response`` (it loops, see :func:`is_repetitive`).
     """
     if response is None:
         return "teacher_failed"
@@ -148,4 +161,6 @@ def response_reason(response: str | None, *, min_words: int = 3, sorry_max_words
     ws = words(response)
     if "sorry" in ws and len(ws) < sorry_max_words:
         return "refused_response"
+    if is_repetitive(response):
+        return "repetitive_response"
     return None

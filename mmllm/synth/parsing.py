@@ -13,6 +13,7 @@ _EXAMPLE = re.compile(r"(?:^|\n)[ \t]*(?:[*#]+[ \t]*)?example[ \t]*\d{0,3}[ \t]*
 _INPUT = re.compile(r"(?:^|\n)[ \t]*(?:\*\*)?input(?:\*\*)?[ \t]*:(?:\*\*)?", re.IGNORECASE)
 _OUTPUT = re.compile(r"(?:^|\n)[ \t]*(?:\*\*)?output(?:\*\*)?[ \t]*:(?:\*\*)?", re.IGNORECASE)
 _LABEL = re.compile(r"(?:^|\n)[ \t]*(?:\*\*)?class[ \t]+label(?:\*\*)?[ \t]*:(?:\*\*)?", re.IGNORECASE)
+_NEXT_FIELD = re.compile(f"{_INPUT.pattern}|{_OUTPUT.pattern}", re.IGNORECASE)
 _NEXT_TASK = re.compile(r"\n[ \t]*(?:\*\*)?task[ \t]*\d{0,3}[ \t]*:", re.IGNORECASE)
 _NONE_INPUTS = {"", "<none>", "none", "(none)", "n/a", "na", "<noinput>", "no input", "null", "-"}
 _SPACES = re.compile(r"[ \t]+")
@@ -49,7 +50,8 @@ def parse_yes_no(text: str | None) -> bool | None:
     return None if m is None else m.group(1).lower() == "yes"
 
 
-def _input_of(text: str) -> str:
+def _field(text: str) -> str:
+    """A cleaned field; "<none>", "N/A" and the like are empty."""
     text = clean(text)
     return "" if text.lower() in _NONE_INPUTS else text
 
@@ -58,7 +60,8 @@ def parse_instances(text: str) -> list[dict]:
     """``[{"input", "output"}]`` from "Example N / Input: ... / Output: ..." blocks (input-first).
 
     A block without ``Output:`` is skipped; one without ``Input:`` has input "" (a task that
-    needs none). Without any ``Example`` marker the whole answer is one block.
+    needs none); the output ends at the next ``Input:``/``Output:``/``Task:`` line. Without any
+    ``Example`` marker the whole answer is one block.
     """
     blocks = [b for b in _EXAMPLE.split(text) if b.strip()]
     out = []
@@ -70,7 +73,8 @@ def parse_instances(text: str) -> list[dict]:
         i = list(_INPUT.finditer(head))
         inp = head[i[0].end():] if i else ""
         output = _NEXT_TASK.split(output)[0]  # a model that goes on to invent the next task
-        out.append({"input": _input_of(inp), "output": clean(output)})
+        output = _NEXT_FIELD.split(output)[0]  # a looping model writes "Output:" again
+        out.append({"input": _field(inp), "output": _field(output)})  # "<none>" is no output
     return out
 
 
@@ -83,7 +87,7 @@ def parse_labeled_instances(text: str) -> list[dict]:
         if not i:
             continue
         label = clean(block[:i[0].start()])
-        inp = _input_of(block[i[0].end():])
+        inp = _field(block[i[0].end():])
         out.append({"input": inp, "output": label})
     return out
 

@@ -11,7 +11,7 @@ Each round:
 3. **Classify.** The teacher says whether the task is classification (a few seed tasks as shots).
 4. **Instances.** Non-classification: input first ("Example / Input / Output"); classification:
    output first ("Class label / Input"), so the inputs are not biased towards one label. Empty,
-   duplicate, contradictory (same input, different outputs) or degenerate instances are dropped;
+   duplicate, contradictory (same input, different outputs), degenerate or looping instances are dropped;
    a task left without instances is dropped.
 
 A kept task joins the pool and becomes SFT rows (one per instance):
@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mmllm.synth.common import SeedTask, SynthResult, ask, load_seed_tasks, prompt_text, sft_row, write_outputs
-from mmllm.synth.filters import BLACKLIST, RougePool, instruction_reason, is_degenerate, words
+from mmllm.synth.filters import BLACKLIST, RougePool, instruction_reason, is_degenerate, is_repetitive, words
 from mmllm.synth.parsing import parse_instances, parse_instructions, parse_labeled_instances, parse_yes_no
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,8 @@ class SelfInstruct:
                 reason = "output_too_long"
             elif not classification and is_degenerate(out):
                 reason = "degenerate_output"  # labels may be stop words ("yes"); answers may not
+            elif is_repetitive(out):
+                reason = "repetitive_output"
             elif len(kept) >= self.max_instances:
                 reason = "over_max_instances"
             else:

@@ -80,7 +80,9 @@ def test_instruction_heuristics(text, reason):
     ("It is what it is, and so it was.", "degenerate_response"),  # only stop words
     ("... !!! ???", "degenerate_response"),
     ("Sorry, I cannot help with that request.", "refused_response"),
-    ("Sorry for the wait: " + "the answer explains every detail here " * 14, None),  # long: not a refusal
+    ("Sorry for the wait: " + " ".join(f"step {i} explains a detail;" for i in range(20)), None),  # long: not a refusal
+    ("Output: none\nOutput: none\nOutput: none\nOutput: none", "repetitive_response"),
+    ("The cat sat on the mat and " * 4, "repetitive_response"),
     ("Paris is the capital of France.", None),
 ])
 def test_response_elimination_rules(response, reason):
@@ -98,6 +100,9 @@ def test_parsing_tolerates_formats_and_returns_nothing_for_junk():
                            "Hello.\nTask: invent another") == [{"input": "3, 1, 2", "output": "1, 2, 3"},
                                                                {"input": "", "output": "Hello."}]
     assert parse_instances("Input: only an input, no output") == []
+    assert parse_instances("Input: a poem\nOutput: Roses are red.\n\nOutput: Roses are red.\nOutput: <none>") == [
+        {"input": "a poem", "output": "Roses are red."}]  # a looping model's repeats are cut
+    assert parse_instances("Input: x\nOutput: <none>") == [{"input": "x", "output": ""}]  # dropped: empty
     assert parse_labeled_instances("Class label: spam\nInput: Win a prize now\nClass label: ham\nInput: See you"
                                    ) == [{"input": "Win a prize now", "output": "spam"},
                                          {"input": "See you", "output": "ham"}]
