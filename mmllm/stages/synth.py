@@ -96,10 +96,9 @@ class SelfInstructStage(Stage):
         engine = Engine(model, tok, max_batch=self.requests_per_round, max_seq_len=max_seq_len,
                         seed=int(ctx.cfg.get("seed") or 0))
         app = create_app(engine, model_name="pretrain", max_tokens=self.max_tokens)
-        with ServerThread(app) as server:
-            # Failures (a prompt over the context) are counted and skipped, not fatal: no retries
-            # either, the server is local and a rejected prompt stays rejected.
-            with OpenAITeacher(model="pretrain", base_url=server.url, max_retries=0, progress=False,
-                               on_error="skip", max_concurrency=self.requests_per_round,
-                               sampling={"max_tokens": self.max_tokens}) as teacher:
-                return generator.run(teacher, ctx.dir)
+        # Failures (a prompt over the context) are counted and skipped, not fatal; no retries
+        # either: the server is local and a rejected prompt stays rejected.
+        with ServerThread(app) as server, OpenAITeacher(
+                model="pretrain", base_url=server.url, max_retries=0, progress=False, on_error="skip",
+                max_concurrency=self.requests_per_round, sampling={"max_tokens": self.max_tokens}) as teacher:
+            return generator.run(teacher, ctx.dir)

@@ -30,7 +30,14 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mmllm.synth.common import SynthResult, ask, load_seed_tasks, prompt_text, sft_row, write_outputs
+from mmllm.synth.common import (
+    SynthResult,
+    ask,
+    load_seed_tasks,
+    prompt_text,
+    sft_row,
+    write_outputs,
+)
 from mmllm.synth.filters import RougePool, is_degenerate, response_reason
 from mmllm.synth.parsing import clean, parse_equal
 

@@ -23,7 +23,7 @@ from further had has have having he her here hers herself him himself his how i 
 its itself just me more most my myself no nor not now of off on once only or other our ours
 ourselves out over own same she should so some such than that the their theirs them themselves
 then there these they this those through to too under until up very was we were what when where
-which while who whom why will with would you your yours yourself yourselves yes ok okay""".split())
+which while who whom why will with would you your yours yourself yourselves yes ok okay""".split())  # noqa: SIM905
 _WORD = re.compile(r"[A-Za-z0-9]+")
 
 

@@ -28,9 +28,29 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mmllm.synth.common import SeedTask, SynthResult, ask, load_seed_tasks, prompt_text, sft_row, write_outputs
-from mmllm.synth.filters import BLACKLIST, RougePool, instruction_reason, is_degenerate, is_repetitive, words
-from mmllm.synth.parsing import parse_instances, parse_instructions, parse_labeled_instances, parse_yes_no
+from mmllm.synth.common import (
+    SeedTask,
+    SynthResult,
+    ask,
+    load_seed_tasks,
+    prompt_text,
+    sft_row,
+    write_outputs,
+)
+from mmllm.synth.filters import (
+    BLACKLIST,
+    RougePool,
+    instruction_reason,
+    is_degenerate,
+    is_repetitive,
+    words,
+)
+from mmllm.synth.parsing import (
+    parse_instances,
+    parse_instructions,
+    parse_labeled_instances,
+    parse_yes_no,
+)
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,22 @@ import pytest
 from rouge_score import rouge_scorer
 
 from mmllm.data.chat import validate_messages
-from mmllm.synth import EvolInstruct, RougePool, SelfInstruct, instruction_reason, load_seed_tasks, response_reason
+from mmllm.synth import (
+    EvolInstruct,
+    RougePool,
+    SelfInstruct,
+    instruction_reason,
+    load_seed_tasks,
+    response_reason,
+)
 from mmllm.synth.evol_instruct import evolution_reason, evolved_text
-from mmllm.synth.parsing import (parse_equal, parse_instances, parse_instructions, parse_labeled_instances,
-                                 parse_yes_no)
+from mmllm.synth.parsing import (
+    parse_equal,
+    parse_instances,
+    parse_instructions,
+    parse_labeled_instances,
+    parse_yes_no,
+)
 from mmllm.teacher import Teacher
 
 
@@ -48,7 +60,8 @@ def _rows_ok(path: Path) -> list[dict]:
 def test_rouge_pool_matches_rouge_score_and_its_bounds_skip_only_hopeless_pairs():
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rng = random.Random(0)
-    vocab = "write a short poem about the sea list three ideas for dinner explain why sky blue".split()
+    vocab = ["write", "a", "short", "poem", "about", "the", "sea", "list", "three", "ideas", "for", "dinner",
+             "explain", "why", "sky", "blue"]
     texts = [" ".join(rng.choices(vocab, k=rng.randint(3, 12))) for _ in range(60)]
     pool = RougePool(threshold=0.5, texts=texts[:40])
     for q in texts[40:]:
@@ -201,7 +214,7 @@ def test_self_instruct_survives_a_teacher_that_fails_or_writes_junk(tmp_path):
 def evol_script(prompt: str) -> str:
     if prompt.startswith("Here are two"):  # the equality judge
         return "Equal" if "tides" in prompt else ("Hmm" if "Jupiter" in prompt else "Not Equal")
-    if prompt.startswith("You rewrite") or prompt.startswith("You create"):
+    if prompt.startswith(("You rewrite", "You create")):
         given = prompt.rsplit("Prompt#:\n", 2)[1].split("\n\n#")[0]
         return {"Name a planet.": "#Rewritten Prompt#: Name a planet with rings and explain how they formed.",
                 "Describe the moon.": "Describe the moon and its effect on tides.",
