@@ -2,7 +2,9 @@
 served by ``mmllm serve`` (ServerThread on loopback) and asked through the real openai client.
 
 The outputs must be SFT rows that SFTDataModule trains on, with stats that add up. The yield of a
-135M teacher is low (it copies its prompt's tasks, which ROUGE-L drops); the test prints it.
+135M teacher is low (it copies its prompt's tasks, which ROUGE-L drops; it refuses, echoes and
+loops); the test prints it. Measured: self-instruct kept 1 of 4 proposed instructions,
+Evol-Instruct 2 of 8 evolutions (2 rounds of 4).
 """
 
 from __future__ import annotations

@@ -285,7 +285,8 @@ def test_cli_runs_the_configured_mode_with_the_configured_teacher(tmp_path, caps
     cfg = compose_config("synth", ["mode=evol_instruct", "evol_instruct.rounds=1", "evol_instruct.num_instructions=3",
                                    "evol_instruct.equality_check=rouge", f"output_dir={tmp_path / 'out'}",
                                    "teacher.cache_path=null"], output_dir=tmp_path)
-    assert cfg.teacher._target_ == "mmllm.teacher.OpenAITeacher" and cfg.self_instruct.rouge_threshold == 0.7
+    assert cfg.teacher._target_ == "mmllm.teacher.OpenAITeacher" and cfg.teacher.on_error == "skip"
+    assert cfg.self_instruct.rouge_threshold == 0.7
     cfg.teacher = OmegaConf.create({"_target_": f"{__name__}.ScriptedTeacher", "script": "evol_script"})
     result = run(cfg)
     assert result.stats["generated"] == 3 and (tmp_path / "out" / "sft.jsonl").exists()
