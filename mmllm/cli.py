@@ -24,6 +24,7 @@ COMMANDS = {
     "rlhf-round": ("mmllm.rlhf.round:main",
                    "one online RLHF round: sample, label, reward model, PPO (conf/rlhf_round.yaml)"),
     "chat": ("mmllm.chat:main", "chat with a checkpoint in the terminal; image=PATH for VLMs (conf/chat.yaml)"),
+    "synth": ("mmllm.synth.cli:main", "self-instruct / Evol-Instruct data through a teacher (conf/synth.yaml)"),
     "inspect-batch": ("mmllm.data.inspect:main",
                       "print a training batch with its supervised tokens marked (conf/train.yaml)"),
 }

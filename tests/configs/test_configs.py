@@ -14,7 +14,7 @@ from mmllm.config import CONF_DIR, compose_config, to_container
 from mmllm.train import _instantiate_all, build_strategy
 
 CONF = Path(CONF_DIR)
-PRIMARY = {"train", "pipeline", "generate", "export", "curate", "eval", "serve"}
+PRIMARY = {"train", "pipeline", "generate", "export", "curate", "eval", "serve", "synth"}
 # Config groups of train.yaml (the others belong to the curate/eval entry configs).
 TRAIN_GROUPS = ["model/lm", "data", "module", "module/optimizer", "module/scheduler", "trainer",
                 "strategy", "logger", "callbacks", "experiment", "debug", "paths", "hydra"]
