@@ -22,7 +22,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping, Sequence
 
+import lightning as L
 import torch
+from torch.utils.data import DataLoader
 
 from mmllm.data.chat import ChatRenderer, MaskError, RenderedChat, Span, check_rendered
 from mmllm.data.special_tokens import SPECIAL_TOKENS
@@ -216,3 +218,129 @@ class VLMCollator:
                 raise ValueError("records carry images but the collator has no image_transform")
             return {"images": torch.stack([self.image_transform(img.convert("RGB")) for img in images])}
         return {}
+
+
+# ---------------------------------------------------------------------------------- records
+def skimage_records(*, chat: bool = False) -> list[dict]:
+    """The image-caption pairs bundled with scikit-image (captions or one-turn conversations).
+
+    Uses :func:`mmllm.data.vlm_data.skimage_pairs` when the data side provides it, else reads the
+    ``skimage.data`` images that ship with the package and the first docstring line of each.
+    """
+    try:
+        from mmllm.data.vlm_data import skimage_pairs
+
+        pairs = [dict(r) for r in skimage_pairs()]
+    except ImportError:
+        pairs = _skimage_fallback()
+    if not chat:
+        return pairs
+    questions = ("What does this image show?", "Describe the picture.", "What is this?")
+    return [{"images": r["images"], "messages": [
+        {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{questions[i % len(questions)]}"},
+        {"role": "assistant", "content": r["caption"]}]} for i, r in enumerate(pairs)]
+
+
+_SKIMAGE = ("astronaut", "brick", "camera", "cat", "cell", "checkerboard", "clock", "coffee", "coins",
+            "colorwheel", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry",
+            "logo", "microaneurysms", "moon", "page", "retina", "rocket", "text")
+
+
+def _skimage_fallback() -> list[dict]:
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    out = []
+    for name in _SKIMAGE:
+        fn = getattr(skimage.data, name, None)
+        if fn is None:
+            continue
+        arr = np.asarray(fn())
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        img = Image.fromarray(arr.astype(np.uint8)).convert("RGB")
+        caption = (fn.__doc__ or name).strip().splitlines()[0].strip().rstrip(".") + "."
+        out.append({"images": [img], "caption": caption})
+    return out
+
+
+def resolve_records(records) -> list[dict]:
+    """``"skimage"`` / ``"skimage_chat"`` (bundled pairs) or any iterable of records."""
+    if isinstance(records, str):
+        if records not in ("skimage", "skimage_chat"):
+            raise ValueError(f"records={records!r}: use 'skimage', 'skimage_chat' or a reader "
+                             "(_target_: mmllm.data.vlm_data....)")
+        return skimage_records(chat=records == "skimage_chat")
+    return list(records)
+
+
+# ------------------------------------------------------------------------------ datamodule
+class VLMDataModule(L.LightningDataModule):
+    """Tokenizer (with the image tokens), vision encoder and batches of image-text records.
+
+    Args:
+        tokenizer: tokenizer source (a kit run or tokenizer directory, an HF directory,
+            "smollm2"; see mmllm.checkpoint.load_tokenizer_from).
+        vision: VisionEncoder keyword arguments (the encoder is built once, shared with the module).
+        records: training records: "skimage", "skimage_chat" or an iterable (a reader).
+        val_every: every k-th record is held out for validation (0: no validation).
+        feature_cache: directory of a feature cache: built on first use, then training reads
+            encoder features from it (stage 1, frozen encoder); None feeds images.
+        num_image_tokens: M per image (None: the encoder's N, for linear/MLP connectors).
+        batch_size, num_workers: DataLoader settings.
+        max_len, instruction_prob, chat_template, seed: see :class:`VLMCollator`.
+    """
+
+    def __init__(self, *, tokenizer: str, vision: dict, records="skimage", val_every: int = 0,
+                 feature_cache: str | None = None, num_image_tokens: int | None = None,
+                 batch_size: int = 8, num_workers: int = 0, max_len: int = 512,
+                 instruction_prob: float = 0.5, chat_template: str | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.tokenizer_source, self.vision_kwargs = tokenizer, dict(vision)
+        self.records_spec, self.val_every = records, val_every
+        self.feature_cache, self.num_image_tokens = feature_cache, num_image_tokens
+        self.batch_size, self.num_workers, self.max_len = batch_size, num_workers, max_len
+        self.instruction_prob, self.chat_template, self.seed = instruction_prob, chat_template, seed
+        self.tokenizer = self.encoder = self.collator = None
+        self.train_set = self.val_set = None
+        self.tokenizer_dir = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.collator is not None:
+            return
+        from mmllm.checkpoint import load_tokenizer_from
+        from mmllm.nn.vision import VisionEncoder
+
+        self.tokenizer = load_tokenizer_from(self.tokenizer_source)
+        add_vlm_tokens(self.tokenizer)
+        self.encoder = VisionEncoder(**self.vision_kwargs)
+        records = resolve_records(self.records_spec)
+        if self.feature_cache:
+            from mmllm.data.feature_cache import FeatureCache, build_feature_cache
+
+            build_feature_cache(self.encoder, records, self.feature_cache)
+            records = FeatureCache(self.feature_cache, encoder_fingerprint=self.encoder.fingerprint())
+        k = self.val_every
+        idx = range(len(records))
+        self.train_set = [records[i] for i in idx if not k or i % k != k - 1]
+        self.val_set = [records[i] for i in idx if k and i % k == k - 1]
+        m = self.num_image_tokens or self.encoder.num_tokens
+        self.collator = VLMCollator(self.tokenizer, num_image_tokens=m,
+                                    image_transform=self.encoder.preprocess,
+                                    instruction_prob=self.instruction_prob,
+                                    chat_template=self.chat_template, max_len=self.max_len, seed=self.seed)
+
+    @property
+    def feature_shape(self) -> tuple[int, int]:
+        return (self.encoder.num_tokens, self.encoder.width)
+
+    def _loader(self, data, shuffle: bool) -> DataLoader:
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collator,
+                          num_workers=self.num_workers, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_set, False) if self.val_set else []
