@@ -10,7 +10,7 @@ Records (from :mod:`mmllm.data.vlm_data` or the feature cache, :mod:`mmllm.data.
 Every image becomes ``<Img>`` + ``<ImageFeature>`` x M + ``</Img>``; the model writes the connector's
 M output embeddings at the ``<ImageFeature>`` positions. None of these tokens is ever a target.
 
-Captions: ``<Img>..</Img> [instruction] caption</s>`` (MiniGPT-4 stage 1; the instruction, sampled
+Captions: ``<s><Img>..</Img> [instruction] caption</s>`` (MiniGPT-4 stage 1; the instruction, sampled
 from a template list with probability ``instruction_prob``, is not supervised). Conversations are
 rendered by :class:`mmllm.data.chat.ChatRenderer` (loss on assistant turns only) with the
 tokenizer's template (LLaVA multi-turn, ChatML) or :data:`MINIGPT4_TEMPLATE`
@@ -117,10 +117,12 @@ class VLMCollator:
 
     # ------------------------------------------------------------------------------ records
     def encode_caption(self, n_images: int, caption: str, instruction: str | None = None):
-        """``(ids, loss_mask)`` of ``<Img>..</Img> x n [instruction] caption</s>``."""
+        """``(ids, loss_mask)`` of ``<s> <Img>..</Img> x n [instruction] caption</s>``."""
         if not caption.strip():
             raise ValueError("empty caption")
-        ids, mask = [], []
+        # bos first: the first caption token has a position predicting it even with no image.
+        bos = self.tokenizer.bos_token_id
+        ids = [bos] if bos is not None else []
         for _ in range(n_images):
             ids += self.image_ids
         if instruction:

@@ -114,6 +114,8 @@ class VisionLanguageModel(nn.Module):
         """(n, 3, H, W) images or (n, N, Dv) encoder features -> (n, M, D) connector outputs."""
         if images is not None and image_features is not None:
             raise ValueError("give images or image_features, not both")
+        if images is not None and images.shape[0] == 0:
+            images = None
         if images is not None:
             if self.vision is None:
                 raise ValueError("this model has no vision encoder: pass cached image_features")

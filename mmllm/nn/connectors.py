@@ -71,7 +71,7 @@ def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise FileNotFoundError(f"no connector checkpoint at {path}")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     if "class" not in meta:
         raise ValueError(f"{path} is not a connector checkpoint (no 'class' metadata)")
     return state, meta
@@ -98,7 +98,7 @@ class LinearConnector(Connector):
 
     def __init__(self, *, in_dim: int, out_dim: int) -> None:
         super().__init__()
-        self.config = dict(in_dim=in_dim, out_dim=out_dim)
+        self.config = {"in_dim": in_dim, "out_dim": out_dim}
         self.in_dim, self.out_dim = in_dim, out_dim
         self.proj = nn.Linear(in_dim, out_dim)
 
@@ -118,7 +118,7 @@ class MLPConnector(Connector):
     def __init__(self, *, in_dim: int, out_dim: int, hidden_dim: int | None = None) -> None:
         super().__init__()
         hidden_dim = hidden_dim or out_dim
-        self.config = dict(in_dim=in_dim, out_dim=out_dim, hidden_dim=hidden_dim)
+        self.config = {"in_dim": in_dim, "out_dim": out_dim, "hidden_dim": hidden_dim}
         self.in_dim, self.out_dim = in_dim, out_dim
         # Names follow transformers' LlavaMultiModalProjector (export is a copy).
         self.linear_1 = nn.Linear(in_dim, hidden_dim)
