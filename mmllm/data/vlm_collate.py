@@ -156,6 +156,13 @@ class VLMCollator:
                             f"{n_images} x {self.num_image_tokens}: the template altered a placeholder")
         return out
 
+    def prompt_ids(self, messages: Sequence[Mapping], n_images: int) -> list[int]:
+        """Generation prompt of a conversation ending in a user turn: its rendering (images
+        expanded) through the header of the assistant turn that follows."""
+        rendered = self.encode_messages([*messages, {"role": "assistant", "content": "x"}], n_images)
+        start = next(s.start for s in reversed(rendered.spans) if s.role == "assistant" and s.part == "content")
+        return rendered.input_ids[:start]
+
     def _expand(self, content_ids: list[int], content: str) -> list[int]:
         """Re-tokenises a content span with each ``<image>`` replaced by the image span."""
         text = self.tokenizer.decode(content_ids)
@@ -224,15 +231,18 @@ class VLMCollator:
 
 # ---------------------------------------------------------------------------------- records
 def skimage_records(*, chat: bool = False) -> list[dict]:
-    """The image-caption pairs bundled with scikit-image (captions or one-turn conversations).
+    """The images bundled with scikit-image as caption records, or as conversations.
 
-    Uses :func:`mmllm.data.vlm_data.skimage_pairs` when the data side provides it, else reads the
-    ``skimage.data`` images that ship with the package and the first docstring line of each.
+    Uses :func:`mmllm.data.vlm_data.skimage_pairs` / ``skimage_instructions`` when the data side
+    provides them, else reads the ``skimage.data`` images that ship with the package with the
+    first docstring line of each as caption (conversations: one question, the caption as answer).
     """
     try:
-        from mmllm.data.vlm_data import skimage_pairs
+        from mmllm.data.vlm_data import skimage_instructions, skimage_pairs
 
-        pairs = [dict(r) for r in skimage_pairs()]
+        if chat:
+            return [dict(r) for r in skimage_instructions()]
+        return [dict(r) for r in skimage_pairs()]
     except ImportError:
         pairs = _skimage_fallback()
     if not chat:
