@@ -70,7 +70,10 @@ def create_clip(*, model_name: str = "ViT-L-14", model_cfg: dict | None = None,
             pretrained not in open_clip.list_pretrained_tags_by_model(name):
         raise FileNotFoundError(f"pretrained={pretrained!r} is neither a file nor an open_clip tag of "
                                 f"{name} (tags: {open_clip.list_pretrained_tags_by_model(name)})")
-    model, train_tf, val_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained)
+    # Built under ``torch.device("meta")`` (mmllm.checkpoint rebuilds, then loads weights), stay there.
+    device = "meta" if torch.get_default_device().type == "meta" else "cpu"
+    model, train_tf, val_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained,
+                                                                    device=device)
     return model, train_tf, val_tf, name
 
 
@@ -91,7 +94,11 @@ class VisionEncoder(nn.Module):
                  pretrained: str | None = None, feature_layer: int = -2, keep_cls: bool = False,
                  freeze: bool = True) -> None:
         super().__init__()
-        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if model_cfg is not None and not isinstance(model_cfg, dict):  # a Hydra DictConfig
+            from omegaconf import OmegaConf
+
+            model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+        self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__", "OmegaConf")}
         clip, self.preprocess_train, self.preprocess, self.clip_name = create_clip(
             model_name=model_name, model_cfg=model_cfg, pretrained=pretrained)
         visual = clip.visual

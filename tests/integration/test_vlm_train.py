@@ -205,3 +205,39 @@ def test_stage2_instruction_tuning(lora, tok, encoder, tmp_path, lm):
     else:
         assert "decoder.embed_tokens.weight" in names
         assert not torch.equal(vlm.decoder.layers[0].attn.q_proj.weight, base_before)
+
+
+def test_train_entry_with_vlm_stage1_experiment(tok, tmp_path):
+    """`mmllm train experiment=vlm_stage1` at tiny scale: the config composes, the datamodule
+    builds the feature cache, the module assembles the VLM, trains and writes a checkpoint that
+    mmllm.checkpoint rebuilds."""
+    from mmllm.checkpoint import load_lightning_checkpoint
+    from mmllm.config import compose_config
+    from mmllm.train import build
+
+    tok.save_pretrained(str(tmp_path / "tok"))
+    vit = TINY_VIT["vision_cfg"]
+    cfg = compose_config("train", [
+        "experiment=vlm_stage1", "model/lm=tiny", "model.lm.dim=32", "model.lm.n_layers=1",
+        "model.lm.vocab_size=300", f"data.tokenizer={tmp_path / 'tok'}", "module.lm_init_from=null",
+        "data.vision.pretrained=null", f"+data.vision.model_cfg={json_dict(TINY_VIT)}",
+        "data.val_every=4", "trainer.max_steps=3", "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=1", "logger=[]", "callbacks.model_checkpoint.every_n_train_steps=3",
+        "data.batch_size=4", "model/connector=qformer", "model.connector.dim=32",
+        "model.connector.n_layers=1", "model.connector.n_heads=2", "model.connector.num_queries=4",
+    ], output_dir=tmp_path / "out")
+    assert cfg.data.num_image_tokens == 4 and vit["patch_size"] == 8
+    module, dm, trainer = build(cfg)
+    trainer.fit(module, datamodule=dm)
+    assert trainer.global_step == 3 and "val/loss" in trainer.callback_metrics
+    assert (tmp_path / "out" / "feature_cache" / "index.json").is_file()
+    assert not any(p.requires_grad for p in module.model.decoder.parameters())
+    model, _, _ = load_lightning_checkpoint(tmp_path / "out" / "checkpoints" / "last.ckpt")
+    torch.testing.assert_close(model.connector.queries, module.model.connector.queries)
+
+
+def json_dict(d: dict) -> str:
+    """A Hydra override value for a nested dict."""
+    import json
+
+    return json.dumps(d).replace('"', "")
