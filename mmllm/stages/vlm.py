@@ -125,7 +125,7 @@ class VisionPretrainStage(Stage):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
         after = _retrieval_top1(model, eval_images, texts)
         paths = self.outputs(ctx)
         paths["checkpoint"].parent.mkdir(parents=True, exist_ok=True)
