@@ -19,11 +19,13 @@ tokenizer's template (LLaVA multi-turn, ChatML) or :data:`MINIGPT4_TEMPLATE`
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Mapping, Sequence
 
 import lightning as L
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from mmllm.data.chat import ChatRenderer, MaskError, RenderedChat, Span, check_rendered
@@ -258,10 +260,11 @@ _SKIMAGE = ("astronaut", "brick", "camera", "cat", "cell", "checkerboard", "cloc
             "logo", "microaneurysms", "moon", "page", "retina", "rocket", "text")
 
 
-def _skimage_fallback() -> list[dict]:
+@functools.lru_cache(maxsize=1)
+def _skimage_images() -> tuple[tuple[Image.Image, str], ...]:
+    """(image, caption) of the bundled images, decoded once per process."""
     import numpy as np
     import skimage.data
-    from PIL import Image
 
     out = []
     for name in _SKIMAGE:
@@ -273,8 +276,12 @@ def _skimage_fallback() -> list[dict]:
             arr = arr.astype(np.uint8) * 255
         img = Image.fromarray(arr.astype(np.uint8)).convert("RGB")
         caption = (fn.__doc__ or name).strip().splitlines()[0].strip().rstrip(".") + "."
-        out.append({"images": [img], "caption": caption})
-    return out
+        out.append((img, caption))
+    return tuple(out)
+
+
+def _skimage_fallback() -> list[dict]:
+    return [{"images": [img], "caption": caption} for img, caption in _skimage_images()]
 
 
 def resolve_records(records) -> list[dict]:

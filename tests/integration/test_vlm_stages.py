@@ -45,7 +45,7 @@ def _ctx(run_dir, name, markers):
 
 def test_vision_language_stages(run):
     run_dir, markers = run
-    vp = VisionPretrainStage(steps=25, batch_size=16, lr=2e-3)
+    vp = VisionPretrainStage(steps=15, batch_size=16, lr=3e-3)
     vp.name = "vision_pretrain"
     ctx = _ctx(run_dir, "vision_pretrain", markers)
     vp.run(ctx)
@@ -55,7 +55,7 @@ def test_vision_language_stages(run):
     assert all(p.exists() for p in vp.outputs(ctx).values())
     markers["vision_pretrain"] = _marker("vision_pretrain", vp.outputs(ctx))
 
-    s1 = VLMStage1Stage(connector={"_target_": "mmllm.nn.connectors.MLPConnector"}, steps=20,
+    s1 = VLMStage1Stage(connector={"_target_": "mmllm.nn.connectors.MLPConnector"}, steps=12,
                         batch_size=8, lr=5e-3)
     s1.name = "vlm_stage1"
     ctx1 = _ctx(run_dir, "vlm_stage1", markers)
@@ -67,7 +67,7 @@ def test_vision_language_stages(run):
     assert index["num_images"] == r1["records"] and index["feature_shape"] == [16, 32]
     markers["vlm_stage1"] = _marker("vlm_stage1", s1.outputs(ctx1), ctx1.record)
 
-    s2 = VLMStage2Stage(steps=12, batch_size=4, lr=3e-3, num_captions=2)
+    s2 = VLMStage2Stage(steps=8, batch_size=4, lr=5e-3, num_captions=2)
     s2.name = "vlm_stage2"
     ctx2 = _ctx(run_dir, "vlm_stage2", markers)
     s2.run(ctx2)

@@ -148,8 +148,8 @@ def test_stage1_from_cache_trains_only_the_connector(name, tok, encoder, cache, 
     loader = DataLoader(cache, batch_size=8, shuffle=True, collate_fn=col,
                         generator=torch.Generator().manual_seed(0))
     frozen = {n: p.detach().clone() for n, p in vlm.named_parameters() if not n.startswith("connector.")}
-    losses, trainer = _fit(module, loader, steps=16, lr=1e-2)
-    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.1, losses
+    losses, trainer = _fit(module, loader, steps=12, lr=1e-2)
+    assert np.mean(losses[-4:]) < 0.85 * np.mean(losses[:4]), losses
     opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     for n, p in vlm.named_parameters():
         trainable = n.startswith("connector.")
@@ -188,7 +188,7 @@ def test_stage2_instruction_tuning(lora, tok, encoder, tmp_path, lm):
     loader = DataLoader(_chat_records(8), batch_size=4, shuffle=False, collate_fn=col)
     enc_before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
     base_before = vlm.decoder.layers[0].attn.q_proj.weight.detach().clone()
-    losses, trainer = _fit(module, loader, steps=10, lr=3e-3)
+    losses, _ = _fit(module, loader, steps=8, lr=4e-3)
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
     names = set(module.trainable_parameters())
     assert not any(n.startswith("vision.") for n in names)
