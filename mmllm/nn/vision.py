@@ -70,6 +70,16 @@ def create_clip(*, model_name: str = "ViT-L-14", model_cfg: dict | None = None,
             pretrained not in open_clip.list_pretrained_tags_by_model(name):
         raise FileNotFoundError(f"pretrained={pretrained!r} is neither a file nor an open_clip tag of "
                                 f"{name} (tags: {open_clip.list_pretrained_tags_by_model(name)})")
+    if pretrained is not None and not Path(pretrained).is_file():
+        from open_clip.pretrained import get_pretrained_cfg
+
+        tag_quick = bool(get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+        if tag_quick != bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False)):
+            # open_clip only warns; the features would be silently wrong.
+            act, other = ("QuickGELU", "GELU") if tag_quick else ("GELU", "QuickGELU")
+            raise ValueError(f"the {pretrained!r} weights were trained with {act} but {name} uses "
+                             f"{other}: use "
+                             f"{name + '-quickgelu' if tag_quick else name.removesuffix('-quickgelu')}")
     # Built under ``torch.device("meta")`` (mmllm.checkpoint rebuilds, then loads weights), stay there.
     device = "meta" if torch.get_default_device().type == "meta" else "cpu"
     model, train_tf, val_tf = open_clip.create_model_and_transforms(name, pretrained=pretrained,

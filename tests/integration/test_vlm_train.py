@@ -232,8 +232,9 @@ def test_train_entry_with_vlm_stage1_experiment(tok, tmp_path):
     assert trainer.global_step == 3 and "val/loss" in trainer.callback_metrics
     assert (tmp_path / "out" / "feature_cache" / "index.json").is_file()
     assert not any(p.requires_grad for p in module.model.decoder.parameters())
-    model, _, _ = load_lightning_checkpoint(tmp_path / "out" / "checkpoints" / "last.ckpt")
+    model, saved_tok, _ = load_lightning_checkpoint(tmp_path / "out" / "checkpoints" / "last.ckpt")
     torch.testing.assert_close(model.connector.queries, module.model.connector.queries)
+    assert saved_tok.convert_tokens_to_ids("<ImageFeature>") == model.image_token_id
 
 
 def json_dict(d: dict) -> str:

@@ -72,6 +72,10 @@ def test_encoder_layer_and_cls(encoder):
     torch.testing.assert_close(with_cls(x), full)  # CLS first, then the 16 patches
     with pytest.raises(ValueError, match="feature_layer"):
         VisionEncoder(model_cfg=TINY_VIT, feature_layer=2)
+    with pytest.raises(ValueError, match="QuickGELU"):  # checked before any download
+        VisionEncoder(model_name="ViT-L-14", pretrained="openai")
+    with pytest.raises(FileNotFoundError, match="neither a file nor"):
+        VisionEncoder(model_cfg=TINY_VIT, pretrained="/no/such/weights.pt")
 
 
 @pytest.mark.parametrize("name", list(CONNECTORS))
