@@ -109,42 +109,57 @@ class VisionPretrainStage(Stage):
         torch.manual_seed(seed)
         model, train_tf, val_tf, name = create_clip(model_cfg=self.model_cfg)
         tokenize = open_clip.get_tokenizer(name)
-        pairs = skimage_records()
-        texts = tokenize([r["caption"] for r in pairs])
+        pairs = skimage_records()  # augmented copies (flips, crops) share their caption
+        captions = sorted({r["caption"] for r in pairs})
+        texts = tokenize(captions)  # (C, L), one row per distinct caption
+        target = torch.tensor([captions.index(r["caption"]) for r in pairs])
         eval_images = torch.stack([val_tf(r["images"][0]) for r in pairs])
-        before = _retrieval_top1(model, eval_images, texts)
+        before = _retrieval_top1(model, eval_images, texts, target)
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.1)
         loss_fn, gen = ClipLoss(), torch.Generator().manual_seed(seed)
         losses, t0 = [], time.perf_counter()
         model.train()
         for _ in range(self.steps):
-            idx = torch.randperm(len(pairs), generator=gen)[:self.batch_size]
+            idx = _distinct_captions(torch.randperm(len(pairs), generator=gen), target, self.batch_size)
             images = torch.stack([train_tf(pairs[i]["images"][0]) for i in idx])  # augmented
-            img_f, txt_f, scale = model(images, texts[idx])
+            img_f, txt_f, scale = model(images, texts[target[idx]])
             loss = loss_fn(img_f, txt_f, scale)
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        after = _retrieval_top1(model, eval_images, texts)
+        after = _retrieval_top1(model, eval_images, texts, target)
         paths = self.outputs(ctx)
         paths["checkpoint"].parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), paths["checkpoint"])
         paths["config"].write_text(json.dumps({"model_cfg": self.model_cfg, "open_clip_name": name}))
         ctx.record["vision_pretrain"] = {
-            "pairs": len(pairs), "steps": self.steps, "first_loss": round(losses[0], 4),
+            "pairs": len(pairs), "captions": len(captions), "steps": self.steps, "first_loss": round(losses[0], 4),
             "final_loss": round(losses[-1], 4), "retrieval_top1_before": before,
             "retrieval_top1_after": after, "seconds": round(time.perf_counter() - t0, 1)}
         print(f"vision_pretrain: ClipLoss {losses[0]:.3f} -> {losses[-1]:.3f}, image->text top-1 "
               f"{before:.2f} -> {after:.2f} on {len(pairs)} pairs")
 
 
+def _distinct_captions(order: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` pairs of ``order`` with distinct captions: ClipLoss's positives are the
+    diagonal, so two images of one caption in a batch would be pushed apart."""
+    seen, out = set(), []
+    for i in order.tolist():
+        if int(target[i]) not in seen:
+            seen.add(int(target[i]))
+            out.append(i)
+            if len(out) == n:
+                break
+    return torch.tensor(out)
+
+
 @torch.no_grad()
-def _retrieval_top1(model, images: torch.Tensor, texts: torch.Tensor) -> float:
-    """Image->text top-1 accuracy over the pairs (the caption of image i is text i)."""
+def _retrieval_top1(model, images: torch.Tensor, texts: torch.Tensor, target: torch.Tensor) -> float:
+    """Image->text top-1 accuracy: image i's caption is row ``target[i]`` of ``texts``."""
     model.eval()
     img_f, txt_f, _ = model(images, texts)
-    hits = (img_f @ txt_f.T).argmax(dim=1) == torch.arange(len(images))
+    hits = (img_f @ txt_f.T).argmax(dim=1) == target
     return round(float(hits.float().mean()), 4)
 
 
