@@ -96,8 +96,8 @@ def llava_config(vlm: VisionLanguageModel, *, tokenizer=None):
         raise ValueError("LLaVA export needs the vision encoder (the model was built without one)")
     ids = {}
     if tokenizer is not None:
-        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+        ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                   "pad_token_id": tokenizer.pad_token_id}
     text = hf_config_from_model(vlm.decoder, **ids)
     _, act = projector_state_dict(vlm.connector)
     n_layers = len(vlm.vision.visual.transformer.resblocks)

@@ -192,7 +192,12 @@ class VLMStage1Stage(Stage):
         from torch.utils.data import DataLoader
 
         from mmllm.data.feature_cache import FeatureCache, build_feature_cache
-        from mmllm.data.vlm_collate import VLMCollator, add_vlm_tokens, skimage_records, vlm_token_ids
+        from mmllm.data.vlm_collate import (
+            VLMCollator,
+            add_vlm_tokens,
+            skimage_records,
+            vlm_token_ids,
+        )
         from mmllm.models.vlm import build_vlm
         from mmllm.modules.vlm import VisionLanguageModule
 

@@ -10,12 +10,23 @@ from PIL import Image
 
 from mmllm.data.chat import MaskError
 from mmllm.data.tokenizer import train_bpe_tokenizer
-from mmllm.data.vlm_collate import (IGNORE_INDEX, IMG_END, IMG_START, VLMCollator, add_vlm_tokens,
-                                    vlm_token_ids)
+from mmllm.data.vlm_collate import (
+    IGNORE_INDEX,
+    IMG_END,
+    IMG_START,
+    VLMCollator,
+    add_vlm_tokens,
+    vlm_token_ids,
+)
 from mmllm.models import DecoderLM
 from mmllm.models.vlm import build_vlm
-from mmllm.nn.connectors import (LinearConnector, MLPConnector, QFormer, VisualAbstractor,
-                                 load_connector)
+from mmllm.nn.connectors import (
+    LinearConnector,
+    MLPConnector,
+    QFormer,
+    VisualAbstractor,
+    load_connector,
+)
 from mmllm.nn.vision import TINY_VIT, VisionEncoder
 
 TEXT = "a photo of a cat. a red square on a blue background. describe the image. what is this? " * 40
