@@ -16,7 +16,7 @@ from mmllm.train import _instantiate_all, build_strategy
 CONF = Path(CONF_DIR)
 PRIMARY = {"train", "pipeline", "generate", "export", "curate", "eval", "serve", "synth"}
 # Config groups of train.yaml (the others belong to the curate/eval entry configs).
-TRAIN_GROUPS = ["model/lm", "data", "module", "module/optimizer", "module/scheduler", "trainer",
+TRAIN_GROUPS = ["model/lm", "model/connector", "data", "module", "module/optimizer", "module/scheduler", "trainer",
                 "strategy", "logger", "callbacks", "experiment", "debug", "paths", "hydra"]
 REQUIRED = {"generate": ["checkpoint=smollm2"], "export": ["checkpoint=x.ckpt", "output_dir=out"],
             "serve": ["checkpoint=smollm2"]}

@@ -1,0 +1,307 @@
+"""Vision-language pipeline stages: vision_pretrain -> vlm_stage1 -> vlm_stage2.
+
+* ``vision_pretrain``: a CLIP (tiny ViT + text tower) trained from scratch with open_clip's
+  ClipLoss on scikit-image's bundled image-caption pairs; writes an open_clip checkpoint.
+* ``vlm_stage1``: feature alignment: the ViT (vision_pretrain's, else ``vision``) and the LM
+  (the sft stage's checkpoint when the pipeline has one, else pretrain's) frozen, the connector
+  trained from a feature cache; writes the connector and the tokenizer with the image tokens.
+* ``vlm_stage2``: visual instruction tuning: encoder frozen, connector + LM (or LoRA) trained on
+  conversations; writes the VLM checkpoint, greedy captions of a few images, and the LLaVA export
+  when the connector is linear/MLP.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+
+from mmllm.stages.base import Stage, StageContext
+
+LM_STAGES = ("sft", "pretrain")
+
+
+def _lm_and_tokenizer(ctx: StageContext):
+    """The LM of the sft stage (else pretrain) and its tokenizer (the tokenize stage's if any)."""
+    from mmllm.checkpoint import load_model, load_tokenizer_from
+
+    for stage in LM_STAGES:
+        if ctx.has(stage):
+            outputs = ctx.markers[stage].output_paths(ctx.run_dir)
+            ckpt = outputs.get("checkpoint") or next(
+                (p for p in outputs.values() if str(p).endswith(".ckpt")), None)
+            if ckpt is None:
+                continue
+            model, tok = load_model(ckpt)
+            if ctx.has("tokenize") and "tokenizer" in ctx.markers["tokenize"].outputs:
+                tok = load_tokenizer_from(ctx.output("tokenize", "tokenizer"))
+            if tok is None:
+                raise FileNotFoundError(f"no tokenizer for {ckpt}")
+            return model, tok
+    raise KeyError(f"stage {ctx.name!r} needs a finished sft or pretrain stage (an LM checkpoint)")
+
+
+def _encoder(ctx: StageContext, vision: dict):
+    from mmllm.nn.vision import VisionEncoder
+
+    kwargs = dict(vision)
+    if ctx.has("vision_pretrain"):
+        meta = json.loads(ctx.output("vision_pretrain", "config").read_text())
+        kwargs.update(model_cfg=meta["model_cfg"], pretrained=str(ctx.output("vision_pretrain", "checkpoint")))
+    return VisionEncoder(**kwargs)
+
+
+def _train(module, loader, steps: int, lr: float) -> dict:
+    """Fits ``module`` for ``steps`` optimizer steps; first/last losses, time, samples/s."""
+    import lightning as L
+
+    losses: list[float] = []
+
+    class _Losses(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    module.optimizer_factory = lambda groups: torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[_Losses()], limit_val_batches=0,
+                        num_sanity_val_steps=0)
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    seconds = time.perf_counter() - t0
+    k = max(1, len(losses) // 5)
+    return {"steps": trainer.global_step, "first_loss": round(sum(losses[:k]) / k, 4),
+            "final_loss": round(sum(losses[-k:]) / k, 4), "seconds": round(seconds, 1),
+            "samples_per_s": round(module.samples_seen / seconds, 1), "trainer": trainer}
+
+
+class VisionPretrainStage(Stage):
+    """Trains a CLIP ViT from scratch with the contrastive ClipLoss on image-caption pairs.
+
+    Args:
+        model_cfg: open_clip architecture (None: :data:`mmllm.nn.vision.TINY_VIT`).
+        steps: optimizer steps.
+        batch_size: pairs per step (all pairs when there are fewer).
+        lr: AdamW learning rate.
+    """
+
+    def __init__(self, *, model_cfg: dict | None = None, steps: int = 60, batch_size: int = 32,
+                 lr: float = 1e-3) -> None:
+        from mmllm.nn.vision import TINY_VIT
+
+        self.model_cfg, self.steps = dict(model_cfg or TINY_VIT), steps
+        self.batch_size, self.lr = batch_size, lr
+
+    def outputs(self, ctx: StageContext) -> dict[str, Path]:
+        return {"checkpoint": ctx.dir / "clip.pt", "config": ctx.dir / "clip.json"}
+
+    def run(self, ctx: StageContext) -> None:
+        import open_clip
+        from open_clip.loss import ClipLoss
+
+        from mmllm.data.vlm_collate import skimage_records
+        from mmllm.nn.vision import create_clip
+
+        seed = ctx.cfg.get("seed") or 0
+        torch.manual_seed(seed)
+        model, train_tf, val_tf, name = create_clip(model_cfg=self.model_cfg)
+        tokenize = open_clip.get_tokenizer(name)
+        pairs = skimage_records()  # augmented copies (flips, crops) share their caption
+        captions = sorted({r["caption"] for r in pairs})
+        texts = tokenize(captions)  # (C, L), one row per distinct caption
+        target = torch.tensor([captions.index(r["caption"]) for r in pairs])
+        eval_images = torch.stack([val_tf(r["images"][0]) for r in pairs])
+        before = _retrieval_top1(model, eval_images, texts, target)
+        opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.1)
+        loss_fn, gen = ClipLoss(), torch.Generator().manual_seed(seed)
+        losses, t0 = [], time.perf_counter()
+        model.train()
+        for _ in range(self.steps):
+            idx = _distinct_captions(torch.randperm(len(pairs), generator=gen), target, self.batch_size)
+            images = torch.stack([train_tf(pairs[i]["images"][0]) for i in idx])  # augmented
+            img_f, txt_f, scale = model(images, texts[target[idx]])
+            loss = loss_fn(img_f, txt_f, scale)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        after = _retrieval_top1(model, eval_images, texts, target)
+        paths = self.outputs(ctx)
+        paths["checkpoint"].parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), paths["checkpoint"])
+        paths["config"].write_text(json.dumps({"model_cfg": self.model_cfg, "open_clip_name": name}))
+        ctx.record["vision_pretrain"] = {
+            "pairs": len(pairs), "captions": len(captions), "steps": self.steps, "first_loss": round(losses[0], 4),
+            "final_loss": round(losses[-1], 4), "retrieval_top1_before": before,
+            "retrieval_top1_after": after, "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"vision_pretrain: ClipLoss {losses[0]:.3f} -> {losses[-1]:.3f}, image->text top-1 "
+              f"{before:.2f} -> {after:.2f} on {len(pairs)} pairs")
+
+
+def _distinct_captions(order: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` pairs of ``order`` with distinct captions: ClipLoss's positives are the
+    diagonal, so two images of one caption in a batch would be pushed apart."""
+    seen, out = set(), []
+    for i in order.tolist():
+        if int(target[i]) not in seen:
+            seen.add(int(target[i]))
+            out.append(i)
+            if len(out) == n:
+                break
+    return torch.tensor(out)
+
+
+@torch.no_grad()
+def _retrieval_top1(model, images: torch.Tensor, texts: torch.Tensor, target: torch.Tensor) -> float:
+    """Image->text top-1 accuracy: image i's caption is row ``target[i]`` of ``texts``."""
+    model.eval()
+    img_f, txt_f, _ = model(images, texts)
+    hits = (img_f @ txt_f.T).argmax(dim=1) == target
+    return round(float(hits.float().mean()), 4)
+
+
+class VLMStage1Stage(Stage):
+    """VLM stage 1: connector alignment on captions with the encoder and LM frozen (feature cache).
+
+    Args:
+        connector: a connector node (``_target_`` + options, as mmllm/conf/model/connector/*);
+            in_dim/out_dim are filled in.
+        vision: VisionEncoder options (architecture/weights come from vision_pretrain when run).
+        steps, batch_size, lr: training.
+        instruction_prob: share of captions preceded by a sampled instruction.
+    """
+
+    optional_inputs = ("vision_pretrain", "sft", "pretrain", "tokenize")
+    config_keys = ("seed",)
+
+    def __init__(self, *, connector: dict | None = None, vision: dict | None = None, steps: int = 40,
+                 batch_size: int = 8, lr: float = 2e-3, instruction_prob: float = 0.5) -> None:
+        self.connector = dict(connector or {"_target_": "mmllm.nn.connectors.MLPConnector"})
+        self.vision = dict(vision or {"feature_layer": -2, "keep_cls": False})
+        self.steps, self.batch_size, self.lr = steps, batch_size, lr
+        self.instruction_prob = instruction_prob
+
+    def outputs(self, ctx: StageContext) -> dict[str, Path]:
+        return {"connector": ctx.dir / "connector.safetensors", "tokenizer": ctx.dir / "tokenizer",
+                "feature_cache": ctx.dir / "feature_cache"}
+
+    def run(self, ctx: StageContext) -> None:
+        from torch.utils.data import DataLoader
+
+        from mmllm.data.feature_cache import FeatureCache, build_feature_cache
+        from mmllm.data.vlm_collate import (
+            VLMCollator,
+            add_vlm_tokens,
+            skimage_records,
+            vlm_token_ids,
+        )
+        from mmllm.models.vlm import build_vlm
+        from mmllm.modules.vlm import VisionLanguageModule
+
+        torch.manual_seed(ctx.cfg.get("seed") or 0)
+        paths = self.outputs(ctx)
+        lm, tok = _lm_and_tokenizer(ctx)
+        add_vlm_tokens(tok)
+        encoder = _encoder(ctx, self.vision)
+        connector = instantiate(self.connector, in_dim=encoder.width, out_dim=lm.dim)
+        vlm = build_vlm(connector=connector, image_token_id=vlm_token_ids(tok)[1],
+                        vocab_size=len(tok), lm=lm, vision=encoder)
+        build_feature_cache(encoder, skimage_records(), paths["feature_cache"])
+        cache = FeatureCache(paths["feature_cache"], encoder_fingerprint=encoder.fingerprint())
+        collate = VLMCollator(tok, num_image_tokens=vlm.num_image_tokens,
+                              instruction_prob=self.instruction_prob, seed=ctx.cfg.get("seed") or 0)
+        loader = DataLoader(cache, batch_size=self.batch_size, shuffle=True, collate_fn=collate)
+        module = VisionLanguageModule(model=vlm, train_llm=False)
+        result = _train(module, loader, self.steps, self.lr)
+        result.pop("trainer")
+        connector.save(paths["connector"])
+        tok.save_pretrained(str(paths["tokenizer"]))
+        ctx.record["vlm_stage1"] = {**result, "connector": type(connector).__name__,
+                                    "image_tokens": vlm.num_image_tokens, "records": len(cache),
+                                    "trainable_params": sum(p.numel() for p in module.trainable_parameters().values())}
+        print(f"vlm_stage1 ({type(connector).__name__}): loss {result['first_loss']} -> "
+              f"{result['final_loss']} in {result['steps']} steps")
+
+
+class VLMStage2Stage(Stage):
+    """VLM stage 2: instruction tuning of connector + LM (full or LoRA) on image conversations.
+
+    Args:
+        steps, batch_size, lr: training.
+        lora: peft LoraConfig options (None: full fine-tuning of the LM).
+        chat_template: None (the tokenizer's, LLaVA multi-turn) or "minigpt4".
+        num_captions: images captioned greedily after training (recorded).
+        export_llava: also write the HF LLaVA directory (linear/MLP connectors).
+    """
+
+    inputs = ("vlm_stage1",)
+    optional_inputs = ("vision_pretrain", "sft", "pretrain", "tokenize")
+    config_keys = ("seed",)
+
+    def __init__(self, *, steps: int = 40, batch_size: int = 4, lr: float = 1e-3,
+                 lora: dict | None = None, chat_template: str | None = None,
+                 num_captions: int = 3, export_llava: bool = True) -> None:
+        self.steps, self.batch_size, self.lr, self.lora = steps, batch_size, lr, lora
+        self.chat_template, self.num_captions, self.export = chat_template, num_captions, export_llava
+
+    def outputs(self, ctx: StageContext) -> dict[str, Path]:
+        out = {"connector": ctx.dir / "connector.safetensors", "checkpoint": ctx.dir / "vlm.pt"}
+        return {**out, "llava": ctx.dir / "llava"} if self.export else out
+
+    def run(self, ctx: StageContext) -> None:
+        from torch.utils.data import DataLoader
+
+        from mmllm.checkpoint import load_tokenizer_from
+        from mmllm.data.vlm_collate import VLMCollator, skimage_records, vlm_token_ids
+        from mmllm.models.vlm import build_vlm
+        from mmllm.modules.vlm import VisionLanguageModule
+        from mmllm.nn.connectors import load_connector
+
+        torch.manual_seed(ctx.cfg.get("seed") or 0)
+        paths = self.outputs(ctx)
+        lm, _ = _lm_and_tokenizer(ctx)
+        tok = load_tokenizer_from(ctx.output("vlm_stage1", "tokenizer"))
+        stage1 = ctx.markers["vlm_stage1"]
+        encoder = _encoder(ctx, {"feature_layer": -2, "keep_cls": False})
+        connector = load_connector(ctx.output("vlm_stage1", "connector"))
+        vlm = build_vlm(connector=connector, image_token_id=vlm_token_ids(tok)[1],
+                        vocab_size=len(tok), lm=lm, vision=encoder)
+        records = skimage_records(chat=True)
+        collate = VLMCollator(tok, num_image_tokens=vlm.num_image_tokens,
+                              image_transform=encoder.preprocess, chat_template=self.chat_template)
+        loader = DataLoader(records, batch_size=self.batch_size, shuffle=True, collate_fn=collate)
+        module = VisionLanguageModule(model=vlm, train_llm=True, lora=self.lora)
+        result = _train(module, loader, self.steps, self.lr)
+        result.pop("trainer")
+        module.merge_lora()
+        vlm = module.model.eval()
+        connector.save(paths["connector"])
+        torch.save({"model_config": vlm.config, "state_dict": vlm.state_dict()}, paths["checkpoint"])
+        ctx.record["vlm_stage2"] = {**result, "conversations": len(records), "lora": bool(self.lora),
+                                    "stage1_loss": stage1.record.get("vlm_stage1", {}).get("final_loss"),
+                                    "captions": self._captions(vlm, tok, collate, encoder)}
+        if self.export:
+            from mmllm.models.hf_llava import export_llava
+
+            ctx.record["llava_export"] = str(export_llava(vlm, paths["llava"], tokenizer=tok))
+        print(f"vlm_stage2: loss {result['first_loss']} -> {result['final_loss']}; "
+              f"captions: {ctx.record['vlm_stage2']['captions']}")
+
+    def _captions(self, vlm, tok, collate, encoder) -> list[dict]:
+        from mmllm.data.special_tokens import SPECIAL_TOKENS
+        from mmllm.data.vlm_collate import IMAGE_PLACEHOLDER, skimage_records
+
+        question = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nDescribe the picture."}]
+        prompt = collate.prompt_ids(question, 1)
+        # A turn ends at eos or the template's end-of-turn token (ChatML's <|im_end|>).
+        end = tok.get_vocab().get(SPECIAL_TOKENS.chat_end)
+        stop = [tok.eos_token_id] + ([end] if end is not None else [])
+        out = []
+        for rec in skimage_records()[:self.num_captions]:
+            new = vlm.generate([prompt], [encoder.preprocess_images(rec["images"])], max_new_tokens=16,
+                               eos_token_id=stop, pad_token_id=collate.pad_id)[0]
+            out.append({"reference": rec["caption"], "generated": tok.decode(new, skip_special_tokens=True)})
+        return out
