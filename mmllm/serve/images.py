@@ -37,7 +37,7 @@ from PIL import Image
 from mmllm.data.vlm_data import IMAGE_PLACEHOLDER, BadSample, decode_image
 from mmllm.serve.protocol import APIError
 
-IMG_START, IMG_FEATURE, IMG_END = "<Img>", "<ImageFeature>", "</Img>"
+from mmllm.data.vlm_collate import IMG_END, IMG_FEATURE, IMG_START  # the tokens VLM training uses
 NO_IMAGES = "this model does not take images (it is not a vision-language model)"
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[^;,]*)*?);base64,(?P<data>.*)$",
                        re.DOTALL)
