@@ -93,8 +93,8 @@ def lm_loss(m: PPOModule) -> float:
 
 
 def test_ptx_keeps_the_pretraining_loss_lower():
-    base = fit(module(seed=1), rollouts=3, seed=1)
-    ptx = fit(module(seed=1, ptx_coef=1.0, ptx_data=ptx_batches()), rollouts=3, seed=1)
+    base = fit(module(seed=1), rollouts=2, seed=1)
+    ptx = fit(module(seed=1, ptx_coef=1.0, ptx_data=ptx_batches()), rollouts=2, seed=1)
     assert "ptx_loss" in ptx.history[-1] and "ptx_loss" not in base.history[-1]
     assert lm_loss(ptx) < lm_loss(base) - 0.5, (lm_loss(ptx), lm_loss(base))
 
@@ -177,3 +177,71 @@ def test_gathered_is_a_noop_unsharded():
     with gathered(model) as m:
         assert m is model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+TEXTS = ["the cat sat on the mat and the dog sat on the log", "a bird in the hand is worth two",
+         "the quick brown fox jumps over the lazy dog"] * 20
+
+
+@pytest.fixture(scope="module")
+def policy_run(tmp_path_factory):
+    """A kit run directory holding a tiny policy checkpoint and its (trained BPE) tokenizer."""
+    from mmllm.data.tokenizer import train_bpe_tokenizer
+
+    run = tmp_path_factory.mktemp("sft")
+    tok = train_bpe_tokenizer(TEXTS, vocab_size=300, show_progress=False)
+    tok.save_pretrained(str(run / "tokenizer"))
+    torch.manual_seed(0)
+    lm = DecoderLM(**{**POLICY, "vocab_size": len(tok)})
+    (run / "checkpoints").mkdir()
+    torch.save({"mmllm": {"model_class": "mmllm.models.decoder_lm.DecoderLM", "model_config": lm.config,
+                          "tokenizer": "../tokenizer"},
+                "state_dict": {f"model.{k}": v for k, v in lm.state_dict().items()}},
+               run / "checkpoints" / "last.ckpt")
+    return run, tok
+
+
+def test_prompt_datamodule(tmp_path, policy_run):
+    from mmllm.data.chat import render_prompt
+    from mmllm.data.prompts import PromptDataModule
+
+    run, tok = policy_run
+    rows = [{"prompt": f"the cat {i}"} for i in range(6)]
+    rows += [{"messages": [{"role": "user", "content": "the dog"}]}, {"bad": 1},
+             {"prompt": "the " * 50}]
+    f = tmp_path / "p.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    with pytest.raises(ValueError, match="p.jsonl:8"):
+        PromptDataModule(path=str(f), tokenizer=str(run / "checkpoints" / "last.ckpt")).setup()
+    dm = PromptDataModule(path=str(f), tokenizer=str(run), seq_len=24, batch_size=3, probe_size=2,
+                          on_bad_row="skip", vocab_size=len(tok))
+    dm.setup()
+    assert dict(dm.counts) == {"bad_row": 2, "overlong_truncate": 1, "train": 6, "probe": 2}
+    everything = dm.encode_all()
+    assert everything[0] == [tok.bos_token_id] + tok("the cat 0", add_special_tokens=False)["input_ids"]
+    assert everything[6] == render_prompt([{"role": "user", "content": "the dog"}], tok)
+    assert len(everything[7]) == 24  # truncated on the left
+    assert sorted(map(tuple, dm.probe_prompts + dm._train)) == sorted(map(tuple, everything))
+    batch = next(iter(dm.train_dataloader()))
+    assert len(batch["prompt_ids"]) == 3
+    with pytest.raises(ValueError, match="vocab_size"):
+        PromptDataModule(prompts=["the cat"], tokenizer=str(run), vocab_size=5, batch_size=1).setup()
+
+
+def test_mmllm_train_experiment_ppo_debug_tiny(tmp_path, policy_run):
+    from mmllm.checkpoint import load_model
+
+    run, _ = policy_run
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("\n".join(json.dumps({"prompt": f"the {w}"}) for w in TEXTS[0].split() * 3))
+    out = tmp_path / "ppo"
+    proc = subprocess.run([sys.executable, "-m", "mmllm", "train", "experiment=ppo", "debug=tiny",
+                           f"policy={run}", f"data.path={f}", "module.max_new_tokens=6",
+                           f"hydra.run.dir={out}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = (out / "csv" / "metrics.csv").read_text()
+    for key in ("ppo/reward_mean", "ppo/kl", "ppo/beta", "probe/score_mean", "ppo/clip_frac"):
+        assert key in metrics, key
+    policy, tok = load_model(out / "checkpoints" / "last.ckpt")
+    assert isinstance(policy, DecoderLM) and tok is not None
