@@ -132,6 +132,10 @@ def gathered(model: nn.Module):
     forwards (no all-gather per forward, so ranks can run different numbers of forwards, as
     decoding does). Costs the full model's memory per rank while open. A no-op unsharded."""
     units = fsdp_modules(model)
+    if units and units[0] is model:
+        # FSDP2 makes the first unit to run forward its root; decoding calls the decoder inside
+        # the root directly, so the root is settled first (a no-op once it is).
+        model._get_fsdp_state()._lazy_init()
     # Whether each unit reshards after forward (FSDP2 keeps it as its post-forward mesh info).
     before = [getattr(getattr(m._get_fsdp_state(), "_fsdp_param_group", None),
                       "post_forward_mesh_info", True) is not None for m in units]
@@ -171,6 +175,7 @@ class PPOModule(L.LightningModule):
         ptx_data: a datamodule (or an iterable of batches) of pretraining batches.
         probe_every: score greedy answers to the datamodule's probe prompts every this many
             rollouts (0: never); logs the score mean/std/quantiles.
+        probe_prompts: the probe set as token ids (default: the datamodule's ``probe_prompts``).
         max_grad_norm: clip the gradient norm (None: off).
         eos_token_id: ids that end a response (None: the datamodule tokenizer's eos).
         parallelism: keyword arguments of ``mmllm.distributed.parallelize`` for every model.
@@ -187,7 +192,8 @@ class PPOModule(L.LightningModule):
                  entropy_coef: float = 0.0, gamma: float = 1.0, lam: float = 0.95,
                  kl_coef: float = 0.05, kl_target: float | None = None, kl_horizon: int = 10_000,
                  kl_estimator: str = "k1", whiten_advantages: bool = True, ptx_coef: float = 0.0,
-                 ptx_data=None, probe_every: int = 10, max_grad_norm: float | None = 1.0,
+                 ptx_data=None, probe_every: int = 10, probe_prompts: list[list[int]] | None = None,
+                 max_grad_norm: float | None = 1.0,
                  eos_token_id: int | list[int] | None = None, parallelism: dict | None = None) -> None:
         super().__init__()
         if critic not in CRITICS:
@@ -214,7 +220,8 @@ class PPOModule(L.LightningModule):
         self.kl_ctl = F.AdaptiveKLController(kl_coef=kl_coef, target=kl_target, horizon=kl_horizon) \
             if kl_target else F.FixedKLController(kl_coef=kl_coef)
         self.ptx_coef, self.ptx_data, self._ptx_iter = ptx_coef, ptx_data, None
-        self.probe_every, self.max_grad_norm = probe_every, max_grad_norm
+        self.probe_every, self.probe_prompts = probe_every, probe_prompts
+        self.max_grad_norm = max_grad_norm
         self.eos_token_id, self.pad_token_id = eos_token_id, 0
         self.parallelism = dict(parallelism or {})
         self.model: nn.Module | None = None
@@ -224,6 +231,7 @@ class PPOModule(L.LightningModule):
         self.tokenizer_path: str | None = None
         self.run_config: dict | None = None
         self.rollouts = 0
+        self._generator: torch.Generator | None = None  # per-rank sampling stream (on_fit_start)
         self.history: list[dict[str, float]] = []
 
     # --------------------------------------------------------------------------- model setup
@@ -270,6 +278,10 @@ class PPOModule(L.LightningModule):
             self.pad_token_id = tok.pad_token_id
         if not self.tokenizer_path and getattr(dm, "tokenizer_dir", None):
             self.tokenizer_path = str(dm.tokenizer_dir)
+        # Each rank samples from its own stream: with one seed everywhere, data-parallel ranks
+        # would draw the same random numbers for every token (correlated rollouts).
+        self._generator = torch.Generator(self.device).manual_seed(
+            (torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
         if self.ptx_coef > 0 and isinstance(self.ptx_data, L.LightningDataModule):
             self.ptx_data.prepare_data()
             self.ptx_data.setup("fit")
@@ -283,7 +295,8 @@ class PPOModule(L.LightningModule):
         with gathered(self.model):
             session = DecodeSession(self.policy, max_rows=len(prompts),
                                     max_len=max(map(len, prompts)) + self.max_new_tokens + 1,
-                                    eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
+                                    eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                                    generator=self._generator)
             rows = session.add_rows(prompts, max_new_tokens=self.max_new_tokens,
                                     sampling=SamplingParams() if greedy else self.sampling)
             while session.step():
@@ -428,7 +441,8 @@ class PPOModule(L.LightningModule):
     @torch.no_grad()
     def probe(self) -> dict[str, float]:
         """Scores of greedy answers to the datamodule's fixed probe prompts (reward-hacking monitor)."""
-        prompts = getattr(getattr(self.trainer, "datamodule", None), "probe_prompts", None)
+        prompts = self.probe_prompts or getattr(getattr(self.trainer, "datamodule", None),
+                                                "probe_prompts", None)
         if not prompts:
             return {}
         roll = self.rollout(prompts, greedy=True)
