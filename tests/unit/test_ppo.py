@@ -245,3 +245,32 @@ def test_mmllm_train_experiment_ppo_debug_tiny(tmp_path, policy_run):
         assert key in metrics, key
     policy, tok = load_model(out / "checkpoints" / "last.ckpt")
     assert isinstance(policy, DecoderLM) and tok is not None
+
+
+def test_ppo_stage(tmp_path, policy_run):
+    """The stage alone: the pretrain stage's checkpoint, no reward model (rule reward), PPO-ptx
+    on the pipeline's data, curves in the record, a loadable policy checkpoint."""
+    from omegaconf import OmegaConf
+
+    from mmllm.checkpoint import load_model
+    from mmllm.stages import Marker, StageContext
+    from mmllm.stages.ppo import PPOStage
+
+    run, tok = policy_run
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS))
+    cfg = OmegaConf.create({"seed": 0, "data": {
+        "_target_": "mmllm.data.text_corpus.TextCorpusDataModule", "train_texts": str(texts),
+        "val_texts": str(texts), "cache_dir": str(tmp_path / "cache"), "tokenizer": str(run / "tokenizer"),
+        "seq_len": 16, "batch_size": 4}})
+    marker = Marker(stage="pretrain", target="x", fingerprint="f", run_id="r", started_at="",
+                    finished_at="", seconds=0.0, outputs={"checkpoint": str(run / "checkpoints" / "last.ckpt")},
+                    record={}, config_updates={}, config={})
+    ctx = StageContext(name="ppo", run_dir=tmp_path, cfg=cfg, markers={"pretrain": marker})
+    stage = PPOStage(rollouts=2, batch_size=4, probe_size=2, max_new_tokens=6)
+    stage.run(ctx)
+    r = ctx.record["ppo"]
+    assert r["rollouts"] == 2 and len(r["reward_mean"]) == len(r["kl"]) == 2 and r["ptx"]
+    assert "rule reward" in r["reward"] and len(r["ptx_loss"]) == 2 and r["probe"]
+    policy, _ = load_model(stage.outputs(ctx)["checkpoint"])
+    assert isinstance(policy, DecoderLM) and policy.vocab_size == len(tok)
