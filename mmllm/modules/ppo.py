@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from mmllm.distributed import clip_grad_norm_, parallelize
+from mmllm.distributed.strategy import data_parallel_rank
 from mmllm.generation import DecodeSession, SamplingParams
 from mmllm.losses import causal_lm_loss
 from mmllm.losses import ppo as F
@@ -207,9 +208,12 @@ class PPOModule(L.LightningModule):
         if ptx_coef > 0 and ptx_data is None:
             raise ValueError("ptx_coef > 0 needs ptx_data (a pretraining datamodule)")
         self.automatic_optimization = False
-        self._policy_src, self.init_from, self.critic_kind = model, init_from, critic
+        # In a dict, not attributes: a module given here must not register as a submodule (its
+        # weights would be saved twice); configure_model builds the real ones from it.
+        self._sources = {"policy": model, "reward": reward_model}
+        self.init_from, self.critic_kind = init_from, critic
         # A reward model wins; reward_fn is the fallback (configs give a rule reward for demos).
-        self._reward_src, self.reward_fn = reward_model, None if reward_model is not None else reward_fn
+        self.reward_fn = None if reward_model is not None else reward_fn
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.sampling = SamplingParams(temperature, top_k, top_p)
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
@@ -244,7 +248,9 @@ class PPOModule(L.LightningModule):
         if self.init_from:
             policy = load_model(self.init_from)[0]
         else:
-            src = self._policy_src
+            src = self._sources["policy"]
+            if src is None:
+                raise ValueError("PPOModule needs a policy: init_from (an SFT checkpoint) or model")
             policy = src if isinstance(src, nn.Module) else src()
         self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
         if self.critic_kind == "shared":
@@ -253,8 +259,8 @@ class PPOModule(L.LightningModule):
         else:
             self.model = policy
             self.critic = DecoderWithScalarHead(decoder=copy.deepcopy(policy), head=ValueHead(dim=policy.dim))
-        if self._reward_src is not None:
-            rm = self._reward_src
+        if self._sources["reward"] is not None:
+            rm = self._sources["reward"]
             self.reward_model = (load_model(rm)[0] if isinstance(rm, str) else rm).eval().requires_grad_(False)
         if self.parallelism:
             kwargs = {k: v for k, v in self.parallelism.items() if k != "meta_init"}  # models load in full
@@ -280,8 +286,10 @@ class PPOModule(L.LightningModule):
             self.tokenizer_path = str(dm.tokenizer_dir)
         # Each rank samples from its own stream: with one seed everywhere, data-parallel ranks
         # would draw the same random numbers for every token (correlated rollouts).
+        # Tensor-parallel ranks of one group share a stream: they must sample the same tokens.
+        dp_rank = data_parallel_rank(self._trainer)[0]
         self._generator = torch.Generator(self.device).manual_seed(
-            (torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63)
+            (torch.initial_seed() + 1_000_003 * dp_rank) % 2**63)
         if self.ptx_coef > 0 and isinstance(self.ptx_data, L.LightningDataModule):
             self.ptx_data.prepare_data()
             self.ptx_data.setup("fit")
