@@ -85,7 +85,7 @@ def run_mmllm(args, model_dir: Path) -> dict[str, float]:
     from mmllm.nn.heads import ScalarHead
 
     class Timed(PPOModule):
-        times = {p: [] for p in (*PHASES, "experience")}
+        times: dict[str, list[float]]
 
         def _timed(self, phase, fn, *a, **kw):
             sync(args.device)
@@ -108,6 +108,7 @@ def run_mmllm(args, model_dir: Path) -> dict[str, float]:
     module = Timed(init_from=str(model_dir), reward_model=rm, optimizer=partial(torch.optim.AdamW, lr=1e-5),
                    max_new_tokens=args.new_tokens, ppo_epochs=2, num_minibatches=2, kl_coef=0.05,
                    eos_token_id=[], probe_every=0, top_k=None)
+    module.times = {p: [] for p in (*PHASES, "experience")}
     n = args.warmup + args.steps
     data = DataLoader([p for b in prompt_batches(args, n) for p in b], batch_size=args.batch,
                       collate_fn=lambda rows: {"prompt_ids": [list(r) for r in rows]})
@@ -115,7 +116,7 @@ def run_mmllm(args, model_dir: Path) -> dict[str, float]:
                         devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(module, train_dataloaders=data)
-    t = {k: v[args.warmup:] for k, v in Timed.times.items()}
+    t = {k: v[args.warmup:] for k, v in module.times.items()}
     t["scoring"] = [e - g for e, g in zip(t.pop("experience"), t["generation"])]
     return {p: sum(t[p]) / len(t[p]) for p in PHASES}
 
@@ -125,7 +126,8 @@ def trl_venv(args) -> Path:
     """A virtualenv with trl==<version> that also sees this interpreter's packages (torch)."""
     venv = Path(args.cache_dir) / f"trl-{args.trl_version}"
     py = venv / "bin" / "python"
-    if py.is_file() and subprocess.run([str(py), "-c", "import trl"], capture_output=True).returncode == 0:
+    if py.is_file() and subprocess.run([str(py), "-c", "import trl"], capture_output=True,
+                                       check=False).returncode == 0:
         return py
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -158,8 +160,8 @@ def run_trl(args, model_dir: Path) -> dict[str, float]:
                        learning_rate=1e-5, init_kl_coef=0.05, adap_kl_ctrl=False, log_with=None,
                        seed=0, gradient_accumulation_steps=1)
     trainer = PPOTrainer(config, policy, ref, tok)
-    gen = dict(do_sample=True, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
-               min_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id)
+    gen = {"do_sample": True, "top_k": 0, "top_p": 1.0, "max_new_tokens": args.new_tokens,
+           "min_new_tokens": args.new_tokens, "pad_token_id": tok.pad_token_id}
     times = {p: [] for p in PHASES}
     for batch in prompt_batches(args, args.warmup + args.steps):
         queries = [torch.tensor(q, device=trainer.accelerator.device) for q in batch]

@@ -34,7 +34,7 @@ from mmllm.distributed.strategy import data_parallel_rank
 from mmllm.generation import DecodeSession, SamplingParams
 from mmllm.losses import causal_lm_loss
 from mmllm.losses import ppo as F
-from mmllm.models import DecoderWithScalarHead
+from mmllm.models import DecoderLM, DecoderWithScalarHead
 from mmllm.nn.heads import ValueHead
 
 CRITICS = ("shared", "separate")
@@ -261,7 +261,11 @@ class PPOModule(L.LightningModule):
             self.critic = DecoderWithScalarHead(decoder=copy.deepcopy(policy), head=ValueHead(dim=policy.dim))
         if self._sources["reward"] is not None:
             rm = self._sources["reward"]
-            self.reward_model = (load_model(rm)[0] if isinstance(rm, str) else rm).eval().requires_grad_(False)
+            rm = load_model(rm)[0] if isinstance(rm, str) else rm
+            if isinstance(rm, DecoderLM):
+                raise ValueError(f"reward_model={self._sources['reward']!r} is a plain DecoderLM (no "
+                                 "score head): pass a reward-model checkpoint (DecoderWithScalarHead)")
+            self.reward_model = rm.eval().requires_grad_(False)
         if self.parallelism:
             kwargs = {k: v for k, v in self.parallelism.items() if k != "meta_init"}  # models load in full
             mesh = getattr(self, "device_mesh", None)

@@ -125,7 +125,7 @@ class PPOStage(Stage):
     def _record(ctx: StageContext, module, policy: Path, reward: str, ptx: bool, seconds: float,
                 out: Path) -> None:
         h = module.history
-        curve = lambda key: [round(r[key], 4) for r in h if key in r]  # noqa: E731
+        curve = lambda key: [round(r[key], 4) for r in h if key in r]
         probes = [{k.removeprefix("probe/"): round(v, 4) for k, v in r.items() if k.startswith("probe/")}
                   for r in h if "probe/score_mean" in r]
         ctx.record["ppo"] = {

@@ -10,7 +10,6 @@ its own prompts, stopping after its own number of tokens) and the policy is save
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from functools import partial
@@ -28,7 +27,8 @@ from mmllm.modules.ppo import PPOModule
 from mmllm.nn.heads import ScalarHead
 
 V = 32
-MODEL = dict(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=64)
+MODEL = {"vocab_size": V, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 64,
+         "max_seq_len": 64}
 PROBE = [[1, 5, 9], [1, 4], [1, 8, 8, 3, 11]]
 
 

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 from functools import partial
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -21,7 +20,7 @@ from mmllm.modules.ppo import PPOModule, TokenFractionReward, gathered, pad_roll
 from mmllm.nn.heads import ScalarHead
 
 V, TARGET, EOS = 32, 7, 2
-POLICY = dict(vocab_size=V, dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=64)
+POLICY = {"vocab_size": V, "dim": 32, "n_layers": 1, "n_heads": 4, "hidden_dim": 64, "max_seq_len": 64}
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -37,9 +36,9 @@ def loader(items: list[list[int]], batch_size: int = 16) -> DataLoader:
 
 def module(cls=PPOModule, seed: int = 0, **kwargs) -> PPOModule:
     torch.manual_seed(seed)
-    opts = dict(model=DecoderLM(**POLICY), reward_fn=TokenFractionReward(token_ids=[TARGET]),
-                optimizer=partial(torch.optim.AdamW, lr=5e-3), max_new_tokens=6, ppo_epochs=2,
-                num_minibatches=2, kl_coef=0.05, eos_token_id=EOS, probe_every=0)
+    opts = {"model": DecoderLM(**POLICY), "reward_fn": TokenFractionReward(token_ids=[TARGET]),
+            "optimizer": partial(torch.optim.AdamW, lr=5e-3), "max_new_tokens": 6, "ppo_epochs": 2,
+            "num_minibatches": 2, "kl_coef": 0.05, "eos_token_id": EOS, "probe_every": 0}
     return cls(**{**opts, **kwargs})
 
 
@@ -147,6 +146,8 @@ def test_reward_model_scores_the_last_response_token():
         alone = [float(rm(torch.tensor([p + r])).scores) for p, r in zip(ps, rs)]
     torch.testing.assert_close(got, torch.tensor(alone), atol=1e-5, rtol=0)
     assert m.reward_fn is None  # a reward model wins over the rule reward
+    with pytest.raises(ValueError, match="no score head"):
+        module(reward_model=DecoderLM(**POLICY)).configure_model()
 
 
 def test_separate_critic_and_checkpoints(tmp_path, trained):
@@ -238,7 +239,7 @@ def test_mmllm_train_experiment_ppo_debug_tiny(tmp_path, policy_run):
     proc = subprocess.run([sys.executable, "-m", "mmllm", "train", "experiment=ppo", "debug=tiny",
                            f"policy={run}", f"data.path={f}", "module.max_new_tokens=6",
                            f"hydra.run.dir={out}"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = (out / "csv" / "metrics.csv").read_text()
     for key in ("ppo/reward_mean", "ppo/kl", "ppo/beta", "probe/score_mean", "ppo/clip_frac"):

@@ -7,9 +7,19 @@ import math
 import pytest
 import torch
 
-from mmllm.losses.ppo import (AdaptiveKLController, FixedKLController, entropy_from_logits, gae,
-                              kl_penalty, masked_mean, masked_whiten, policy_loss, shape_rewards,
-                              token_logprobs, value_loss)
+from mmllm.losses.ppo import (
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_whiten,
+    policy_loss,
+    shape_rewards,
+    token_logprobs,
+    value_loss,
+)
 
 t = torch.tensor
 
