@@ -33,6 +33,8 @@ class PPOStage(Stage):
         lr: AdamW learning rate.
         kl_coef, kl_target: beta, and the adaptive controller's target (None: fixed beta).
         ptx_coef: PPO-ptx weight of the pretraining LM loss (0: off).
+        ptx_rows: rows of each pretraining batch used by the ptx term (a full pretraining batch
+            would cost more than the PPO minibatch it is added to).
         reward_strings: the rule reward's strings (used without a reward model).
         policy_output, reward_output: the output names of the sft/pretrain and reward_model stages.
     """
@@ -41,10 +43,10 @@ class PPOStage(Stage):
     config_keys = ("seed", "data")
 
     def __init__(self, *, prompts: list[str] = DEFAULT_PROMPTS, chat: bool | None = None,
-                 rollouts: int = 4, batch_size: int = 8, probe_size: int = 4,
-                 max_new_tokens: int = 16, ppo_epochs: int = 2, num_minibatches: int = 2,
+                 rollouts: int = 3, batch_size: int = 8, probe_size: int = 4,
+                 max_new_tokens: int = 12, ppo_epochs: int = 2, num_minibatches: int = 2,
                  lr: float = 1e-4, kl_coef: float = 0.05, kl_target: float | None = 2.0,
-                 ptx_coef: float = 0.5, reward_strings: list[str] = (" the",),
+                 ptx_coef: float = 0.5, ptx_rows: int = 4, reward_strings: list[str] = (" the",),
                  policy_output: str = "checkpoint", reward_output: str = "checkpoint") -> None:
         if rollouts < 1 or len(prompts) < batch_size + probe_size:
             raise ValueError(f"the ppo stage needs rollouts >= 1 and at least batch_size + probe_size "
@@ -53,6 +55,7 @@ class PPOStage(Stage):
         self.batch_size, self.probe_size, self.max_new_tokens = batch_size, probe_size, max_new_tokens
         self.ppo_epochs, self.num_minibatches, self.lr = ppo_epochs, num_minibatches, lr
         self.kl_coef, self.kl_target, self.ptx_coef = kl_coef, kl_target, ptx_coef
+        self.ptx_rows = ptx_rows
         self.reward_strings = list(reward_strings)
         self.policy_output, self.reward_output = policy_output, reward_output
 
@@ -83,7 +86,7 @@ class PPOStage(Stage):
         dm = instantiate(ctx.cfg.data)
         dm.prepare_data()  # cached by the tokenize stage
         dm.setup("fit")
-        return dm
+        return _Rows(dm.train_dataloader(), self.ptx_rows)
 
     def run(self, ctx: StageContext) -> None:
         import lightning as L
@@ -136,3 +139,14 @@ class PPOStage(Stage):
         r = ctx.record["ppo"]
         print(f"ppo: reward {r['reward_mean'][0]} -> {r['reward_mean'][-1]}, KL {r['kl'][0]} -> "
               f"{r['kl'][-1]} over {len(h)} rollouts ({r['seconds']} s)")
+
+
+class _Rows:
+    """The first ``rows`` rows of every batch of ``loader`` (re-iterable)."""
+
+    def __init__(self, loader, rows: int) -> None:
+        self.loader, self.rows = loader, rows
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield {k: v[:self.rows] for k, v in batch.items()}
