@@ -1,0 +1,176 @@
+"""Toolformer: tokens, the filter against hand-computed losses, interrupted decoding, end to end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmllm.data.tokenizer import train_bpe_tokenizer
+from mmllm.generation import generate_ids
+from mmllm.models import DecoderLM
+from mmllm.tools.builtin import default_registry
+from mmllm.tools.registry import ToolResult
+from mmllm.tools.toolformer import (Candidate, ToolformerAnnotator, ToolformerDecoder, add_toolformer_tokens,
+                                    execute_call, format_call, loss_weights, parse_call, token_ids,
+                                    weighted_loss)
+
+TEXT = "The sum of 400 and 25 is 425. Paris is the capital of France. 7 times 6 is 42. " * 20
+PROMPT = ("Your task is to add calls to a Calculator API to a piece of text.\n"
+          "Input: The price is 12 and 3, 15 in total.\n"
+          "Output: The price is 12 and 3, <API>calculator(12+3) → 15</API> 15 in total.\n"
+          "Input: {text}\nOutput:")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = train_bpe_tokenizer([TEXT], vocab_size=320, show_progress=False)
+    assert add_toolformer_tokens(t) == 3
+    return t
+
+
+@pytest.fixture(scope="module")
+def registry():
+    with default_registry() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    m = DecoderLM(vocab_size=len(tok), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                  max_seq_len=512)
+    m.init_weights()
+    return m.eval()
+
+
+def test_tokens_added_once_and_never_split(tok):
+    assert add_toolformer_tokens(tok) == 0
+    start, end, arrow = token_ids(tok)
+    ids = tok("a <API>calculator(2+3) → 5</API> b", add_special_tokens=False)["input_ids"]
+    assert ids.count(start) == ids.count(end) == ids.count(arrow) == 1
+    m = DecoderLM(vocab_size=300, dim=16, n_layers=1, n_heads=2, max_seq_len=16)
+    add_toolformer_tokens(tok, m)
+    assert m.vocab_size == len(tok)
+    with pytest.raises(ValueError, match="add_toolformer_tokens"):
+        token_ids(train_bpe_tokenizer(["abc abc"], vocab_size=300, show_progress=False))
+
+
+def test_parse_and_execute(registry):
+    assert parse_call(" calculator( 2+3 ) ") == ("calculator", "2+3")
+    assert execute_call(registry, "calculator(400+25)").content == "425"
+    assert execute_call(registry, 'weekday({"date": "2024-01-01"})').content == "Monday"
+    assert not execute_call(registry, "no call here").ok
+    assert not execute_call(registry, "nosuchtool(1)").ok
+    assert format_call("calculator", "2+3", "5") == "<API>calculator(2+3) → 5</API>"
+
+
+def test_weights_and_weighted_loss():
+    w = loss_weights(7)
+    raw = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0, 0.0]
+    assert w == pytest.approx([r / 3.0 for r in raw])
+    assert weighted_loss([9.0, 9.0, 1.0, 2.0], start=2) == pytest.approx((1.0 * 1 + 2.0 * 0.8) / 1.8)
+
+
+class FakeScorer:
+    """Per-token losses by rule: text tokens cost 2.0 without a result in front, 0.5 with the
+    result "5" in the sequence (every other token 0): losses computable by hand."""
+
+    def __init__(self, tok):
+        self.result_id = tok(" 5", add_special_tokens=False)["input_ids"][-1]
+        self.seen: list[list[int]] = []
+
+    def __call__(self, seqs):
+        self.seen += seqs
+        return [[0.5 if self.result_id in s else 2.0 for _ in s] for s in seqs]
+
+
+def test_filter_against_hand_computed_losses(tok, model, registry):
+    scorer = FakeScorer(tok)
+    ann = ToolformerAnnotator(model=model, tokenizer=tok, registry=registry, prompts={"calculator": PROMPT},
+                              scorer=scorer, tau_f=1.0)
+    x = tok("2 plus 3 is five apples", add_special_tokens=False)["input_ids"]
+    good = Candidate(2, "calculator(2+3)", ToolResult("calculator", True, "5"))
+    bad = Candidate(2, "calculator(2*4)", ToolResult("calculator", True, "8"))
+    kept = ann.filter(x, [good, bad])
+    # Weights sum to 1, so a constant per-token loss is the weighted loss: L+ = 0.5, L- = 2.0.
+    assert good.loss_plus == pytest.approx(0.5) and good.loss_minus == pytest.approx(2.0)
+    assert bad.loss_plus == pytest.approx(2.0) and bad.gain == pytest.approx(0.0)
+    assert kept == [good]
+    # The three scored sequences: call+result, nothing, call with an empty result (prefixed).
+    assert scorer.seen[1] == x
+    assert scorer.seen[0] == ann.call_ids("calculator(2+3)", "5") + x
+    assert scorer.seen[2] == ann.call_ids("calculator(2+3)", "") + x
+    ann.tau_f = 1.6  # 1.5 gain is no longer enough
+    assert ann.filter(x, [good]) == []
+
+
+def test_training_row_masks_results(tok, model, registry):
+    ann = ToolformerAnnotator(model=model, tokenizer=tok, registry=registry, prompts={"calculator": PROMPT})
+    x = tok("The sum is 425.", add_special_tokens=False)["input_ids"]
+    c = Candidate(3, "calculator(400+25)", ToolResult("calculator", True, "425"))
+    row = ann.training_row(x, [c])
+    assert row["input_ids"] == x[:3] + ann.call_ids(c.call, "425") + x[3:]
+    assert "<API>calculator(400+25)→ 425</API>" in tok.decode(row["input_ids"])
+    supervised = [row["input_ids"][t + 1] for t, l in enumerate(row["labels"]) if l != -100]
+    # The supervised tokens are the text and the call up to the arrow; the result and </API> are not.
+    call = ann.call_ids(c.call, "425")
+    n_call = call.index(ann.arrow_id) + 1
+    expected = x[1:3] + call[:n_call] + x[3:]
+    assert supervised == expected
+    assert len(row["labels"]) == len(row["input_ids"])
+
+
+def _force_arrow(model, tok, prompt_ids):
+    """Points the arrow's output row at the prompt's last hidden state: the first sampled token is →."""
+    with torch.no_grad():
+        h = model(torch.tensor([prompt_ids]), return_hidden=True).hidden[0, -1]
+        model.lm_head.weight[token_ids(tok)[2]] = 50.0 * h / h.norm()
+
+
+def test_interrupted_decoding_equals_full_prompt(tok, registry):
+    torch.manual_seed(1)
+    m = DecoderLM(vocab_size=len(tok), dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                  max_seq_len=256)
+    m.init_weights()
+    m.eval()
+    prompt = tok("The sum of 400 and 25 is <API>calculator(400+25)", add_special_tokens=False)["input_ids"]
+    _force_arrow(m, tok, prompt)
+    dec = ToolformerDecoder(model=m, tokenizer=tok, registry=registry, one_call_per_sentence=False, max_calls=1)
+    out = dec.generate(prompt, max_new_tokens=12, record_logits=True)
+    start, end, arrow = token_ids(tok)
+    assert [c for c, _ in out["calls"]] == ["calculator(400+25)"] and out["calls"][0][1].content == "425"
+    result = tok(" 425", add_special_tokens=False)["input_ids"] + [end]
+    assert out["tokens"][:1 + len(result)] == [arrow] + result
+    cont = out["tokens"][1 + len(result):]
+    # Reference: the call and its result already in the prompt, decoded without interruption.
+    full = prompt + [arrow] + result
+    ref = generate_ids(m, [full], max_new_tokens=len(cont), eos_token_id=tok.eos_token_id)[0]
+    assert cont == ref and len(cont) > 0
+    with torch.no_grad():
+        ref_logits = m(torch.tensor([full + cont])).logits[0, len(full) - 1:-1]  # predicts cont
+    got = torch.stack(out["logits"][1:1 + len(cont)])
+    torch.testing.assert_close(got, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_execution_filtering_end_to_end(tok, registry):
+    torch.manual_seed(2)
+    m = DecoderLM(vocab_size=len(tok), dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=512)
+    m.init_weights()
+    m.eval()
+    ann = ToolformerAnnotator(model=m, tokenizer=tok, registry=registry, prompts={"calculator": PROMPT},
+                              tau_s=0.0, top_k=2, num_samples=3, max_call_tokens=6, tau_f=-1e9)
+    texts = ["The sum of 400 and 25 is 425.", "7 times 6 is 42."]
+    rows = [ann.annotate(t) for t in texts]
+    s = ann.stats
+    assert s.texts == 2 and s.candidates == 4
+    assert s.sampled + s.failed.get("unterminated", 0) == s.candidates * 3
+    assert s.executed + s.failed.get("error", 0) == s.sampled
+    assert s.kept <= s.executed and 0.0 <= s.share_kept <= 1.0
+    for (row, kept), text in zip(rows, texts):
+        assert len(row["input_ids"]) == len(row["labels"])
+        assert len({c.position for c in kept}) == len(kept)
+    # A forced, valid call: execution, then a filter with tau_f=-inf keeps it.
+    x = tok(texts[0], add_special_tokens=False)["input_ids"]
+    c = Candidate(5, "calculator(400+25)")
+    c.result = execute_call(registry, c.call)
+    assert ann.filter(x, [c]) == [c] and c.loss_plus is not None
