@@ -51,7 +51,7 @@ class ToolformerTokens:
 
 
 TOKENS = ToolformerTokens()
-_CALL = re.compile(r"^\s*([A-Za-z0-9_.-]{1,64})\s*\((.*)\)\s*$", re.S)
+_CALL = re.compile(r"^\s*([A-Za-z0-9_.-]{1,64})\s*\((.*)\)\s*$", re.DOTALL)
 _SENTENCE_END = re.compile(r"[.!?\n]")
 
 
@@ -301,7 +301,7 @@ class ToolformerAnnotator:
         x = self._encode(text)
         self.stats.texts += 1
         executed: list[Candidate] = []
-        for name, prompt in self.prompts.items():
+        for prompt in self.prompts.values():
             prefix, _, _ = prompt.partition("{text}")
             prompt_ids = self._encode(prefix)
             positions = self.candidate_positions(prompt_ids, x)

@@ -10,9 +10,18 @@ from mmllm.generation import generate_ids
 from mmllm.models import DecoderLM
 from mmllm.tools.builtin import default_registry
 from mmllm.tools.registry import ToolResult
-from mmllm.tools.toolformer import (Candidate, ToolformerAnnotator, ToolformerDecoder, add_toolformer_tokens,
-                                    execute_call, format_call, loss_weights, parse_call, token_ids,
-                                    weighted_loss)
+from mmllm.tools.toolformer import (
+    Candidate,
+    ToolformerAnnotator,
+    ToolformerDecoder,
+    add_toolformer_tokens,
+    execute_call,
+    format_call,
+    loss_weights,
+    parse_call,
+    token_ids,
+    weighted_loss,
+)
 
 TEXT = "The sum of 400 and 25 is 425. Paris is the capital of France. 7 times 6 is 42. " * 20
 PROMPT = ("Your task is to add calls to a Calculator API to a piece of text.\n"
@@ -137,7 +146,7 @@ def test_interrupted_decoding_equals_full_prompt(tok, registry):
     _force_arrow(m, tok, prompt)
     dec = ToolformerDecoder(model=m, tokenizer=tok, registry=registry, one_call_per_sentence=False, max_calls=1)
     out = dec.generate(prompt, max_new_tokens=12, record_logits=True)
-    start, end, arrow = token_ids(tok)
+    _, end, arrow = token_ids(tok)
     assert [c for c, _ in out["calls"]] == ["calculator(400+25)"] and out["calls"][0][1].content == "425"
     result = tok(" 425", add_special_tokens=False)["input_ids"] + [end]
     assert out["tokens"][:1 + len(result)] == [arrow] + result
