@@ -90,3 +90,30 @@ def test_parse_calls_formats():
     assert parse_calls("calculator(7*6)", spec)[1] == [("calculator", {"expression": "7*6"})]
     # Undeclared functions and prose with parentheses are no calls.
     assert parse_calls('{"name": "search", "arguments": {}} and f(x) (maybe)', spec)[1] == []
+
+
+def test_run_tool_turn_executes_calls_and_feeds_results_back():
+    from mmllm.tools.builtin import default_registry
+    from mmllm.tools.chat_loop import print_event, run_tool_turn, tools_system_message
+
+    seen, printed = [], []
+
+    def generate_fn(messages):
+        seen.append(messages)
+        if len(seen) == 1:
+            return 'Computing. {"name": "calculator", "arguments": {"expression": "400+25"}}'
+        return "It is " + messages[-1]["content"] + "."
+
+    with default_registry() as reg:
+        system = tools_system_message(reg)
+        assert "calculator" in system["content"] and "<tool_call>" in system["content"]
+        msgs = [system, {"role": "user", "content": "400+25?"}]
+        added = run_tool_turn(msgs, generate_fn, reg, lambda e: print_event(e, printed.append))
+    assert [m["role"] for m in added] == ["assistant", "tool", "assistant"]
+    assert json.loads(added[0]["tool_calls"][0]["function"]["arguments"]) == {"expression": "400+25"}
+    assert added[1]["content"] == "425" and added[1]["tool_call_id"] == added[0]["tool_calls"][0]["id"]
+    assert added[2]["content"] == "It is 425."
+    assert printed[0] == "[tool call] calculator({'expression': '400+25'})" and printed[1].startswith("[tool result] 425")
+    # The second generation saw plain messages: the call rendered into the assistant content.
+    assert all(isinstance(m["content"], str) for m in seen[1])
+    assert '<tool_call>{"name": "calculator"' in seen[1][-2]["content"]

@@ -55,5 +55,5 @@ def test_collate_pads_and_loss_counts_supervised_tokens(data):
     assert (batch["labels"][1, len(ds[1]["input_ids"]):] == IGNORE).all()
     module = _module(tok, mask_tool_calls=True)
     module.model.init_weights()
-    loss, lm_loss, n = module.forward_loss(batch)
+    loss, _, n = module.forward_loss(batch)
     assert torch.isfinite(loss) and int(n) == int((module.effective_labels(batch) != IGNORE).sum())
