@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -51,6 +52,7 @@ class ToolformerTokens:
 
 
 TOKENS = ToolformerTokens()
+PROMPTS_PATH = Path(__file__).parent / "data" / "toolformer_prompts.json"
 _CALL = re.compile(r"^\s*([A-Za-z0-9_.-]{1,64})\s*\((.*)\)\s*$", re.DOTALL)
 _SENTENCE_END = re.compile(r"[.!?\n]")
 
@@ -84,6 +86,12 @@ def token_ids(tokenizer, tokens: ToolformerTokens = TOKENS) -> tuple[int, int, i
     if missing:
         raise ValueError(f"the tokenizer lacks the Toolformer tokens {missing}: call add_toolformer_tokens")
     return vocab[tokens.start], vocab[tokens.end], vocab[tokens.arrow]
+
+
+def default_prompts(registry: ToolRegistry, path: str | Path = PROMPTS_PATH) -> dict[str, str]:
+    """The shipped few-shot prompts (calculator, search, today, translate) of the registry's tools."""
+    prompts = json.loads(Path(path).read_text())
+    return {name: p for name, p in prompts.items() if name in registry}
 
 
 # --------------------------------------------------------------------------- calls as text
@@ -199,7 +207,8 @@ class ToolformerAnnotator:
         tokenizer: its tokenizer.
         registry: the tools.
         prompts: tool name -> few-shot prompt containing ``{text}`` where the input goes; the
-            prompt shows examples in the call syntax and ends where the annotated text starts.
+            prompt shows examples in the call syntax and ends where the annotated text starts
+            (default: :func:`default_prompts` for the registry's tools).
         tau_s: sampling threshold on ``P(<API>)``.
         top_k: positions kept per text and tool.
         num_samples: calls sampled per position.
@@ -213,10 +222,13 @@ class ToolformerAnnotator:
         seed: seeds call sampling.
     """
 
-    def __init__(self, *, model: nn.Module, tokenizer, registry: ToolRegistry, prompts: Mapping[str, str],
+    def __init__(self, *, model: nn.Module, tokenizer, registry: ToolRegistry, prompts: Mapping[str, str] | None = None,
                  tau_s: float = 0.05, top_k: int = 5, num_samples: int = 5, tau_f: float = 1.0,
                  max_call_tokens: int = 32, temperature: float = 1.0, decay: float = 0.2,
                  prefix_calls: bool = True, scorer: Scorer | None = None, seed: int = 0) -> None:
+        prompts = default_prompts(registry) if prompts is None else prompts
+        if not prompts:
+            raise ValueError(f"no few-shot prompt for any of the tools {registry.names}")
         unknown = [n for n in prompts if n not in registry]
         if unknown:
             raise ValueError(f"prompts for tools the registry lacks: {unknown}")
@@ -322,6 +334,14 @@ class ToolformerAnnotator:
         kept = [best[i] for i in sorted(best)]
         self.stats.kept += len(kept)
         return self.training_row(x, kept), kept
+
+    def annotate_many(self, texts: Iterable[str]) -> Iterator[dict]:
+        """Rows for a stream of texts, each with its kept calls (``calls``: position, call, result,
+        gain) for inspection; :attr:`stats` counts as it goes."""
+        for text in texts:
+            row, kept = self.annotate(text)
+            yield row | {"calls": [{"position": c.position, "call": c.call, "result": c.result.content,
+                                    "gain": c.gain} for c in kept]}
 
     def training_row(self, x: list[int], kept: Sequence[Candidate]) -> dict[str, list[int]]:
         """``x`` with every kept call and result inserted; results and ``</API>`` unsupervised."""

@@ -161,25 +161,74 @@ def test_interrupted_decoding_equals_full_prompt(tok, registry):
     torch.testing.assert_close(got, ref_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_sampling_execution_filtering_end_to_end(tok, registry):
+def _overfit(tok, ids, steps=40):
+    """A 1-layer model trained for a few steps on one annotated sequence: it writes that call."""
     torch.manual_seed(2)
     m = DecoderLM(vocab_size=len(tok), dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=512)
     m.init_weights()
-    m.eval()
-    ann = ToolformerAnnotator(model=m, tokenizer=tok, registry=registry, prompts={"calculator": PROMPT},
-                              tau_s=0.0, top_k=2, num_samples=3, max_call_tokens=6, tau_f=-1e9)
-    texts = ["The sum of 400 and 25 is 425.", "7 times 6 is 42."]
+    ids = torch.tensor([ids])
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(steps):
+        logits = m(ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+def test_sampling_execution_filtering_end_to_end(tok, registry):
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]
+    texts = [" The sum of 400 and 25 is 425.", " 7 times 6 is 42."]
+    x, i = enc(texts[0]), len(enc(" The sum of 400 and 25 is"))
+    call = [token_ids(tok)[0]] + enc("calculator(400+25)") + [token_ids(tok)[2]] + enc(" 425") + [token_ids(tok)[1]]
+    prompt = "Add calculator calls.\nInput:{text}\nOutput:"  # short: the overfitting stays cheap
+    m = _overfit(tok, enc(prompt.partition("{text}")[0]) + x[:i] + call + x[i:])
+    ann = ToolformerAnnotator(model=m, tokenizer=tok, registry=registry, prompts={"calculator": prompt},
+                              tau_s=0.05, top_k=2, num_samples=3, max_call_tokens=32, tau_f=-1e9,
+                              prefix_calls=False)  # keeps every executed call: counts are exact
     rows = [ann.annotate(t) for t in texts]
     s = ann.stats
-    assert s.texts == 2 and s.candidates == 4
+    assert s.texts == 2 and 1 <= s.candidates <= 4
     assert s.sampled + s.failed.get("unterminated", 0) == s.candidates * 3
     assert s.executed + s.failed.get("error", 0) == s.sampled
-    assert s.kept <= s.executed and 0.0 <= s.share_kept <= 1.0
-    for (row, kept), text in zip(rows, texts):
-        assert len(row["input_ids"]) == len(row["labels"])
-        assert len({c.position for c in kept}) == len(kept)
-    # A forced, valid call: execution, then a filter with tau_f=-inf keeps it.
-    x = tok(texts[0], add_special_tokens=False)["input_ids"]
-    c = Candidate(5, "calculator(400+25)")
-    c.result = execute_call(registry, c.call)
-    assert ann.filter(x, [c]) == [c] and c.loss_plus is not None
+    assert s.executed >= 1 and s.kept >= 1 and s.kept <= s.executed and s.share_kept == s.kept / s.sampled
+    (row, kept), _ = rows
+    assert [c.call for c in kept] == ["calculator(400+25)"] and kept[0].result.content == "425"
+    assert kept[0].loss_plus is not None and len(row["input_ids"]) == len(row["labels"])
+    assert s.kept == len({c.position for c in kept} | {c.position for c in rows[1][1]})
+    assert "<API>calculator(400+25)→ 425</API>" in tok.decode(row["input_ids"])
+    as_dict = s.as_dict()
+    assert as_dict["kept"] == s.kept and set(as_dict) >= {"candidates", "sampled", "executed", "share_kept"}
+
+
+def test_default_prompts_cover_the_registry(registry, tok, model):
+    from mmllm.tools.toolformer import default_prompts
+
+    prompts = default_prompts(registry)
+    assert set(prompts) == {"calculator", "today"} and all("{text}" in p for p in prompts.values())
+    assert set(ToolformerAnnotator(model=model, tokenizer=tok, registry=registry).prompts) == set(prompts)
+
+
+def test_one_call_per_sentence(tok, registry):
+    """Right after a call, <API> is the model's favourite: refused in the same sentence, taken without the option."""
+    torch.manual_seed(3)
+    m = DecoderLM(vocab_size=len(tok), dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=256)
+    m.init_weights()
+    m.eval()
+    start, end, arrow = token_ids(tok)
+    prompt = tok("The sum is <API>calculator(1+1)", add_special_tokens=False)["input_ids"]
+    _force_arrow(m, tok, prompt)
+    after = prompt + [arrow] + tok(" 2", add_special_tokens=False)["input_ids"] + [end]
+    with torch.no_grad():
+        h = m(torch.tensor([after]), return_hidden=True).hidden[0, -1]
+        m.lm_head.weight[start] = 60.0 * h / h.norm()
+    n = len(after) - len(prompt)
+    free = ToolformerDecoder(model=m, tokenizer=tok, registry=registry, one_call_per_sentence=False)
+    assert free.generate(prompt, max_new_tokens=4)["tokens"][n] == start
+    once = ToolformerDecoder(model=m, tokenizer=tok, registry=registry, one_call_per_sentence=True)
+    out = once.generate(prompt, max_new_tokens=4, record_logits=True)
+    assert out["tokens"][:n] == after[len(prompt):] and out["tokens"][n] != start
+    assert len(out["calls"]) == 1
+    dot = tok(".", add_special_tokens=False)["input_ids"]
+    assert not once._call_allowed([5, 6, start]) and once._call_allowed(dot + [start]) and once._call_allowed(None)
