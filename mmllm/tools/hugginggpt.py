@@ -171,6 +171,28 @@ def text_expert(generate_fn: Callable[[str], str]) -> Expert:
     return lambda args: generate_fn(args["text"] if isinstance(args.get("text"), str) else json.dumps(args))
 
 
+def vlm_expert(describe: Callable[[str, str], str]) -> Expert:
+    """The VLM slot: ``describe(image, question) -> str`` on ``args["image"]`` (a path or URL) and
+    ``args["text"]`` (default: a caption request)."""
+    def run(args: dict) -> str:
+        if not isinstance(args.get("image"), str):
+            raise ValueError("image-to-text needs args.image (a path or URL)")
+        return describe(args["image"], args.get("text") or "Describe the image.")
+    return run
+
+
+def default_experts(registry: ToolRegistry | None = None, *, generate_fn: Callable[[str], str] | None = None,
+                    vlm: Callable[[str, str], str] | None = None) -> dict[str, Expert]:
+    """Experts for the shipped catalog: the registry's tools, the LM (``generate_fn(prompt)``, e.g.
+    a closure over :func:`mmllm.generation.generate`) and the VLM slot when given."""
+    experts = tool_experts(registry) if registry is not None else {}
+    if generate_fn is not None:
+        experts["lm"] = text_expert(generate_fn)
+    if vlm is not None:
+        experts["vlm"] = vlm_expert(vlm)
+    return experts
+
+
 class HuggingGPT:
     """Plans, selects, executes and answers.
 

@@ -420,18 +420,11 @@ class ToolformerDecoder:
                     since_call = []
                     continue
                 session.append(r, [])  # a stray arrow: keep decoding
-            elif row.finish_reason == "eos" and row.tokens and row.tokens[-1] == self.start_id \
-                    and row.tokens[-1] != eos:
+            elif row.finish_reason == "eos" and row.tokens and row.tokens[-1] == self.start_id:
                 if self._call_allowed(since_call):
                     session.append(r, [])
-                else:  # replace the <API> with the best other token
-                    session.truncate(r, row.length - 1)
-                    logits = session.prefill([r])[r]
-                    logits[self.start_id] = float("-inf")
-                    tok = sample_next_token(logits[None], temperature=sampling.temperature, top_k=sampling.top_k,
-                                            top_p=sampling.top_p, generator=generator)
-                    session.append(r, tok.tolist())
-                    row.n_sampled += 1
+                else:
+                    self._replace_start(session, r, sampling, generator)
             elif row.finished:
                 break
             if row.n_sampled >= max_new_tokens:
@@ -445,6 +438,17 @@ class ToolformerDecoder:
                 since_call.append(row.tokens[-1])
         out = {"tokens": list(row.tokens), "calls": calls, "finish_reason": row.finish_reason}
         return out | ({"logits": logits_seen} if record_logits else {})
+
+    def _replace_start(self, session: DecodeSession, r: int, sampling: SamplingParams, generator) -> None:
+        """Swaps a refused ``<API>`` for the row's best other token (sampled as the row samples)."""
+        row = session.rows[r]
+        session.truncate(r, row.length - 1)
+        logits = session.prefill([r])[r]
+        logits[self.start_id] = float("-inf")
+        tok = sample_next_token(logits[None], temperature=sampling.temperature, top_k=sampling.top_k,
+                                top_p=sampling.top_p, generator=generator)
+        session.append(r, tok.tolist())
+        row.n_sampled += 1
 
     def _call_allowed(self, since_call: list[int] | None) -> bool:
         if not self.one_call_per_sentence or since_call is None:

@@ -130,3 +130,18 @@ def test_failed_task_skips_dependants():
     res = hg.execute(hg.plan("q"), "q")
     assert not res[0].ok and "down" in res[0].output and res[1].ok
     assert not res[2].ok and res[2].output.startswith("skipped")
+
+
+def test_default_experts_and_the_vlm_slot():
+    from mmllm.tools.hugginggpt import default_experts
+
+    with default_registry() as reg:
+        experts = default_experts(reg, generate_fn=str.upper, vlm=lambda image, q: f"{q} -> a cat in {image}")
+        assert experts["lm"]({"text": "hi"}) == "HI" and experts["calculator"]({"expression": "1+1"}) == "2"
+        assert experts["vlm"]({"image": "cat.png"}) == "Describe the image. -> a cat in cat.png"
+        with pytest.raises(ValueError, match="args.image"):
+            experts["vlm"]({"text": "what?"})
+        hg = HuggingGPT(llm=ScriptedLLM([]), experts=experts)
+        assert {"image-to-text", "text-generation", "calculation"} <= set(hg.task_types)
+        with pytest.raises(RuntimeError, match="error"):
+            experts["calculator"]({"expression": "1/0"})
