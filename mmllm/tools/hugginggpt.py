@@ -176,7 +176,7 @@ def vlm_expert(describe: Callable[[str, str], str]) -> Expert:
     ``args["text"]`` (default: a caption request)."""
     def run(args: dict) -> str:
         if not isinstance(args.get("image"), str):
-            raise ValueError("image-to-text needs args.image (a path or URL)")
+            raise TypeError("image-to-text needs args.image (a path or URL)")
         return describe(args["image"], args.get("text") or "Describe the image.")
     return run
 

@@ -139,7 +139,7 @@ def test_default_experts_and_the_vlm_slot():
         experts = default_experts(reg, generate_fn=str.upper, vlm=lambda image, q: f"{q} -> a cat in {image}")
         assert experts["lm"]({"text": "hi"}) == "HI" and experts["calculator"]({"expression": "1+1"}) == "2"
         assert experts["vlm"]({"image": "cat.png"}) == "Describe the image. -> a cat in cat.png"
-        with pytest.raises(ValueError, match="args.image"):
+        with pytest.raises(TypeError, match="args.image"):
             experts["vlm"]({"text": "what?"})
         hg = HuggingGPT(llm=ScriptedLLM([]), experts=experts)
         assert {"image-to-text", "text-generation", "calculation"} <= set(hg.task_types)
