@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -232,3 +234,21 @@ def test_one_call_per_sentence(tok, registry):
     assert len(out["calls"]) == 1
     dot = tok(".", add_special_tokens=False)["input_ids"]
     assert not once._call_allowed([5, 6, start]) and once._call_allowed(dot + [start]) and once._call_allowed(None)
+
+
+def test_cli_annotates_a_jsonl_corpus(tmp_path, capsys):
+    from mmllm.models.hf import export_hf_checkpoint
+    from mmllm.tools.toolformer_cli import main
+
+    tok = train_bpe_tokenizer([TEXT], vocab_size=300, show_progress=False)  # no Toolformer tokens yet
+    m = DecoderLM(vocab_size=len(tok), dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=1024)
+    m.init_weights()
+    export_hf_checkpoint(m, tmp_path / "model", tokenizer=tok)
+    (tmp_path / "texts.jsonl").write_text('{"text": "The sum of 400 and 25 is 425."}\n\n7 times 6 is 42.\n')
+    assert main(["annotate", "--model", str(tmp_path / "model"), "--input", str(tmp_path / "texts.jsonl"),
+                 "--output", str(tmp_path / "out" / "rows.jsonl"), "--tau-s", "0", "--top-k", "1",
+                 "--num-samples", "1", "--max-call-tokens", "2"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "rows.jsonl").read_text().splitlines()]
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(rows) == 2 and stats["texts"] == 2 and stats["candidates"] == 2 * 2  # 2 tools x top-1
+    assert all(len(r["input_ids"]) == len(r["labels"]) and r["calls"] == [] for r in rows)
