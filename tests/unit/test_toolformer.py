@@ -252,3 +252,32 @@ def test_cli_annotates_a_jsonl_corpus(tmp_path, capsys):
     stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(rows) == 2 and stats["texts"] == 2 and stats["candidates"] == 2 * 2  # 2 tools x top-1
     assert all(len(r["input_ids"]) == len(r["labels"]) and r["calls"] == [] for r in rows)
+
+
+def test_rows_train_with_causal_lm_module(tok, registry, model):
+    """Annotated rows pack and train as any SFT example: only the text and calls count, loss falls."""
+    import numpy as np
+
+    from mmllm.data.packing import collate_packed, pack
+    from mmllm.modules.causal_lm import CausalLMModule
+
+    ann = ToolformerAnnotator(model=model, tokenizer=tok, registry=registry, prompts={"calculator": PROMPT})
+    x = tok("The sum is 425.", add_special_tokens=False)["input_ids"]
+    c = Candidate(3, "calculator(400+25)", ToolResult("calculator", True, "425"))
+    rows = [ann.training_row(x, [c]), ann.training_row(x, [])]
+    examples = [(np.asarray(r["input_ids"]), np.asarray(r["labels"])) for r in rows]
+    batch = collate_packed([[examples[i] for i in row] for row in pack(examples, 64)], pad_id=0)
+    torch.manual_seed(0)
+    lm = DecoderLM(vocab_size=len(tok), dim=32, n_layers=1, n_heads=4, hidden_dim=64, max_seq_len=64)
+    lm.init_weights()
+    module = CausalLMModule(model=lm)
+    opt = torch.optim.Adam(lm.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss, _, n = module.forward_loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert int(n) == sum(sum(lab != -100 for lab in r["labels"]) for r in rows)
+    assert losses[-1] < 0.5 * losses[0]
