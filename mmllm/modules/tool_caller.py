@@ -12,10 +12,12 @@ in the loss: ``mask_tool_results`` (default True: never learn to imitate tool ou
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 
+import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from mmllm.data.chat import ChatRenderer, check_rendered
 from mmllm.modules.causal_lm import CausalLMModule
@@ -95,13 +97,62 @@ class ToolChatDataset(Dataset):
         return self.rows[i]
 
     def collate(self, rows: Sequence[Mapping]) -> dict[str, torch.Tensor]:
-        """Right-pads a batch (pad positions: ignored labels, attention_mask 0)."""
+        """Right-pads a batch (pad labels ignored; causal attention never lets a token see the
+        padding after it, so no mask is needed, as in :func:`mmllm.data.packing.collate_padded`)."""
         T = max(len(r["input_ids"]) for r in rows)
         pad = {"input_ids": self.pad_id, "labels": IGNORE, "tool_call_mask": False, "tool_result_mask": False}
-        batch = {k: torch.tensor([list(r[k]) + [v] * (T - len(r[k])) for r in rows]) for k, v in pad.items()}
-        batch["attention_mask"] = torch.tensor([[1] * len(r["input_ids"]) + [0] * (T - len(r["input_ids"]))
-                                                for r in rows])
-        return batch
+        return {k: torch.tensor([list(r[k]) + [v] * (T - len(r[k])) for r in rows]) for k, v in pad.items()}
+
+
+class ToolChatDataModule(L.LightningDataModule):
+    """Tool-use conversations from JSONL files (``{"messages": [...]}`` rows) for ``mmllm train``.
+
+    Args:
+        path: a file, glob or list of them.
+        tokenizer: the tokenizer (a directory, file or hub id; :func:`mmllm.data.tokenizer.load_tokenizer`).
+        seq_len: tokens per row at most (longer conversations are cut and counted).
+        batch_size: rows per batch.
+        val_fraction: share of conversations held out for validation.
+        seed: the split's seed.
+    """
+
+    def __init__(self, *, path: str | Sequence[str], tokenizer: str, seq_len: int = 2048, batch_size: int = 8,
+                 val_fraction: float = 0.0, num_workers: int = 0, seed: int = 1234) -> None:
+        super().__init__()
+        if not 0.0 <= val_fraction < 1.0 or seq_len < 2 or batch_size < 1:
+            raise ValueError("need 0 <= val_fraction < 1, seq_len >= 2 and batch_size >= 1")
+        self.path, self.tokenizer_dir, self.seq_len, self.batch_size = path, tokenizer, seq_len, batch_size
+        self.val_fraction, self.num_workers, self.seed = val_fraction, num_workers, seed
+        self.tokenizer = self.train_set = self.val_set = None
+
+    def setup(self, stage: str | None = None) -> None:
+        from mmllm.data.conversations import BadRowError, read_rows
+        from mmllm.data.tokenizer import load_tokenizer
+
+        if self.train_set is not None:
+            return
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        conversations = []
+        for where, row in read_rows(self.path):
+            if isinstance(row, BadRowError):
+                raise row
+            if not isinstance(row, Mapping) or not isinstance(row.get("messages"), list):
+                raise BadRowError(f"{where}: a row needs a 'messages' list")
+            conversations.append(row["messages"])
+        random.Random(self.seed).shuffle(conversations)
+        n_val = int(len(conversations) * self.val_fraction)
+        self.val_set = ToolChatDataset(conversations[:n_val], self.tokenizer, max_len=self.seq_len) if n_val else None
+        self.train_set = ToolChatDataset(conversations[n_val:], self.tokenizer, max_len=self.seq_len)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, collate_fn=self.train_set.collate,
+                          num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.val_set.collate,
+                          num_workers=self.num_workers)
 
 
 class ToolCallerModule(CausalLMModule):
