@@ -371,12 +371,14 @@ class ToolformerDecoder:
         registry: the tools.
         one_call_per_sentence: forbid a second ``<API>`` before a sentence ends.
         max_calls: calls per row at most (later arrows are plain tokens).
+        max_result_tokens: a result is cut to this many tokens before it is appended.
     """
 
     def __init__(self, *, model: nn.Module, tokenizer, registry: ToolRegistry,
-                 one_call_per_sentence: bool = True, max_calls: int = 8) -> None:
+                 one_call_per_sentence: bool = True, max_calls: int = 8, max_result_tokens: int = 128) -> None:
         self.model, self.tokenizer, self.registry = model, tokenizer, registry
         self.one_call_per_sentence, self.max_calls = one_call_per_sentence, max_calls
+        self.max_result_tokens = max_result_tokens
         self.start_id, self.end_id, self.arrow_id = token_ids(tokenizer)
 
     def _encode(self, text: str) -> list[int]:
@@ -400,7 +402,8 @@ class ToolformerDecoder:
             "finish_reason": ..., "logits": [(V,) logits before each sampled token] if record_logits}``.
         """
         eos = self.tokenizer.eos_token_id
-        session = DecodeSession(self.model, max_rows=1, max_len=len(prompt_ids) + max_new_tokens + 512,
+        room = self.max_calls * (self.max_result_tokens + 1)  # appended results and their </API>
+        session = DecodeSession(self.model, max_rows=1, max_len=len(prompt_ids) + max_new_tokens + room + 1,
                                 eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id or 0,
                                 generator=generator)
         sampling = sampling or SamplingParams()
@@ -416,7 +419,7 @@ class ToolformerDecoder:
                 if call is not None and len(calls) < self.max_calls:
                     result = execute_call(self.registry, self.tokenizer.decode(call))
                     calls.append((self.tokenizer.decode(call).strip(), result))
-                    session.append(r, self._encode(" " + result.content) + [self.end_id])
+                    session.append(r, self._encode(" " + result.content)[:self.max_result_tokens] + [self.end_id])
                     since_call = []
                     continue
                 session.append(r, [])  # a stray arrow: keep decoding
