@@ -22,6 +22,7 @@ from aiohttp import web
 from mmllm.data.chat import ChatFormatError, ChatRenderer
 from mmllm.serve import images as vision
 from mmllm.serve import protocol
+from mmllm.serve import tools as serve_tools
 from mmllm.serve.engine import Delta, Done, Engine, Event, Failed, GenRequest
 from mmllm.serve.protocol import APIError, Limits
 
@@ -154,7 +155,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if not engine.takes_images:
             raise APIError(400, vision.NO_IMAGES, param="messages", code="images_not_supported")
         body, images = await loop.run_in_executor(None, vision.extract_images, body, s["image_limits"])
-    messages = protocol.chat_messages(body)
+    tools = serve_tools.parse_tools(body)  # OpenAI function calling (mmllm.serve.tools)
+    messages = protocol.chat_messages(serve_tools.tool_messages(body, tools))
     if isinstance(s["renderer"], ChatFormatError):
         raise APIError(400, f"this model has no chat template: {s['renderer']} (use /v1/completions)")
     def render() -> list[int]:
@@ -169,7 +171,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except ChatFormatError as e:
         raise APIError(400, f"cannot render the conversation: {e}", param="messages") from e
     pixels = await loop.run_in_executor(None, vision.preprocess, engine.model, images) if images else None
-    return await _generate(request, body, prompt, chat=True, images=pixels)
+    return await _generate(request, serve_tools.without_tools(body), prompt, chat=True, images=pixels,
+                           tools=tools)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -178,7 +181,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, body, prompt, chat=False)
 
 
-async def _generate(request: web.Request, body: dict, prompt: list[int], *, chat: bool, images=None):
+async def _generate(request: web.Request, body: dict, prompt: list[int], *, chat: bool, images=None,
+                    tools: serve_tools.ToolSpec | None = None):
     """Runs one request (its ``n`` choices) through the engine: one JSON response, or server-sent events."""
     engine, s = request.app[ENGINE], request.app[SETTINGS]
     reqs = protocol.choices(protocol.parse_generation(body, prompt, s["limits"]), body.get("n") or 1)
@@ -203,8 +207,8 @@ async def _generate(request: web.Request, body: dict, prompt: list[int], *, chat
             if isinstance(event, Done | Failed):
                 _check_final(event)
                 dones[i] = event
-        return web.json_response(protocol.response(rid, s["model"], [dones[i] for i in range(len(reqs))],
-                                                   chat=chat))
+        out = protocol.response(rid, s["model"], [dones[i] for i in range(len(reqs))], chat=chat)
+        return web.json_response(serve_tools.apply_tool_calls(out, tools) if tools else out)
     finally:
         for req in reqs:
             req.cancelled.set()  # a client gone mid-generation frees its rows at the next step
