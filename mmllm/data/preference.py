@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -31,7 +32,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmllm.data.chat import ChatFormatError, ChatRenderer
 from mmllm.data.conversations import BadRowError
-from mmllm.data.preference_formats import FORMATS, Ranked, parse_row, read_preference_rows
+from mmllm.data.preference_formats import (
+    FORMATS,
+    Ranked,
+    parse_row,
+    read_preference_rows,
+    synthetic_preferences,
+)
 from mmllm.losses.lm import IGNORE_INDEX
 
 BAD_ROW_POLICIES = ("error", "skip")
@@ -166,8 +173,10 @@ class PreferenceDataModule(L.LightningDataModule):
 
     Args:
         sources: ``[{name, path, format (auto|pairs|hh|ranked|stackexchange|reddit),
-            score_rule (stackexchange: anthropic|raw), max_responses (cap on K for PMP lists)}]``;
-            ``path`` a file, glob or list (JSONL, JSONL.gz, Parquet, or .json lists).
+            score_rule (stackexchange: anthropic|raw), max_responses (cap on K for PMP lists),
+            synthetic ({num_prompts, k, seed}: write the learnable demo set of
+            :func:`~mmllm.data.preference_formats.synthetic_preferences` to ``path`` first when
+            it is missing)}]``; ``path`` a file, glob or list (JSONL, JSONL.gz, Parquet, .json lists).
         tokenizer: a model source whose tokenizer to use (the SFT checkpoint, ``smollm2``, an HF
             dir); None trains a ChatML byte-level BPE of ``vocab_size`` on the data.
         vocab_size: size of a trained tokenizer.
@@ -214,8 +223,18 @@ class PreferenceDataModule(L.LightningDataModule):
         self.encoder: PreferenceEncoder | None = None
 
     # --------------------------------------------------------------------------- reading
+    def write_synthetic(self) -> None:
+        """Writes the file of every ``synthetic`` source that does not exist yet (atomically)."""
+        for src in self.sources:
+            if src.get("synthetic") is not None and not Path(src["path"]).is_file():
+                path = Path(src["path"])
+                tmp = synthetic_preferences(path.with_name(f".{path.name}.{os.getpid()}.tmp"),
+                                            **dict(src["synthetic"]))
+                os.replace(tmp, path)
+
     def read_sources(self) -> dict[str, list[Ranked]]:
         """Every source's rows as :class:`Ranked` (malformed rows raise or are counted)."""
+        self.write_synthetic()
         out = {}
         for src in self.sources:
             skipped, rows = Counter(), []
