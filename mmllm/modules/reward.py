@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from mmllm.distributed import parallelize
 from mmllm.distributed.parallelize import model_class_path
@@ -229,15 +230,19 @@ class RewardModelModule(CausalLMModule):
         seqs = list(sequences) if sequences is not None else self.reference_sequences(dm)
         if not seqs:
             raise ValueError("reward normalisation has no reference responses")
-        bias = self.model.head.proj.bias
-        if bias is None:
+        if self.model.head.proj.bias is None:
             raise ValueError("reward normalisation needs a head with a bias (ScalarHead(bias=True))")
         was_training = self.model.training
         self.model.eval()
         total = float(score_sequences(self.model, seqs, batch_size=batch_size).double().sum())
         self.model.train(was_training)
         offset = total / len(seqs)
-        bias.sub_(offset)  # a DTensor under FSDP2: each rank updates its shard
+        if self._trainer is not None and self.trainer.world_size > 1:
+            offset = float(self.trainer.strategy.broadcast(offset, src=0))  # one offset everywhere
+        for m in self.model.modules():  # FSDP2 keeps the root unsharded after forward: reshard so
+            if isinstance(m, FSDPModule):  # the update lands in the sharded parameter it owns
+                m.reshard()
+        self.model.head.proj.bias.sub_(offset)  # a DTensor under FSDP2: each rank its shard
         self.reward_offset += offset
         return offset
 
