@@ -57,7 +57,7 @@ class RewardModelModule(CausalLMModule):
             ``init_from`` is a PMP reward model).
     """
 
-    def __init__(self, *, model: nn.Module | Callable[[], nn.Module],
+    def __init__(self, *, model: nn.Module | Callable[[], nn.Module] | None = None,
                  head: nn.Module | Callable[..., nn.Module] | None = None,
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: Callable[..., Any] | None = None, init_from: str | None = None,
@@ -94,6 +94,8 @@ class RewardModelModule(CausalLMModule):
                 return backbone.train()
             decoder = backbone.train()
         else:
+            if self.model is None and self._model_factory is None:
+                raise ValueError("RewardModelModule needs a model (model/lm) or init_from")
             decoder = self.model if self.model is not None else self._model_factory()
         head = self.head_factory or ScalarHead(dim=decoder.dim, pool="last")
         rm = DecoderWithScalarHead(decoder=decoder, head=head)
