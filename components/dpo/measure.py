@@ -23,7 +23,7 @@ from mmllm.data.preference import PreferenceDataModule
 from mmllm.models import DecoderLM
 from mmllm.modules.reward import RewardModelModule
 
-TINY = dict(vocab_size=512, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=128)
+TINY = {"vocab_size": 512, "dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 64, "max_seq_len": 128}
 
 
 def run(kind: str, out: Path, steps: int, seed: int = 0) -> dict:

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from mmllm.distributed import parallelize
 from mmllm.distributed.parallelize import model_class_path
-from mmllm.losses.ranking import pair_accuracy, ranked_pairs, ranking_loss
+from mmllm.losses.ranking import pair_accuracy, ranking_loss
 from mmllm.models.heads import DecoderWithScalarHead
 from mmllm.modules.causal_lm import CausalLMModule
 from mmllm.nn.heads import ScalarHead
@@ -166,9 +166,8 @@ class RewardModelModule(CausalLMModule):
 
     # ---------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
-        z = lambda: torch.zeros((), device=self.device, dtype=torch.float64)  # noqa: E731
-        self._val = {k: z() for k in ("loss", "prompts", "correct", "pairs", "margin", "reward")}
-        self._val["responses"] = z()
+        keys = ("loss", "prompts", "correct", "pairs", "margin", "reward", "responses")
+        self._val = {k: torch.zeros((), device=self.device, dtype=torch.float64) for k in keys}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         _, rank_loss, pairs, scores = self.forward_loss(batch)
@@ -365,7 +364,11 @@ def load_reward_model(source, *, device: str | torch.device = "cpu",
     from transformers import AutoTokenizer
 
     from mmllm.checkpoint import checkpoint_tokenizer_dir, resolve_ckpt
-    from mmllm.distributed.checkpoint import is_distributed_checkpoint, model_state_dict, read_metadata
+    from mmllm.distributed.checkpoint import (
+        is_distributed_checkpoint,
+        model_state_dict,
+        read_metadata,
+    )
     from mmllm.errors import CheckpointError
 
     file = resolve_ckpt(source)

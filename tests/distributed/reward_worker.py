@@ -25,8 +25,8 @@ from mmllm.distributed.strategy import ModelParallelStrategy
 from mmllm.models import DecoderLM
 from mmllm.modules.reward import RewardModelModule
 
-TINY = dict(vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
-            max_seq_len=128, tie_embeddings=True)
+TINY = {"vocab_size": 512, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 64,
+            "max_seq_len": 128, "tie_embeddings": True}
 
 
 def main(out: Path) -> None:

@@ -116,7 +116,7 @@ def test_dpo_ranking_reduces_to_pairwise():
     g = torch.Generator().manual_seed(0)
     pol, ref = torch.randn(6, generator=g), torch.randn(6, generator=g)
     group, rank = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([1, 0, 0, 1, 0, 1])
-    loss, pairs, rewards = dpo_ranking_loss(pol, ref, group, rank, beta=0.5)
+    loss, _pairs, rewards = dpo_ranking_loss(pol, ref, group, rank, beta=0.5)
     c, r = torch.tensor([1, 2, 4]), torch.tensor([0, 3, 5])
     assert loss.item() == pytest.approx(dpo_loss(pol[c], pol[r], ref[c], ref[r], beta=0.5).item(), abs=1e-6)
     assert torch.allclose(rewards, 0.5 * (pol - ref))

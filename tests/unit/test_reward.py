@@ -15,8 +15,8 @@ from mmllm.losses.ranking import pairwise_ranking_loss, ranking_loss
 from mmllm.models import DecoderLM
 from mmllm.modules.reward import RewardModelModule, load_reward_model
 
-TINY = dict(vocab_size=512, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64,
-            max_seq_len=128, tie_embeddings=False)
+TINY = {"vocab_size": 512, "dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 64,
+            "max_seq_len": 128, "tie_embeddings": False}
 
 
 def synthetic_dm(root, k: int = 3, num_prompts: int = 300) -> PreferenceDataModule:
@@ -113,3 +113,29 @@ def test_reward_model_experiment_runs(tmp_path):
     assert 0.0 <= metrics["val/reward_acc"] <= 1.0 and "train/margin" in metrics
     scorer = load_reward_model(tmp_path / "run")
     assert scorer(["hi"], ["kind words"]).shape == (1,)
+
+
+def test_policy_normalisation_centres_the_sft_policys_samples(trained, tmp_path):
+    """normalize="policy": the SFT policy (init_from) samples responses to the held-out prompts;
+    after training those samples score 0 on average."""
+    dm = trained["dm"]
+    torch.manual_seed(0)
+    policy = DecoderLM(**{**TINY, "tie_embeddings": True})
+    ckpt = tmp_path / "sft.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in policy.state_dict().items()},
+                "mmllm": {"model_class": "mmllm.models.decoder_lm.DecoderLM", "model_config": policy.config,
+                          "tokenizer": str(dm.tokenizer_dir)}}, ckpt)
+    module = RewardModelModule(init_from=str(ckpt), normalize="policy", normalize_samples=6,
+                               normalize_max_new_tokens=6,
+                               optimizer=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0))
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=dm)
+    seqs = module.reference_sequences(dm)  # the same samples again (seeded)
+    assert 0 < len(seqs) <= 6 and module.reward_offset != 0.0
+    module.eval()
+    from mmllm.modules.reward import score_sequences
+
+    with torch.no_grad():
+        assert abs(score_sequences(module.model, seqs).mean().item()) < 1e-4

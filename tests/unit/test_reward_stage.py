@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from mmllm.stages.base import Marker, StageContext
 from mmllm.stages.reward import RewardModelStage, continuation_tasks, corrupt, write_preference_sets
 
-TEXTS = ["The river runs through the old town and past the stone bridge near the market square today. "
-         "A second sentence that is long enough to give a prompt and a continuation of eight words here."]
+TEXTS = [("The river runs through the old town and past the stone bridge near the market square today. "
+         "A second sentence that is long enough to give a prompt and a continuation of eight words here.")]
 
 
 def test_derived_sets_prefer_the_reference(tmp_path):
@@ -23,7 +23,7 @@ def test_derived_sets_prefer_the_reference(tmp_path):
     assert row["question"].startswith("Continue the text: ") and len(row["answers"]) == 3
     pair = json.loads(comp.read_text().splitlines()[0])
     assert pair["prompt"] != row["question"]  # disjoint prompts
-    ref = [a["text"] for a in row["answers"]][0]
+    ref = next(a["text"] for a in row["answers"])
     assert sorted(corrupt(ref, "shuffle", random.Random(0)).split()) == sorted(ref.split())
     assert corrupt(ref, "shuffle", random.Random(0)) != ref
     rep = corrupt("a b c d e f g h", "repeat", random.Random(0))

@@ -14,7 +14,7 @@ from components.dpo.module import DPOModule
 from mmllm.data.preference import PreferenceDataModule
 from mmllm.models import DecoderLM
 
-TINY = dict(vocab_size=512, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=128)
+TINY = {"vocab_size": 512, "dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 64, "max_seq_len": 128}
 SEARCHPATH = "hydra.searchpath=[pkg://components.dpo.conf]"
 
 
