@@ -80,7 +80,8 @@ class RewardModelStage(Stage):
         pmp_steps, rm_steps: optimizer steps of the two phases (0 skips PMP).
         pmp_prompts, rm_prompts: prompts of the two derived sets.
         val_fraction: share of comparison prompts held out (the recorded accuracy).
-        lr: AdamW learning rate of both phases.
+        lr: AdamW learning rate of PMP; rm_lr: of the fine-tuning on comparisons (lower: at
+            1e-3 the fine-tuning undid what PMP had learnt, see the measurements in its test).
         batch_size: prompts per batch; seq_len: longest sequence.
         texts: a JSONL file with a "text" field to derive the sets from (None: the Wikipedia
             sample the pipeline's demo data come from).
@@ -91,11 +92,12 @@ class RewardModelStage(Stage):
 
     def __init__(self, *, pmp_steps: int = 30, rm_steps: int = 60, pmp_prompts: int = 200,
                  rm_prompts: int = 300, val_fraction: float = 0.2, lr: float = 1e-3,
-                 batch_size: int = 8, seq_len: int = 96, texts: str | None = None) -> None:
+                 rm_lr: float = 2e-4, batch_size: int = 8, seq_len: int = 96, texts: str | None = None) -> None:
         if rm_steps < 1:
             raise ValueError("rm_steps must be >= 1")
         self.pmp_steps, self.rm_steps, self.pmp_prompts, self.rm_prompts = pmp_steps, rm_steps, pmp_prompts, rm_prompts
-        self.val_fraction, self.lr, self.batch_size, self.seq_len = val_fraction, lr, batch_size, seq_len
+        self.val_fraction, self.lr, self.rm_lr = val_fraction, lr, rm_lr
+        self.batch_size, self.seq_len = batch_size, seq_len
         self.texts = texts
 
     def outputs(self, ctx: StageContext) -> dict[str, Path]:
@@ -124,7 +126,7 @@ class RewardModelStage(Stage):
         return (a["text"] for a in wikipedia_articles())
 
     def _phase(self, ctx: StageContext, *, name: str, init_from: str, tokenizer: str, path: Path,
-               fmt: str, steps: int, normalize: str | None) -> dict:
+               fmt: str, steps: int, lr: float, normalize: str | None) -> dict:
         from functools import partial
 
         import lightning as L
@@ -139,7 +141,7 @@ class RewardModelStage(Stage):
                                   val_fraction=self.val_fraction, seed=ctx.cfg.get("seed") or 0)
         L.seed_everything(ctx.cfg.get("seed") or 0)
         module = RewardModelModule(init_from=init_from, normalize=normalize,
-                                   optimizer=partial(torch.optim.AdamW, lr=self.lr, weight_decay=0.0))
+                                   optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.0))
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, val_check_interval=steps,
@@ -166,10 +168,11 @@ class RewardModelStage(Stage):
         init = model_src
         if self.pmp_steps:
             ctx.record["pmp"] = self._phase(ctx, name="pmp", init_from=model_src, tokenizer=tok_src, path=pmp,
-                                            fmt="stackexchange", steps=self.pmp_steps, normalize=None)
+                                            fmt="stackexchange", steps=self.pmp_steps, lr=self.lr,
+                                            normalize=None)
             init = ctx.record["pmp"]["checkpoint"]
         rm = self._phase(ctx, name="comparisons", init_from=init, tokenizer=tok_src, path=comparisons,
-                         fmt="pairs", steps=self.rm_steps, normalize="data")
+                         fmt="pairs", steps=self.rm_steps, lr=self.rm_lr, normalize="data")
         ctx.record["reward_model"] = rm
         print(f"reward model: held-out pair accuracy {rm['val_reward_acc_before']:.3f} -> "
               f"{rm['val_reward_acc']:.3f} ({rm['val_prompts']} prompts), PMP "
