@@ -80,8 +80,11 @@ class RewardModelStage(Stage):
         pmp_steps, rm_steps: optimizer steps of the two phases (0 skips PMP).
         pmp_prompts, rm_prompts: prompts of the two derived sets.
         val_fraction: share of comparison prompts held out (the recorded accuracy).
-        lr: AdamW learning rate of PMP; rm_lr: of the fine-tuning on comparisons (lower: at
-            1e-3 the fine-tuning undid what PMP had learnt, see the measurements in its test).
+        lr: AdamW learning rate of PMP; rm_lr: of the fine-tuning on comparisons (lower).
+            Measured on a 4-layer dim-128 backbone pretrained 300 steps on the Wikipedia sample
+            (held-out pair accuracy): PMP 30 steps -> 0.85 on its own held-out lists and 0.84 on
+            the comparisons before fine-tuning; 60 fine-tuning steps then gave 0.77 at rm_lr
+            2e-4 and 0.56 at 1e-3 (overfitting the 238 training prompts), hence few steps.
         batch_size: prompts per batch; seq_len: longest sequence.
         texts: a JSONL file with a "text" field to derive the sets from (None: the Wikipedia
             sample the pipeline's demo data come from).
@@ -90,7 +93,7 @@ class RewardModelStage(Stage):
     optional_inputs = ("sft", "pretrain", "tokenize")
     config_keys = ("seed",)
 
-    def __init__(self, *, pmp_steps: int = 30, rm_steps: int = 60, pmp_prompts: int = 200,
+    def __init__(self, *, pmp_steps: int = 30, rm_steps: int = 20, pmp_prompts: int = 200,
                  rm_prompts: int = 300, val_fraction: float = 0.2, lr: float = 1e-3,
                  rm_lr: float = 2e-4, batch_size: int = 8, seq_len: int = 96, texts: str | None = None) -> None:
         if rm_steps < 1:
