@@ -1,0 +1,1 @@
+# Hydra search path of the DPO component: hydra.searchpath=[pkg://components.dpo.conf]
