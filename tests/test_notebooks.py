@@ -60,3 +60,9 @@ def test_09_research_variant(run_notebook):
     text = _text(run_notebook("09_research_variant.ipynb", timeout=300))
     assert "Part A:" in text and "[MASK]" in text and "components.glm.module.GLMModule" in text
     assert "blank-infilling loss:" in text
+
+
+@pytest.mark.slow
+def test_08_tools(run_notebook):
+    out = _text(run_notebook("08_tools.ipynb", timeout=300))
+    assert "calls: [('calculator(400+25)', '425')]" in out and "REPORT 425 AND MONDAY." in out

@@ -232,6 +232,7 @@ class PPOModule(L.LightningModule):
         self.critic: nn.Module | None = None
         self.ref: nn.Module | None = None
         self.reward_model: nn.Module | None = None
+        self.reward_end_id: int | None = None  # set for a reward model loaded from a checkpoint
         self.tokenizer_path: str | None = None
         self.run_config: dict | None = None
         self.rollouts = 0
@@ -261,7 +262,12 @@ class PPOModule(L.LightningModule):
             self.critic = DecoderWithScalarHead(decoder=copy.deepcopy(policy), head=ValueHead(dim=policy.dim))
         if self._sources["reward"] is not None:
             rm = self._sources["reward"]
-            rm = load_model(rm)[0] if isinstance(rm, str) else rm
+            if isinstance(rm, str):  # a RewardModelModule checkpoint: its scorer knows the end token
+                from mmllm.modules.reward import load_reward_model
+
+                scorer = load_reward_model(rm)
+                self.reward_end_id = scorer.encoder.end_id
+                rm = scorer.model
             if isinstance(rm, DecoderLM):
                 raise ValueError(f"reward_model={self._sources['reward']!r} is a plain DecoderLM (no "
                                  "score head): pass a reward-model checkpoint (DecoderWithScalarHead)")
@@ -323,6 +329,13 @@ class PPOModule(L.LightningModule):
         if self.reward_fn is not None:
             return torch.as_tensor(self.reward_fn(roll.prompts, roll.responses),
                                    dtype=torch.float32, device=self.device).reshape(-1)
+        if self.reward_end_id is not None:
+            # Scored as the reward model was trained: prompt + response + its end-of-context token,
+            # read at that token (the policy and the reward model share the SFT tokenizer).
+            from mmllm.modules.reward import score_sequences
+
+            seqs = [[*p, *r, self.reward_end_id] for p, r in zip(roll.prompts, roll.responses)]
+            return score_sequences(self.reward_model, seqs, batch_size=len(seqs)).to(self.device)
         out = self.reward_model(roll.input_ids, attention_mask=roll.attention_mask)
         return out.scores.float()
 
