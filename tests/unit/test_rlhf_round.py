@@ -107,10 +107,11 @@ def test_a_round_with_the_ai_judge_resumes_and_the_next_round_builds_on_it(tmp_p
     rm_dir, policy_dir = tmp_path / "rounds/0/reward_model", tmp_path / "rounds/0/policy"
     assert state["outputs"]["reward_model"] == str(rm_dir) and state["outputs"]["policy"] == str(policy_dir)
     comparisons = tmp_path / "rounds/0/comparisons.jsonl"
-    assert train.calls[0][1] == ["experiment=reward_model", f"data.train_path={comparisons}",
+    assert train.calls[0][1] == ["experiment=reward_model",
+                                 f"data.sources=[{{name: comparisons, path: '{comparisons}'}}]",
+                                 f"data.tokenizer={tmp_path}/sft",
                                  f"module.init_from={tmp_path}/sft"]  # round 0: init from the policy
-    assert train.calls[-1][1] == ["experiment=ppo", f"module.policy={tmp_path}/sft",
-                                  f"module.reward_model={rm_dir}"]
+    assert train.calls[-1][1] == ["experiment=ppo", f"policy={tmp_path}/sft", f"reward={rm_dir}"]
     recs = [json.loads(ln) for ln in comparisons.read_text().splitlines()]
     assert len(recs) == 3 and all(len(r["chosen"]) > len(r["rejected"]) for r in recs)  # the judge's choice
     label = state["steps"]["label"]["metrics"]
@@ -122,7 +123,7 @@ def test_a_round_with_the_ai_judge_resumes_and_the_next_round_builds_on_it(tmp_p
     assert state1["inputs"]["reward_model"] == str(rm_dir)
     assert state1["steps"]["select"]["metrics"]["strategy"] == "uncertainty"
     assert state1["inputs"]["prompts"] == [PROMPTS[3], PROMPTS[0], PROMPTS[1]]  # the next slice
-    assert train.calls[-2][1][2] == f"module.init_from={rm_dir}"  # the RM continues from the last one
+    assert train.calls[-2][1][3] == f"module.init_from={rm_dir}"  # the RM continues from the last one
     assert state1["steps"]["merge"]["metrics"]["preference_pairs"] == 6  # both rounds merged
     with LabelStore(tmp_path / "labels.sqlite") as store:
         assert store.rounds() == [0, 1]
