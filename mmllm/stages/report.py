@@ -67,8 +67,11 @@ class _Renderer:
 
     def image(self, path: Path, caption: str = "") -> tuple[str, str]:
         self.assets.mkdir(parents=True, exist_ok=True)
-        name = f"{len(self.images):03d}_{re.sub(r'[^A-Za-z0-9._-]', '_', path.name)}"
-        shutil.copyfile(path, self.assets / name)
+        if path.parent.resolve() == self.assets.resolve():  # a plot drawn for the report
+            name = path.name
+        else:
+            name = f"{len(self.images):03d}_{re.sub(r'[^A-Za-z0-9._-]', '_', path.name)}"
+            shutil.copyfile(path, self.assets / name)
         self.images.append(self.assets / name)
         rel = f"{self.assets.name}/{name}"
         cap = html.escape(caption)

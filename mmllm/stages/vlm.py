@@ -282,7 +282,7 @@ class VLMStage2Stage(Stage):
         torch.save({"model_config": vlm.config, "state_dict": vlm.state_dict()}, paths["checkpoint"])
         ctx.record["vlm_stage2"] = {**result, "conversations": len(records), "lora": bool(self.lora),
                                     "stage1_loss": stage1.record.get("vlm_stage1", {}).get("final_loss"),
-                                    "captions": self._captions(vlm, tok, collate, encoder)}
+                                    "captions": self._captions(vlm, tok, collate, encoder, ctx.dir)}
         if self.export:
             from mmllm.models.hf_llava import export_llava
 
@@ -290,7 +290,7 @@ class VLMStage2Stage(Stage):
         print(f"vlm_stage2: loss {result['first_loss']} -> {result['final_loss']}; "
               f"captions: {ctx.record['vlm_stage2']['captions']}")
 
-    def _captions(self, vlm, tok, collate, encoder) -> list[dict]:
+    def _captions(self, vlm, tok, collate, encoder, out_dir: Path) -> list[dict]:
         from mmllm.data.special_tokens import SPECIAL_TOKENS
         from mmllm.data.vlm_collate import IMAGE_PLACEHOLDER, skimage_records
 
@@ -299,9 +299,17 @@ class VLMStage2Stage(Stage):
         # A turn ends at eos or the template's end-of-turn token (ChatML's <|im_end|>).
         end = tok.get_vocab().get(SPECIAL_TOKENS.chat_end)
         stop = [tok.eos_token_id] + ([end] if end is not None else [])
-        out = []
-        for rec in skimage_records()[:self.num_captions]:
+        out, seen = [], set()
+        for rec in skimage_records():  # distinct images (the records also hold flips and crops)
+            if len(out) >= self.num_captions:
+                break
+            if rec["caption"] in seen:
+                continue
+            seen.add(rec["caption"])
             new = vlm.generate([prompt], [encoder.preprocess_images(rec["images"])], max_new_tokens=16,
                                eos_token_id=stop, pad_token_id=collate.pad_id)[0]
-            out.append({"reference": rec["caption"], "generated": tok.decode(new, skip_special_tokens=True)})
+            image = out_dir / f"sample{len(out)}.png"  # shown beside its caption in the report
+            rec["images"][0].convert("RGB").save(image)
+            out.append({"image": str(image), "reference": rec["caption"],
+                        "generated": tok.decode(new, skip_special_tokens=True)})
         return out
