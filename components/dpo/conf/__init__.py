@@ -1,1 +1,1 @@
-# Hydra search path of the DPO component: hydra.searchpath=[pkg://components.dpo.conf]
+# The DPO component's configs (found by hydra_plugins/mmllm_components): hydra.searchpath=[pkg://components.dpo.conf]

@@ -15,7 +15,6 @@ from mmllm.data.preference import PreferenceDataModule
 from mmllm.models import DecoderLM
 
 TINY = {"vocab_size": 512, "dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 64, "max_seq_len": 128}
-SEARCHPATH = "hydra.searchpath=[pkg://components.dpo.conf]"
 
 
 def synthetic_dm(root) -> PreferenceDataModule:
@@ -56,12 +55,12 @@ def test_dpo_learns_the_preference(trained):
     assert all(not k.startswith("_ref") for k in module.state_dict())
 
 
-def test_component_composes_with_one_searchpath_override(tmp_path):
+def test_component_composes_with_one_override(tmp_path):
     from hydra.utils import instantiate
 
     from mmllm.config import check_config, compose_config
 
-    cfg = compose_config("train", [SEARCHPATH, "experiment=dpo", "debug=tiny"], output_dir=tmp_path / "run",
+    cfg = compose_config("train", ["experiment=dpo", "debug=tiny"], output_dir=tmp_path / "run",
                          data_dir=tmp_path / "data")
     check_config(cfg)
     assert cfg.module._target_ == "components.dpo.module.DPOModule" and cfg.data.labels
