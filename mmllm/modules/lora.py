@@ -130,7 +130,12 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: fl
                          compute_dtype=to_dtype(compute_dtype))
     config = LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=float(dropout),
                         target_modules=targets, bias=bias, use_rslora=use_rslora)
-    inject_adapter_in_model(config, model)
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as e:  # peft's "Target modules ... not found"
+        raise ValueError(f"module.lora.target_modules={targets} matched no Linear of "
+                         f"{type(model).__name__} ({e}); its Linear names: "
+                         f"{sorted(linear_names(model))}") from e
     for name, p in model.named_parameters():  # adapters only (and biases if bias != "none")
         p.requires_grad_("lora_" in name or (bias != "none" and name.endswith("bias")))
     if not any("lora_" in n for n, _ in model.named_parameters()):
