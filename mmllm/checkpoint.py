@@ -224,6 +224,11 @@ def load_tokenizer_from(source: str | Path):
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if (path / "tokenizer" / "tokenizer_config.json").is_file():  # a kit run directory
         path = path / "tokenizer"
+    elif path.suffix == ".ckpt" or is_distributed_checkpoint(path):  # the one it records
+        tok_dir = checkpoint_tokenizer_dir(path, _read_checkpoint(path).get("mmllm", {}))
+        if tok_dir is None:
+            raise MissingFileError(f"{path} records no tokenizer", fix="pass the tokenizer directory")
+        path = tok_dir
     return AutoTokenizer.from_pretrained(str(path))
 
 
