@@ -28,6 +28,13 @@ def _batches(n: int = 6) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """One short LoRA and one QLoRA run (module, trainer, weights before, checkpoint), shared."""
+    return {q: _train({"r": 4, "alpha": 8, "quantize": q}, tmp_path_factory.mktemp(f"lora_{q}"))
+            for q in (None, "nf4")}
+
+
 def _train(lora: dict, tmp_path, steps: int = 4):
     torch.manual_seed(0)
     base = DecoderLM(**MODEL)
@@ -49,8 +56,8 @@ def _base_weight(module: nn.Module, name: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_only_adapters_train_and_the_checkpoint_loads_merged(quantize, tmp_path):
-    module, trainer, before, ckpt = _train({"r": 4, "alpha": 8, "quantize": quantize}, tmp_path)
+def test_only_adapters_train_and_the_checkpoint_loads_merged(quantize, runs):
+    module, trainer, before, ckpt = runs[quantize]
     model = module.model
     assert isinstance(model, DecoderLM)
     # The optimizer holds exactly the adapter parameters.
@@ -78,10 +85,10 @@ def test_only_adapters_train_and_the_checkpoint_loads_merged(quantize, tmp_path)
         torch.testing.assert_close(plain(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
 
 
-def test_resume_loads_the_adapter_state(tmp_path):
+def test_resume_loads_the_adapter_state(runs):
     """A LoRA checkpoint loads back into a LoRA module (Lightning resume), 4-bit weights included."""
-    module, _, _, ckpt = _train({"r": 4, "quantize": "nf4"}, tmp_path, steps=2)
-    again = CausalLMModule(model=DecoderLM(**MODEL), lora={"r": 4, "quantize": "nf4"})
+    module, _, _, ckpt = runs["nf4"]
+    again = CausalLMModule(model=DecoderLM(**MODEL), lora={"r": 4, "alpha": 8, "quantize": "nf4"})
     again.configure_model()
     again.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"], strict=True)
     x = torch.randint(0, 64, (1, 12))
@@ -89,17 +96,16 @@ def test_resume_loads_the_adapter_state(tmp_path):
         torch.testing.assert_close(again.model(x).logits, module.model.train()(x).logits)
 
 
-def test_export_writes_the_merged_model(tmp_path):
+def test_export_writes_the_merged_model(runs, tmp_path):
     from mmllm.export import export
     from mmllm.models.hf import load_hf_checkpoint
 
-    module, _, _, ckpt = _train({"r": 4, "alpha": 16, "target_modules": ["q_proj", "v_proj"]}, tmp_path,
-                                steps=2)
+    module, _, _, ckpt = runs[None]
     out = export(str(ckpt), str(tmp_path / "hf"))
     hf_model, _ = load_hf_checkpoint(out)
     x = torch.randint(0, 64, (1, 12))
     with torch.no_grad():
-        torch.testing.assert_close(hf_model(x).logits, module.model(x).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(hf_model(x).logits, module.model.eval()(x).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_unmatched_targets_and_bad_options_fail_clearly():
