@@ -128,3 +128,47 @@ def test_sft_experiments_compose_and_validate(experiment, tmp_path):
     assert (cfg.module.get("lora") or {}).get("quantize") == ("nf4" if experiment == "sft_qlora" else None)
     if experiment == "sft_smollm2_lora":
         assert cfg.model.lm.dim == 576 and cfg.data.vocab_size == 49152
+
+
+def _marker(name: str, outputs: dict) -> "Marker":
+    from mmllm.stages.base import Marker
+
+    return Marker(stage=name, target="test", fingerprint="f", run_id=name, started_at="", finished_at="",
+                  seconds=0.0, outputs={k: str(v) for k, v in outputs.items()}, record={},
+                  config_updates={}, config={})
+
+
+def test_sft_stage_fine_tunes_the_pretrained_checkpoint(base_run, tmp_path):
+    from omegaconf import OmegaConf
+
+    from mmllm.checkpoint import load_lightning_checkpoint
+    from mmllm.stages.base import StageContext, stage_dir
+    from mmllm.stages.sft import SFTStage
+
+    run = tmp_path / "pipeline"
+    si = stage_dir(run, "self_instruct")
+    si.mkdir(parents=True)
+    rows = [{"messages": [{"role": "user", "content": f"Repeat the number {i}."},
+                          {"role": "assistant", "content": f"{i}"}]} for i in range(12)]
+    (si / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    markers = {"pretrain": _marker("pretrain", {"checkpoint": base_run / "checkpoints" / "last.ckpt"}),
+               "tokenize": _marker("tokenize", {"tokenizer": base_run / "tokenizer"}),
+               "self_instruct": _marker("self_instruct", {})}
+    cfg = OmegaConf.create({"seed": 0, "data": {"seq_len": 64},
+                            "trainer": {"accelerator": "cpu", "precision": "32-true"}})
+    ctx = StageContext(name="sft", run_dir=run, cfg=cfg, markers=markers)
+    stage = SFTStage(max_steps=8, lr=3e-3, batch_size=4, eval_limit=4)
+    stage.name = "sft"
+    stage.run(ctx)
+    rec = ctx.record
+    assert set(rec["train"]["sources"]) == {"demo", "self_instruct"}
+    assert rec["train"]["steps"] == 8 and rec["train"]["mode"] == "full"
+    assert rec["val_loss_after"] < rec["val_loss_before"]  # it learnt the instruction format
+    assert set(rec["regression"]) == {"capitals", "capitals_text"}
+    assert (ctx.dir / "regression.json").is_file() and (ctx.dir / "regression.md").is_file()
+    # Later stages load the checkpoint with its tokenizer, whatever the working directory.
+    model, tok, meta = load_lightning_checkpoint(stage.outputs(ctx)["checkpoint"])
+    assert tok is not None and len(tok) == 512 and meta["lora"] is None
+    base, _ = load_model(base_run)
+    assert not torch.equal(model.state_dict()["layers.0.attn.q_proj.weight"],
+                           base.state_dict()["layers.0.attn.q_proj.weight"])
