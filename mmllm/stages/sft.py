@@ -37,7 +37,7 @@ class SFTStage(Stage):
         accumulate_grad_batches: micro-batches per optimizer step.
         seq_len: tokens per packed row (None: the pipeline's ``data.seq_len``).
         val_fraction: held-out share of every source (the val loss before/after).
-        eval_limit: examples per regression task (None: all).
+        eval_limit: examples per regression task (None: all 40 capitals questions, 60 sentences).
     """
 
     inputs = ("pretrain",)
@@ -45,10 +45,10 @@ class SFTStage(Stage):
     config_keys = ("seed", "data.seq_len", "trainer.accelerator", "trainer.precision")
 
     def __init__(self, *, sources: list[dict] | None = None, demo: bool = True,
-                 lora: dict | None = None, max_steps: int = 60, lr: float = 1e-3,
+                 lora: dict | None = None, max_steps: int = 40, lr: float = 1e-3,
                  warmup_steps: int = 5, batch_size: int = 8, accumulate_grad_batches: int = 1,
                  seq_len: int | None = None, val_fraction: float = 0.1,
-                 eval_limit: int | None = None) -> None:
+                 eval_limit: int | None = 20) -> None:
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         self.sources, self.demo, self.lora = [dict(s) for s in sources or []], demo, lora
@@ -109,11 +109,13 @@ class SFTStage(Stage):
                            tokenizer=str(self.tokenizer_dir(ctx)),
                            seq_len=int(self.seq_len or cfg.data.seq_len), batch_size=self.batch_size,
                            val_fraction=self.val_fraction, seed=int(cfg.get("seed") or 0))
+        t0 = time.perf_counter()
         dm.prepare_data()
         dm.setup("fit")
         model, _, _ = load_lightning_checkpoint(ctx.output("pretrain", "checkpoint"))
         tasks = [capitals_task(), capitals_text_task()]
         before = suite_metrics(model, dm.tokenizer, tasks, limit=self.eval_limit)
+        seconds = {"data_and_eval_before": time.perf_counter() - t0}
         module = CausalLMModule(
             model=model.train(), lora=self.lora,
             optimizer=partial(torch.optim.AdamW, lr=self.lr, betas=(0.9, 0.95), weight_decay=0.0),
@@ -129,10 +131,12 @@ class SFTStage(Stage):
         val_before = self._val_loss(trainer, module, dm)
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=dm)
-        seconds = time.perf_counter() - t0
+        seconds["train"] = time.perf_counter() - t0
         val_after = self._val_loss(trainer, module, dm)
         trainer.save_checkpoint(out["checkpoint"], weights_only=True)
+        t0 = time.perf_counter()
         diff = compare(before, suite_metrics(module.model, dm.tokenizer, tasks, limit=self.eval_limit))
+        seconds["eval_after"] = time.perf_counter() - t0
         write_diff(diff, ctx.dir)
         print(f"[sft] val loss {val_before:.3f} -> {val_after:.3f}\n{format_diff(diff)}")
         ctx.record.update({
@@ -140,7 +144,8 @@ class SFTStage(Stage):
             "regression": {t: {m: {k: round(d[k], 4) for k in ("before", "after", "delta")}
                                for m, d in ms.items()} for t, ms in diff["tasks"].items()},
             "regressed": diff["regressed"], "checkpoint": str(out["checkpoint"]),
-            "train": {"steps": trainer.global_step, "seconds": round(seconds, 1),
+            "train": {"steps": trainer.global_step,
+                      "seconds": {k: round(v, 1) for k, v in seconds.items()},
                       "mode": "lora" if self.lora else "full", "sources": dm.summary()["sources"]}})
 
     @staticmethod

@@ -175,3 +175,42 @@ def test_moe_aux_loss_is_token_weighted(init_state):
     trainer.fit(module, DataLoader(_micro_batches()[:2], batch_size=None))
     router = [g for n, g in cap.grads[0].items() if "router" in n]
     assert router and all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in router)
+
+
+class _RankBatches(L.LightningDataModule):
+    """Rank r reads micro-batches r, r + 2, ... of ``_micro_batches`` (unequal supervised counts)."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return DataLoader(self.batches[rank::world], batch_size=None)
+
+
+class _SaveGrads(GradCapture):
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        if trainer.is_global_zero:
+            torch.save(self.grads[-1], self.path)
+
+
+@pytest.mark.distributed
+def test_two_data_parallel_ranks_normalise_by_their_total_count(init_state, tmp_path):
+    """DDP, 2 gloo processes x 2 accumulated micro-batches: the gradients of the 4 together."""
+    batches = _micro_batches()
+    ref = _reference_grads(init_state, _cat(batches))
+    module = CausalLMModule(model=_model(init_state), optimizer=partial(torch.optim.SGD, lr=0.0),
+                            fused_loss=False)
+    out = tmp_path / "grads.pt"
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1,
+                        accumulate_grad_batches=2, use_distributed_sampler=False, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[_SaveGrads(out)])
+    trainer.fit(module, datamodule=_RankBatches(batches))
+    assert _max_diff(torch.load(out), ref) < 1e-5
