@@ -172,9 +172,9 @@ class CausalLMModule(L.LightningModule):
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss of one batch.
 
-        Packed batches pass their ``doc_ids`` (attention stays inside each document, unless
-        ``document_masking`` is off) and ``position_ids`` (restarting in every document) on to
-        the model.
+        Packed batches pass their ``doc_ids`` (attention stays inside each document) and
+        ``position_ids`` (restarting in every document) on to the model, unless
+        ``document_masking`` is off.
 
         Args:
             batch: ``input_ids`` and ``labels`` (B, T), optionally ``doc_ids``, ``position_ids``,
@@ -184,10 +184,12 @@ class CausalLMModule(L.LightningModule):
         Returns:
             ``(loss, lm_loss, n_tokens)``: loss includes the MoE aux term (per batch, never summed).
         """
+        # Without document masking a packed row is one stream: positions run on across documents.
         doc_ids = batch.get("doc_ids") if self.document_masking else None
+        positions = batch.get("position_ids") if self.document_masking else None
         impl = self.fused_loss_impl()
         fused = {"return_hidden": True, "return_logits": False} if impl else {}
-        out = self.model(batch["input_ids"], doc_ids=doc_ids, position_ids=batch.get("position_ids"),
+        out = self.model(batch["input_ids"], doc_ids=doc_ids, position_ids=positions,
                          attention_mask=batch.get("attention_mask"), **fused)
         if impl is None:
             lm_loss, n = causal_lm_loss(out.logits, batch["labels"], reduction=reduction)
