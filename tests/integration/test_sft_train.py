@@ -56,9 +56,7 @@ def _fit(cfg):
     return module, trainer
 
 
-# QLoRA trains the same way (4-bit training, merging and resuming: tests/unit/test_lora.py);
-# pytest -m slow runs it here too.
-@pytest.mark.parametrize("experiment", ["sft_lora", pytest.param("sft_qlora", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("experiment", ["sft_lora", "sft_qlora"])
 def test_sft_lora_experiments_train_adapters_and_check_regressions(experiment, base_run, tmp_path):
     out = tmp_path / "run"
     # No adapter dropout, so the train-mode forward (see test_lora) is deterministic.
