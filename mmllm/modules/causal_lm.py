@@ -168,8 +168,7 @@ class CausalLMModule(L.LightningModule):
         return self.model(input_ids, **kwargs)
 
     # ------------------------------------------------------------------------------- losses
-    def forward_loss(self, batch: dict[str, torch.Tensor], *, reduction: str = "mean"
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss of one batch.
 
         Packed batches pass their ``doc_ids`` (attention stays inside each document) and
@@ -179,10 +178,11 @@ class CausalLMModule(L.LightningModule):
         Args:
             batch: ``input_ids`` and ``labels`` (B, T), optionally ``doc_ids``, ``position_ids``,
                 ``attention_mask``.
-            reduction: "mean" over the supervised tokens, or "sum" (token normalisation).
 
         Returns:
-            ``(loss, lm_loss, n_tokens)``: loss includes the MoE aux term (per batch, never summed).
+            ``(loss, lm_loss, n_tokens)``: ``lm_loss`` is the mean over the ``n_tokens``
+            supervised tokens (``training_step`` turns it back into their sum for the step's
+            token normalisation); loss adds the MoE aux term.
         """
         # Without document masking a packed row is one stream: positions run on across documents.
         doc_ids = batch.get("doc_ids") if self.document_masking else None
@@ -192,14 +192,14 @@ class CausalLMModule(L.LightningModule):
         out = self.model(batch["input_ids"], doc_ids=doc_ids, position_ids=positions,
                          attention_mask=batch.get("attention_mask"), **fused)
         if impl is None:
-            lm_loss, n = causal_lm_loss(out.logits, batch["labels"], reduction=reduction)
+            lm_loss, n = causal_lm_loss(out.logits, batch["labels"])
         else:
             head = self.model.lm_head
             if isinstance(head.weight, DTensor):  # FSDP2 leaves the root gathered after forward
                 raise RuntimeError("fused_loss needs the LM head's gathered weight, got a DTensor "
                                    f"{head.weight.placements}: set module.fused_loss=false")
             lm_loss, n = linear_cross_entropy_loss(out.hidden, head.weight, batch["labels"],
-                                                   bias=head.bias, impl=impl, reduction=reduction)
+                                                   bias=head.bias, impl=impl)
         return lm_loss + self.moe_aux_coef * out.aux_loss, lm_loss, n
 
     def fused_loss_impl(self) -> str | None:
@@ -225,14 +225,14 @@ class CausalLMModule(L.LightningModule):
         step_norm = self.loss_normalization == "step"
         if step_norm:
             self._start_micro_batch(batch, batch_idx)
-        loss, lm_loss, n = self.forward_loss(batch, reduction="sum" if step_norm else "mean")
+        loss, lm_loss, n = self.forward_loss(batch)
         tokens = batch["input_ids"].numel() * self.data_parallel_size
         self.tokens_seen += tokens
         if not self._all_finite(loss):
             return self.handle_nonfinite(loss)
         self._consecutive_nan = 0
         if step_norm:
-            loss, lm_loss = self._token_normalized(loss, lm_loss, n)
+            loss, lm_loss = self._token_normalized(loss, lm_loss, n)  # lm_loss stays the mean
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", lm_loss.detach(), prog_bar=True, batch_size=bs)
         if getattr(self.model, "n_experts", 0) and self.moe_aux_coef:
@@ -258,17 +258,18 @@ class CausalLMModule(L.LightningModule):
                 d = self.trainer.strategy.reduce(d, reduce_op="max")
             self._grad_divisor = float(d)
 
-    def _token_normalized(self, loss: torch.Tensor, lm_sum: torch.Tensor, n: torch.Tensor):
-        """``(loss to backpropagate, per-token mean for logging)`` of a micro-batch loss SUM.
+    def _token_normalized(self, loss: torch.Tensor, lm_mean: torch.Tensor, n: torch.Tensor):
+        """``(loss to backpropagate, per-token mean for logging)`` of a micro-batch.
 
         The returned loss has the value of the micro-batch's per-token mean (what Lightning and
         callbacks report) and the gradient of ``sum / divisor``; the MoE aux term (a per-batch
         mean) is weighted by the micro-batch's tokens, i.e. averaged per token over the step.
         """
+        lm_sum = lm_mean * n  # the sum of the token losses (n carries no gradient)
         self._step_tokens += n.detach().double()
         self._step_loss_sum += lm_sum.detach().double()
-        mean = lm_sum / n.clamp(min=1)
-        aux = loss - lm_sum  # moe_aux_coef * aux_loss (0 without experts)
+        mean = lm_mean
+        aux = loss - lm_mean  # moe_aux_coef * aux_loss (0 without experts)
         grad_loss = (lm_sum + aux * n) / self._grad_divisor
         value = mean + aux
         return grad_loss + (value - grad_loss).detach(), mean

@@ -112,12 +112,12 @@ def test_token_normalized_loss_value_is_the_micro_batch_mean(init_state):
     """What Lightning and callbacks see as the loss stays the per-token mean of the micro-batch."""
     module = CausalLMModule(model=_model(init_state), fused_loss=False)
     batch = _micro_batches()[1]
-    _, lm_sum, n = module.forward_loss(batch, reduction="sum")
+    _, lm_mean, n = module.forward_loss(batch)
     mean, n2 = causal_lm_loss(module.model(batch["input_ids"]).logits, batch["labels"])
     module._step_tokens = torch.zeros((), dtype=torch.float64)
     module._step_loss_sum = torch.zeros((), dtype=torch.float64)
     module._grad_divisor = 32.0
-    loss, logged = module._token_normalized(lm_sum, lm_sum, n)
+    loss, logged = module._token_normalized(lm_mean, lm_mean, n)
     torch.testing.assert_close(loss, mean)
     torch.testing.assert_close(logged, mean)
     assert int(n) == int(n2) == SUPERVISED[1] and float(module._step_tokens) == SUPERVISED[1]
@@ -139,7 +139,8 @@ def test_packed_batches_pass_doc_ids_and_position_ids(init_state):
         return forward(input_ids, **kw)
 
     module.model.forward = spy
-    _, total, n = module.forward_loss(packed, reduction="sum")
+    _, mean, n = module.forward_loss(packed)
+    total = mean * n
     assert torch.equal(seen["position_ids"], packed["position_ids"])
     assert torch.equal(seen["doc_ids"], packed["doc_ids"])
     sep = sum(causal_lm_loss(forward(x[None]).logits, y[None], reduction="sum")[0]
