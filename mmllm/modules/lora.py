@@ -41,9 +41,10 @@ def check_lora_options(options: dict, *, parallelism: dict | None = None) -> Non
     quant = options.get("quantize")
     if quant is not None and quant not in QUANT_TYPES:
         raise ValueError(f"module.lora.quantize must be null or one of {QUANT_TYPES}, got {quant!r}")
-    if quant and parallelism and any(k in parallelism for k in ("fsdp", "tp", "tensor_parallel")):
-        raise ValueError("QLoRA (module.lora.quantize) cannot be sharded with FSDP2/TP: its 4-bit "
-                         "weights are bitsandbytes tensors; use strategy=single or ddp")
+    if quant and parallelism and parallelism.get("fsdp", True):
+        # FSDP2/TP shard plain tensors; bitsandbytes' packed 4-bit weights are not shardable.
+        raise ValueError("QLoRA (module.lora.quantize) cannot be sharded with FSDP2/TP: use "
+                         "strategy=single or ddp with module.parallelism=null")
 
 
 def quantize_linears(model: nn.Module, *, quant_type: str = "nf4", double_quant: bool = True,
