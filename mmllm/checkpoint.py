@@ -148,11 +148,19 @@ def load_lightning_checkpoint(path: str | Path, *, dtype: torch.dtype | None = N
         raise CheckpointError(f"{path} is a checkpoint but not one written by `mmllm train` (no "
                               "'mmllm' metadata with the model config)", fix=SOURCES_HINT)
     model = _build(meta)
+    if meta.get("lora"):  # a LoRA/QLoRA fine-tune: load its adapters, hand back the merged model
+        from mmllm.modules.lora import apply_lora
+
+        apply_lora(model, **meta["lora"])
     if distributed:
         state = model_state_dict(file)  # gathers the shards of every rank into full tensors
     else:
         state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
+    if meta.get("lora"):
+        from mmllm.modules.lora import merged_model
+
+        model = merged_model(model)
     if dtype is not None:
         model = model.to(dtype)
     tokenizer = None
@@ -216,6 +224,11 @@ def load_tokenizer_from(source: str | Path):
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if (path / "tokenizer" / "tokenizer_config.json").is_file():  # a kit run directory
         path = path / "tokenizer"
+    elif path.suffix == ".ckpt" or is_distributed_checkpoint(path):  # the one it records
+        tok_dir = checkpoint_tokenizer_dir(path, _read_checkpoint(path).get("mmllm", {}))
+        if tok_dir is None:
+            raise MissingFileError(f"{path} records no tokenizer", fix="pass the tokenizer directory")
+        path = tok_dir
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -14,12 +14,16 @@ from omegaconf import DictConfig, OmegaConf
 
 # The configs ship inside the package (package data), so a wheel install has them too.
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+ASSETS_DIR = Path(__file__).resolve().parent / "data" / "assets"
 
 
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("mmllm.unset_env"):
         # True when an environment variable is unset (wandb offline unless a key is set).
         OmegaConf.register_new_resolver("mmllm.unset_env", lambda name: not os.environ.get(name))
+    if not OmegaConf.has_resolver("mmllm.asset"):
+        # A data file shipped in the package (mmllm/data/assets/<name>), e.g. the SFT demo set.
+        OmegaConf.register_new_resolver("mmllm.asset", lambda name: str(ASSETS_DIR / name))
 
 
 _register_resolvers()

@@ -3,6 +3,19 @@
 Hooks are small and overridable: :meth:`forward_loss` (loss of one batch), :meth:`param_groups`
 (weight-decay split), :meth:`handle_nonfinite` (NaN policy). Parallelism is applied from outside in
 :meth:`configure_model` (mmllm.distributed), so the model code stays single-device.
+
+Loss normalisation (``loss_normalization="step"``, the default): the training loss of one optimizer
+step is ``sum(token losses) / N`` with N the supervised tokens of ALL its micro-batches (gradient
+accumulation) on ALL data-parallel ranks, so every supervised token weighs the same however the
+SFT rows fall into micro-batches (a mean per micro-batch over-weights the tokens of short ones).
+N is only known after the last micro-batch, so each micro-batch backpropagates its loss SUM
+(divided by a fixed constant that keeps fp16 gradients in range), its count is accumulated, and
+at the step's last backward (``on_after_backward``, after DDP/FSDP have reduced the gradients and
+before clipping and every ``on_before_optimizer_step``) the gradients are rescaled once by
+``K * W * constant / N`` (Lightning divides by K accumulation steps, DDP/FSDP average over W
+ranks). With equal counts per micro-batch (pretraining) this equals the old per-batch mean.
+The returned/logged ``train/loss`` keeps the micro-batch per-token mean as its value;
+``train/step_loss`` is the exact per-token mean of the whole step over all ranks.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ from mmllm.nn.moe import GroupedExperts
 
 NAN_POLICIES = ("skip", "stop")
 FUSED_LOSS = ("auto", True, False, "liger", "chunked")
+LOSS_NORMALIZATIONS = ("step", "micro_batch")
 
 
 class CausalLMModule(L.LightningModule):
@@ -51,6 +65,13 @@ class CausalLMModule(L.LightningModule):
             on CUDA when installed, else the plain loss; true = liger on CUDA when installed,
             else the chunked fallback; "liger"/"chunked" force one; false = plain. Not with
             tensor parallelism (the head is vocabulary-sharded): "auto" falls back, true fails.
+        loss_normalization: "step": per supervised token over all micro-batches and DP ranks of an
+            optimizer step (see the module docstring); "micro_batch": each micro-batch's own mean
+            (the usual Lightning behaviour; wrong weights with unequal supervised counts).
+        lora: LoRA/QLoRA options of :func:`mmllm.modules.lora.apply_lora` (``r``, ``alpha``,
+            ``dropout``, ``target_modules``, ``quantize``: null | nf4 | fp4, ...): the model's
+            weights are frozen and only the adapters train; checkpoints record the options, so
+            ``load_model``/``mmllm export`` give the merged plain model.
     """
 
     def __init__(self, *, model: nn.Module | Callable[[], nn.Module],
@@ -58,13 +79,22 @@ class CausalLMModule(L.LightningModule):
                  scheduler: Callable[..., Any] | None = None, document_masking: bool = True,
                  moe_aux_coef: float = 0.01, nan_policy: str = "skip", max_nan_skips: int = 20,
                  init_from: str | None = None, parallelism: dict | None = None,
-                 compile: bool = False, fused_loss: bool | str = "auto") -> None:
+                 compile: bool = False, fused_loss: bool | str = "auto",
+                 loss_normalization: str = "step", lora: dict | None = None) -> None:
         super().__init__()
+        if loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"loss_normalization must be one of {LOSS_NORMALIZATIONS}, "
+                             f"got {loss_normalization!r}")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         if fused_loss not in FUSED_LOSS:
             raise ValueError(f"fused_loss must be one of {FUSED_LOSS}, got {fused_loss!r}")
-        self.fused_loss = fused_loss
+        self.fused_loss, self.loss_normalization = fused_loss, loss_normalization
+        self.lora = dict(lora) if lora else None
+        if self.lora:
+            from mmllm.modules.lora import check_lora_options
+
+            check_lora_options(self.lora, parallelism=parallelism)
         if isinstance(model, nn.Module):
             self.model: nn.Module | None = model
             self._model_factory = None
@@ -83,6 +113,10 @@ class CausalLMModule(L.LightningModule):
         self.nan_skips = 0
         self._consecutive_nan = 0
         self._val_sum = self._val_count = None
+        # Token normalisation of the current optimizer step (see the module docstring).
+        self._step_tokens = self._step_loss_sum = None
+        self._grad_divisor: float | None = None
+        self._last_micro_batch = False
 
     # --------------------------------------------------------------------------- model setup
     def configure_model(self) -> None:
@@ -106,6 +140,10 @@ class CausalLMModule(L.LightningModule):
             from mmllm.checkpoint import init_weights_from
 
             init_weights_from(self.model, self.init_from)
+        if self.lora:
+            from mmllm.modules.lora import apply_lora
+
+            apply_lora(self.model, **self.lora)
         if self.parallelism or self.compile:
             self.model = parallelize(self.model, mesh, compile=self.compile, **kwargs)
             if self.init_from and meta:
@@ -133,14 +171,26 @@ class CausalLMModule(L.LightningModule):
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Loss of one batch.
 
+        Packed batches pass their ``doc_ids`` (attention stays inside each document) and
+        ``position_ids`` (restarting in every document) on to the model, unless
+        ``document_masking`` is off.
+
+        Args:
+            batch: ``input_ids`` and ``labels`` (B, T), optionally ``doc_ids``, ``position_ids``,
+                ``attention_mask``.
+
         Returns:
-            ``(loss, lm_loss, n_tokens)``: loss includes the MoE aux term.
+            ``(loss, lm_loss, n_tokens)``: ``lm_loss`` is the mean over the ``n_tokens``
+            supervised tokens (``training_step`` turns it back into their sum for the step's
+            token normalisation); loss adds the MoE aux term.
         """
+        # Without document masking a packed row is one stream: positions run on across documents.
         doc_ids = batch.get("doc_ids") if self.document_masking else None
+        positions = batch.get("position_ids") if self.document_masking else None
         impl = self.fused_loss_impl()
         fused = {"return_hidden": True, "return_logits": False} if impl else {}
-        out = self.model(batch["input_ids"], doc_ids=doc_ids, attention_mask=batch.get("attention_mask"),
-                         **fused)
+        out = self.model(batch["input_ids"], doc_ids=doc_ids, position_ids=positions,
+                         attention_mask=batch.get("attention_mask"), **fused)
         if impl is None:
             lm_loss, n = causal_lm_loss(out.logits, batch["labels"])
         else:
@@ -172,12 +222,17 @@ class CausalLMModule(L.LightningModule):
         return self.fused_loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int):
+        step_norm = self.loss_normalization == "step"
+        if step_norm:
+            self._start_micro_batch(batch, batch_idx)
         loss, lm_loss, n = self.forward_loss(batch)
         tokens = batch["input_ids"].numel() * self.data_parallel_size
         self.tokens_seen += tokens
         if not self._all_finite(loss):
             return self.handle_nonfinite(loss)
         self._consecutive_nan = 0
+        if step_norm:
+            loss, lm_loss = self._token_normalized(loss, lm_loss, n)  # lm_loss stays the mean
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", lm_loss.detach(), prog_bar=True, batch_size=bs)
         if getattr(self.model, "n_experts", 0) and self.moe_aux_coef:
@@ -185,6 +240,59 @@ class CausalLMModule(L.LightningModule):
         self.log("train/tokens_seen", float(self.tokens_seen), batch_size=bs)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, batch_size=bs)
         return loss
+
+    # ----------------------------------------------------------------- token normalisation
+    def _start_micro_batch(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Resets the step's counts at its first micro-batch; notes whether this one is its last."""
+        k = self.trainer.accumulate_grad_batches
+        if batch_idx % k == 0 or self._step_tokens is None:
+            self._step_tokens = torch.zeros((), device=self.device, dtype=torch.float64)
+            self._step_loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        # Lightning steps the optimizer after every k-th batch of an epoch and after its last one.
+        self._last_micro_batch = (batch_idx + 1) % k == 0 or bool(self.trainer.is_last_batch)
+        if self._grad_divisor is None:
+            # Any constant works (the rescale undoes it); tokens per micro-batch keep the summed
+            # loss's gradients at the size of a mean's (fp16 loss scaling). Same on every rank.
+            d = torch.tensor(float(batch["labels"].numel()), device=self.device)
+            if self.trainer.world_size > 1:
+                d = self.trainer.strategy.reduce(d, reduce_op="max")
+            self._grad_divisor = float(d)
+
+    def _token_normalized(self, loss: torch.Tensor, lm_mean: torch.Tensor, n: torch.Tensor):
+        """``(loss to backpropagate, per-token mean for logging)`` of a micro-batch.
+
+        The returned loss has the value of the micro-batch's per-token mean (what Lightning and
+        callbacks report) and the gradient of ``sum / divisor``; the MoE aux term (a per-batch
+        mean) is weighted by the micro-batch's tokens, i.e. averaged per token over the step.
+        """
+        lm_sum = lm_mean * n  # the sum of the token losses (n carries no gradient)
+        self._step_tokens += n.detach().double()
+        self._step_loss_sum += lm_sum.detach().double()
+        mean = lm_mean
+        aux = loss - lm_mean  # moe_aux_coef * aux_loss (0 without experts)
+        grad_loss = (lm_sum + aux * n) / self._grad_divisor
+        value = mean + aux
+        return grad_loss + (value - grad_loss).detach(), mean
+
+    def on_after_backward(self) -> None:
+        """At the last backward of an optimizer step: gradients ``*= K * W * divisor / N``."""
+        if self.loss_normalization != "step" or not self._last_micro_batch or self._step_tokens is None:
+            return
+        stats = torch.stack([self._step_tokens, self._step_loss_sum])
+        if self.trainer.world_size > 1:
+            # Tensor-parallel ranks of a DP group read the same batch: count each batch once.
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+            stats = stats * (self.data_parallel_size / self.trainer.world_size)
+        n_total, loss_sum = float(stats[0]), float(stats[1])
+        scale = self.trainer.accumulate_grad_batches * self.data_parallel_size * self._grad_divisor \
+            / max(n_total, 1.0)
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        self.log("train/step_loss", loss_sum / max(n_total, 1.0), batch_size=1)
+        self.log("train/step_supervised_tokens", n_total, batch_size=1)
+        self._last_micro_batch = False
 
     @property
     def data_parallel_size(self) -> int:
@@ -285,6 +393,7 @@ class CausalLMModule(L.LightningModule):
             "tokenizer": self.tokenizer_path,
             "tokens_seen": self.tokens_seen,
             "nan_skips": self.nan_skips,
+            "lora": self.lora,  # load_model rebuilds the adapters and merges them
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
