@@ -66,3 +66,9 @@ def test_09_research_variant(run_notebook):
 def test_08_tools(run_notebook):
     out = _text(run_notebook("08_tools.ipynb", timeout=300))
     assert "calls: [('calculator(400+25)', '425')]" in out and "REPORT 425 AND MONDAY." in out
+
+
+@pytest.mark.slow
+def test_05_sft(run_notebook):
+    out = _text(run_notebook("05_sft.ipynb", timeout=300))
+    assert "validation loss:" in out and "trainable parameters:" in out and "| capitals | acc |" in out
