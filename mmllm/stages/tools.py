@@ -91,7 +91,7 @@ class ToolUseStage(Stage):
 
     def __init__(self, *, teacher: Any = None, catalog: str | None = None, num_apis: int | None = 12,
                  per_api: int = 4, eval_per_api: int = 1, retrieval: str | None = "oracle",
-                 steps: int = 40, batch_size: int = 4, lr: float = 1e-3, seq_len: int = 512,
+                 steps: int = 30, batch_size: int = 2, lr: float = 2e-3, seq_len: int = 1024,
                  accelerator: str = "cpu", max_new_tokens: int = 48,
                  toolformer: Mapping | None = None, question: str = "What is 23 * 17?",
                  expression: str = "23 * 17", answer_tokens: int = 24) -> None:
@@ -150,7 +150,11 @@ class ToolUseStage(Stage):
         """``(model, tokenizer, tokenizer_dir, source)`` of the sft checkpoint if any, else pretrain's."""
         from transformers import AutoTokenizer
 
-        from mmllm.checkpoint import checkpoint_tokenizer_dir, load_lightning_checkpoint, resolve_ckpt
+        from mmllm.checkpoint import (
+            checkpoint_tokenizer_dir,
+            load_lightning_checkpoint,
+            resolve_ckpt,
+        )
 
         source = "sft" if ctx.has("sft") and "checkpoint" in ctx.markers["sft"].outputs else "pretrain"
         ckpt = ctx.output(source, "checkpoint")

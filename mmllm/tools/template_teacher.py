@@ -55,7 +55,7 @@ def template_instructions(doc: dict, n: int) -> list[str]:
         n: how many (beyond ``len(TEMPLATES)`` a counter makes them distinct).
     """
     fields = {"f": _phrase(doc.get("functionality") or doc["api_name"]), "name": _model_name(doc),
-              "domain": _phrase(doc.get("domain") or "machine learning")}
+              "domain": str(doc.get("domain") or "machine learning").lower()}
     out = []
     for i in range(n):
         text = TEMPLATES[i % len(TEMPLATES)].format(**fields)

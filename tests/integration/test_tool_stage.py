@@ -81,7 +81,7 @@ def test_stage_finetunes_evaluates_before_after_and_runs_a_real_calculator_call(
     from mmllm.checkpoint import load_lightning_checkpoint
     from mmllm.stages.tools import ToolUseStage
 
-    stage = ToolUseStage(num_apis=4, per_api=3, eval_per_api=1, steps=30, batch_size=2, lr=3e-3,
+    stage = ToolUseStage(num_apis=4, per_api=3, eval_per_api=1, steps=24, batch_size=2, lr=3e-3,
                          seq_len=1024, max_new_tokens=40, answer_tokens=8,
                          toolformer={"sentences": ["He bought 12 eggs and 30 more, 42 eggs."],
                                      "tau_s": 0.0, "top_k": 2, "num_samples": 2, "max_call_tokens": 8})
@@ -96,7 +96,7 @@ def test_stage_finetunes_evaluates_before_after_and_runs_a_real_calculator_call(
         assert report["accuracy"] == report["correct"] / 4
         assert {f"{o}_rate" for o in OUTCOMES[1:]} <= set(report)
     ft = g["finetune"]
-    assert ft["steps"] == 30 and ft["loss_last5"] < ft["loss_first5"] - 0.5  # the SFT path learns
+    assert ft["steps"] == 24 and ft["loss_last5"] < ft["loss_first5"] - 0.5  # the SFT path learns
     assert 0.0 < ft["supervised_fraction"] < 1.0  # the user turn (with the API doc) is masked
     answers = [json.loads(line) for line in stage.outputs(ctx)["answers"].read_text().splitlines()]
     assert len(answers) == 4 and all(set(a) == {"instruction", "reference", "before", "after"} for a in answers)
