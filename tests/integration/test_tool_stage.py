@@ -121,3 +121,20 @@ def test_stage_finetunes_evaluates_before_after_and_runs_a_real_calculator_call(
     else:
         assert tf["available"] and tf["texts"] == 1 and tf["candidates"] >= 1
         assert tf["sampled"] >= tf["executed"] >= tf["kept"] >= 0
+
+
+def test_stage_prefers_the_sft_checkpoint_and_builds_a_teacher_node(tmp_path, tiny_ckpt):
+    from mmllm.stages.base import Marker
+    from mmllm.stages.tools import ToolUseStage
+
+    ctx = _ctx(tmp_path, tiny_ckpt)
+    ctx.markers["sft"] = Marker(stage="sft", target="x", fingerprint="f", run_id="s", started_at="", finished_at="",
+                                seconds=0.0, outputs={"checkpoint": str(tiny_ckpt)}, record={},
+                                config_updates={}, config={})
+    stage = ToolUseStage(teacher={"_target_": "mmllm.tools.template_teacher.TemplateTeacher", "model": "tmpl"})
+    _, tok, tok_dir, source = stage._load_lm(ctx)
+    assert source.startswith("sft (") and tok_dir == tiny_ckpt.parent / "tokenizer" and len(tok) > 256
+    pairs, gen = stage._pairs(load_catalog()[:2], seed=0)
+    assert gen == {"pairs": 8, "teacher": "TemplateTeacher(tmpl)"} and len(pairs) == 8
+    with pytest.raises(ValueError, match="retrieval"):
+        ToolUseStage(retrieval="web")
