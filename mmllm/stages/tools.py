@@ -1,0 +1,300 @@
+"""The ``tools`` pipeline stage: Gorilla API-call fine-tuning, Toolformer annotation, a tool-using chat turn.
+
+1. **Gorilla data.** <instruction, API call> pairs for a subset of the shipped API catalog
+   (:mod:`mmllm.tools.catalog`), generated through a teacher by
+   :func:`mmllm.tools.gorilla.generate_pairs`. The pipeline's own tiny model is a useless
+   teacher, so the default is :class:`~mmllm.tools.template_teacher.TemplateTeacher`
+   (deterministic templates, offline); ``teacher=<node>`` uses a real one.
+2. **Fine-tuning.** The latest LM checkpoint (the ``sft`` stage's when the pipeline has one, else
+   ``pretrain``'s) is fine-tuned on the SFT rows (API document in the prompt, Gorilla's
+   retriever-aware setting) through the kit's SFT path: :class:`~mmllm.data.sft.SFTDataModule`,
+   :class:`~mmllm.modules.causal_lm.CausalLMModule`, a Lightning ``Trainer``. Held-out
+   instructions of the same APIs are answered before and after and scored by AST sub-tree
+   matching (:func:`mmllm.tools.gorilla.evaluate`): accuracy, hallucination, wrong API, parse
+   failure, abstention.
+3. **Toolformer share** (when :mod:`mmllm.tools.toolformer` is available and ``toolformer`` is
+   set): calls sampled, executed and filtered on a few sentences; candidates, kept, share.
+4. **A chat turn that calls a tool.** A tiny model does not write a well-formed call on its own,
+   so the call is *forced*: the stage writes the calculator call as the assistant's first
+   message, the kit's :class:`~mmllm.tools.registry.ToolRegistry` executes it for real, the
+   result goes back as a ``tool`` message, and the model writes the final answer after it. The
+   record says so (``call_source: "forced"``); the transcript is ``ctx.record["transcript"]``.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+
+from mmllm.stages.base import Stage, StageContext
+
+OUTCOME_KEYS = ("accuracy", "hallucination_rate", "wrong_api_rate", "parse_failure_rate", "abstention_rate")
+DEFAULT_SENTENCES = ("The shop sold 120 apples on Monday and 85 on Tuesday, 205 in total.",
+                     "A train that covers 300 km in 4 hours travels at 75 km per hour.",
+                     "Out of 1400 voters, 35 percent, that is 490 people, voted early.")
+
+
+def _subset(catalog: Sequence, n: int | None) -> list:
+    """``n`` documents spread evenly over the catalog (its domains are in blocks)."""
+    if n is None or n >= len(catalog):
+        return list(catalog)
+    if n < 1:
+        raise ValueError(f"num_apis={n}: must be >= 1")
+    return [catalog[i * len(catalog) // n] for i in range(n)]
+
+
+def split_pairs(pairs: Sequence[dict], eval_per_api: int) -> tuple[list[dict], list[dict]]:
+    """``(train, test)``: the last ``eval_per_api`` pairs of every API are held out."""
+    by_api: dict[int, list[dict]] = {}
+    for p in pairs:
+        by_api.setdefault(p["doc_index"], []).append(p)
+    train, test = [], []
+    for rows in by_api.values():
+        k = min(eval_per_api, len(rows) - 1)  # an API keeps at least one training pair
+        train += rows[:len(rows) - k]
+        test += rows[len(rows) - k:] if k > 0 else []
+    return train, test
+
+
+class ToolUseStage(Stage):
+    """Gorilla fine-tuning with AST evaluation before/after, Toolformer share, a tool-calling chat turn.
+
+    Args:
+        teacher: a :class:`~mmllm.teacher.Teacher` or its config node for pair generation;
+            None: :class:`~mmllm.tools.template_teacher.TemplateTeacher` (offline demo data).
+        catalog: an API catalog JSONL (None: the shipped one).
+        num_apis: catalog documents used (spread over the catalog; None: all).
+        per_api: instructions generated per API.
+        eval_per_api: of those, held out per API for the before/after evaluation.
+        retrieval: the API document in the prompt: "oracle" (the reference doc), "bm25"
+            (retrieved) or None (no document).
+        steps, batch_size, lr, seq_len: fine-tuning settings (AdamW, constant LR, packed rows).
+        accelerator: the Lightning accelerator of the fine-tune.
+        max_new_tokens: answer length at evaluation (the call comes in the first ~40 tokens).
+        toolformer: the Toolformer annotation (``sentences`` plus
+            :class:`~mmllm.tools.toolformer.ToolformerAnnotator` options); None skips it.
+        question, expression: the final chat turn's user question and the calculator
+            expression the forced call evaluates.
+        answer_tokens: length of the model's answer after the tool result.
+    """
+
+    inputs = ("pretrain",)
+    optional_inputs = ("tokenize", "sft")
+    config_keys = ("seed",)
+
+    def __init__(self, *, teacher: Any = None, catalog: str | None = None, num_apis: int | None = 12,
+                 per_api: int = 4, eval_per_api: int = 1, retrieval: str | None = "oracle",
+                 steps: int = 30, batch_size: int = 2, lr: float = 2e-3, seq_len: int = 1024,
+                 accelerator: str = "cpu", max_new_tokens: int = 48,
+                 toolformer: Mapping | None = None, question: str = "What is 23 * 17?",
+                 expression: str = "23 * 17", answer_tokens: int = 24) -> None:
+        if retrieval not in (None, "oracle", "bm25"):
+            raise ValueError(f"retrieval must be None, 'oracle' or 'bm25', got {retrieval!r}")
+        if per_api < 2 or eval_per_api < 1:
+            raise ValueError(f"per_api={per_api}, eval_per_api={eval_per_api}: need per_api >= 2 "
+                             "(train and test instructions per API) and eval_per_api >= 1")
+        if steps < 1:
+            raise ValueError(f"steps={steps}: must be >= 1")
+        self.teacher = dict(teacher) if isinstance(teacher, Mapping) else teacher
+        self.catalog, self.num_apis, self.per_api, self.eval_per_api = catalog, num_apis, per_api, eval_per_api
+        self.retrieval, self.steps, self.batch_size, self.lr = retrieval, steps, batch_size, lr
+        self.seq_len, self.accelerator, self.max_new_tokens = seq_len, accelerator, max_new_tokens
+        self.toolformer = dict(toolformer) if toolformer is not None else None
+        self.question, self.expression, self.answer_tokens = question, expression, answer_tokens
+
+    def outputs(self, ctx: StageContext) -> dict[str, Path]:
+        d = ctx.dir
+        return {"pairs": d / "pairs.jsonl", "sft": d / "sft.jsonl", "answers": d / "answers.jsonl",
+                "checkpoint": d / "gorilla.ckpt", "transcript": d / "transcript.json"}
+
+    # ------------------------------------------------------------------------------ the run
+    def run(self, ctx: StageContext) -> None:
+        from mmllm.tools.catalog import load_catalog
+        from mmllm.tools.gorilla import to_chats, write_jsonl
+
+        paths = self.outputs(ctx)
+        model, tok, tok_dir, source = self._load_lm(ctx)
+        full = load_catalog(self.catalog)
+        catalog = _subset(full, self.num_apis)
+        pairs, gen = self._pairs(catalog, seed=int(ctx.cfg.get("seed") or 0))
+        train, test = split_pairs(pairs, self.eval_per_api)
+        if not test:
+            raise RuntimeError(f"no held-out pairs: the teacher gave {len(pairs)} pairs ({gen}); need >= 2 per API")
+        write_jsonl(pairs, paths["pairs"])
+        write_jsonl(to_chats(train, catalog, retrieval=self.retrieval), paths["sft"])
+        before, answers_before = self._evaluate(model, tok, test, catalog, full)
+        finetune = self._finetune(ctx, model, tok_dir, paths)
+        after, answers_after = self._evaluate(model, tok, test, catalog, full)
+        write_jsonl([{"instruction": p["instruction"], "reference": p["api_call"], "before": a, "after": b}
+                     for p, a, b in zip(test, answers_before, answers_after)], paths["answers"])
+        ctx.record["gorilla"] = {"model": source, "teacher": gen.pop("teacher"), "apis": len(catalog),
+                                 "pairs": len(pairs), "train_pairs": len(train), "test_pairs": len(test),
+                                 "generation": gen, "retrieval": self.retrieval, "finetune": finetune,
+                                 "before": before, "after": after}
+        print(f"gorilla ({len(test)} held-out instructions, AST match): accuracy "
+              f"{before['accuracy']:.2f} -> {after['accuracy']:.2f}; outcomes before {_counts(before)}, "
+              f"after {_counts(after)}")
+        if self.toolformer is not None:
+            ctx.record["toolformer"] = self._toolformer(model, tok_dir)
+        ctx.record["transcript"], ctx.record["tool_turn"] = self._tool_turn(model, tok)
+        paths["transcript"].write_text(json.dumps(ctx.record["transcript"], indent=2, ensure_ascii=False))
+
+    def _load_lm(self, ctx: StageContext):
+        """``(model, tokenizer, tokenizer_dir, source)`` of the sft checkpoint if any, else pretrain's."""
+        from transformers import AutoTokenizer
+
+        from mmllm.checkpoint import (
+            checkpoint_tokenizer_dir,
+            load_lightning_checkpoint,
+            resolve_ckpt,
+        )
+
+        source = "sft" if ctx.has("sft") and "checkpoint" in ctx.markers["sft"].outputs else "pretrain"
+        ckpt = ctx.output(source, "checkpoint")
+        model, _, meta = load_lightning_checkpoint(ckpt)
+        if ctx.has("tokenize") and "tokenizer" in ctx.markers["tokenize"].outputs:
+            tok_dir = ctx.output("tokenize", "tokenizer")
+        else:
+            tok_dir = checkpoint_tokenizer_dir(resolve_ckpt(ckpt), meta)
+        if tok_dir is None:
+            raise FileNotFoundError(f"no tokenizer for {ckpt} (none recorded in it, no tokenize stage)")
+        return model, AutoTokenizer.from_pretrained(str(tok_dir)), Path(tok_dir), f"{source} ({ckpt})"
+
+    def _pairs(self, catalog: list, *, seed: int) -> tuple[list[dict], dict]:
+        from mmllm.tools.gorilla import GenerationStats, generate_pairs
+        from mmllm.tools.template_teacher import TemplateTeacher
+
+        built = isinstance(self.teacher, Mapping)
+        teacher = instantiate(self.teacher) if built else (self.teacher or TemplateTeacher())
+        stats = GenerationStats()
+        try:
+            pairs = generate_pairs(teacher, catalog, per_api=self.per_api, seed=seed, stats=stats)
+        finally:
+            if built or self.teacher is None:
+                teacher.close()
+        return pairs, {**dict(stats), "teacher": f"{type(teacher).__name__}({teacher.model})"}
+
+    # ------------------------------------------------------------------- gorilla: eval, train
+    def _evaluate(self, model, tok, test: list[dict], catalog: list, full: list) -> tuple[dict, list[str]]:
+        """AST-match greedy answers to the held-out prompts (every catalog API counts for wrong_api)."""
+        import torch
+
+        from mmllm.data.chat import ChatRenderer
+        from mmllm.data.special_tokens import SPECIAL_TOKENS
+        from mmllm.generation import generate_ids
+        from mmllm.tools.gorilla import eval_prompts, evaluate
+
+        renderer = ChatRenderer(tok)
+        prompts = [renderer.prompt(m) for m in eval_prompts(test, catalog, retrieval=self.retrieval)]
+        eos = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(SPECIAL_TOKENS.chat_end)) if i is not None]
+        model.eval()
+        with torch.no_grad():
+            new = generate_ids(model, prompts, max_new_tokens=self.max_new_tokens, eos_token_id=eos,
+                               pad_token_id=tok.pad_token_id or 0, stop=["<<<api_provider>>>"], tokenizer=tok)
+        answers = [tok.decode(ids, skip_special_tokens=True) for ids in new]
+        report = evaluate(answers, test, full).as_dict()
+        return report, answers
+
+    def _finetune(self, ctx: StageContext, model, tok_dir: Path, paths: dict[str, Path]) -> dict:
+        """A few dozen SFT steps on the Gorilla rows; saves ``gorilla.ckpt`` (weights + metadata)."""
+        import torch
+
+        from mmllm.data.sft import SFTDataModule
+        from mmllm.modules.causal_lm import CausalLMModule
+
+        seed = int(ctx.cfg.get("seed") or 0)
+        L.seed_everything(seed, workers=True, verbose=False)
+        dm = SFTDataModule(sources=[{"name": "gorilla", "path": str(paths["sft"])}],
+                           cache_dir=str(ctx.dir / "sft_cache"), tokenizer=str(tok_dir),
+                           seq_len=min(self.seq_len, model.max_seq_len), batch_size=self.batch_size, seed=seed)
+        module = CausalLMModule(model=model.train(), optimizer=functools.partial(
+            torch.optim.AdamW, lr=self.lr, betas=(0.9, 0.95), weight_decay=0.0))
+        losses = _LossLog()
+        trainer = L.Trainer(max_steps=self.steps, accelerator=self.accelerator, devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, limit_val_batches=0, callbacks=[losses],
+                            default_root_dir=str(ctx.dir))
+        trainer.fit(module, datamodule=dm)
+        trainer.save_checkpoint(paths["checkpoint"], weights_only=True)
+        model.cpu().eval()
+        head, tail = losses.values[:5], losses.values[-5:]
+        sup = dm.stats.get("gorilla")
+        return {"steps": trainer.global_step, "tokens": module.tokens_seen,
+                "loss_first5": round(sum(head) / max(len(head), 1), 4),
+                "loss_last5": round(sum(tail) / max(len(tail), 1), 4),
+                "rows": sup.rows if sup else None,
+                "supervised_fraction": round(sup.fraction, 4) if sup else None, "checkpoint": str(paths["checkpoint"])}
+
+    # -------------------------------------------------------------------- toolformer, chat
+    def _toolformer(self, model, tok_dir: Path) -> dict:
+        """Toolformer annotation of a few sentences on a copy of the model (its vocab grows)."""
+        try:
+            from mmllm.tools.toolformer import ToolformerAnnotator, add_toolformer_tokens
+        except ImportError as exc:
+            return {"available": False, "reason": f"mmllm.tools.toolformer not importable: {exc}"}
+        from transformers import AutoTokenizer
+
+        from mmllm.tools import ToolRegistry, calculator_tool
+
+        options = dict(self.toolformer)
+        sentences = list(options.pop("sentences", None) or DEFAULT_SENTENCES)
+        tok, lm = AutoTokenizer.from_pretrained(str(tok_dir)), copy.deepcopy(model).eval()
+        add_toolformer_tokens(tok, lm)
+        annotator = ToolformerAnnotator(model=lm, tokenizer=tok, registry=ToolRegistry(tools=[calculator_tool()]),
+                                        **options)
+        rows = list(annotator.annotate_many(sentences))
+        s = annotator.stats.as_dict()
+        print(f"toolformer: {s['candidates']} candidate positions, {s['sampled']} calls sampled, "
+              f"{s['executed']} executed, {s['kept']} kept (share {s['share_kept']:.2f})")
+        return {"available": True, **s, "sentences": len(sentences),
+                "kept_calls": [c for r in rows for c in r["calls"]]}
+
+    def _tool_turn(self, model, tok) -> tuple[list[dict], dict]:
+        """The final chat turn: a forced calculator call, executed, and the model's answer after it."""
+        import torch
+
+        from mmllm.data.chat import ChatRenderer
+        from mmllm.data.special_tokens import SPECIAL_TOKENS
+        from mmllm.generation import generate_ids
+        from mmllm.tools import ToolRegistry, calculator_tool
+
+        registry = ToolRegistry(tools=[calculator_tool()])
+        call = {"name": "calculator", "arguments": {"expression": self.expression}}
+        result = registry.call(call["name"], call["arguments"])
+        turn = [{"role": "user", "content": self.question},
+                # The call format of `mmllm serve` (mmllm.serve.tools): what a trained model writes.
+                {"role": "assistant", "content": f"<tool_call>{json.dumps(call)}</tool_call>"},
+                {"role": "tool", "content": result.content}]
+        eos = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(SPECIAL_TOKENS.chat_end)) if i is not None]
+        with torch.no_grad():
+            (ids,) = generate_ids(model.eval(), [ChatRenderer(tok).prompt(turn)], max_new_tokens=self.answer_tokens,
+                                  eos_token_id=eos, pad_token_id=tok.pad_token_id or 0)
+        answer = tok.decode(ids, skip_special_tokens=True).strip()
+        transcript = turn + [{"role": "assistant", "content": answer}]
+        print(f"tool turn: {self.question!r} -> calculator({self.expression}) = {result.content!r} -> {answer!r}")
+        return transcript, {"call_source": "forced", "tool": call["name"], "arguments": call["arguments"],
+                            "ok": result.ok, "result": result.content, "answer": answer,
+                            "answer_mentions_result": result.content.strip() in answer}
+
+
+class _LossLog(L.Callback):
+    """Keeps the training loss of every step."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if loss is not None:
+            self.values.append(float(loss))
+
+
+def _counts(report: dict) -> dict:
+    return {k: report[k] for k in ("correct", "wrong_api", "hallucination", "parse_failure", "abstention")}
