@@ -139,14 +139,14 @@ class SFTStage(Stage):
         seconds["eval_after"] = time.perf_counter() - t0
         write_diff(diff, ctx.dir)
         print(f"[sft] val loss {val_before:.3f} -> {val_after:.3f}\n{format_diff(diff)}")
-        ctx.record.update({
+        ctx.record["sft"] = {  # under its own key: the summary merges every stage's record
             "val_loss_before": val_before, "val_loss_after": val_after,
             "regression": {t: {m: {k: round(d[k], 4) for k in ("before", "after", "delta")}
                                for m, d in ms.items()} for t, ms in diff["tasks"].items()},
             "regressed": diff["regressed"], "checkpoint": str(out["checkpoint"]),
             "train": {"steps": trainer.global_step,
                       "seconds": {k: round(v, 1) for k, v in seconds.items()},
-                      "mode": "lora" if self.lora else "full", "sources": dm.summary()["sources"]}})
+                      "mode": "lora" if self.lora else "full", "sources": dm.summary()["sources"]}}
 
     @staticmethod
     def _val_loss(trainer, module, dm) -> float:

@@ -11,8 +11,10 @@ from mmllm.stages.base import Stage, StageContext
 def gather(ctx: StageContext) -> dict:
     """The summary: what each earlier stage recorded (in pipeline order) and its seconds."""
     summary: dict = {"output_dir": str(ctx.run_dir)}
-    for marker in ctx.markers.values():
-        summary.update(marker.record)
+    for name, marker in ctx.markers.items():
+        for key, value in marker.record.items():
+            # Two stages recording the same key must not overwrite each other.
+            summary[key if key not in summary else f"{name}/{key}"] = value
     summary["seconds"] = {name: round(m.seconds, 1) for name, m in ctx.markers.items()}
     return summary
 
@@ -39,8 +41,25 @@ def summary_markdown(summary: dict) -> str:
     if "samples" in summary:
         lines += ["", "## Samples", ""]
         lines += [f"- **{s['prompt']}**{s['completion']}" for s in summary["samples"]]
+    shown = {"output_dir", "val_ppl_before", "val_ppl_after", "train", "checkpoint", "hf_export",
+             "curation", "evaluation", "samples", "seconds", "tokenizer"}
+    rest = {k: v for k, v in summary.items() if k not in shown}
+    if rest:
+        lines += ["", "## Later stages", "", "(all of it, with plots and images: report.html)", ""]
+        lines += [f"- **{k}**: {_brief(v)}" for k, v in rest.items()]
     lines += ["", "## Seconds per stage", ""] + [f"- {k}: {v}" for k, v in summary["seconds"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _brief(value, limit: int = 300) -> str:
+    """A one-line view of a recorded value: scalars of a mapping first, then the rest abridged."""
+    if isinstance(value, dict):
+        scalars = {k: v for k, v in value.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        text = ", ".join(f"{k} {round(v, 4) if isinstance(v, float) else v}" for k, v in scalars.items())
+        text = text or json.dumps(value, default=str)
+    else:
+        text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 class SummaryStage(Stage):

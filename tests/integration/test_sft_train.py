@@ -158,7 +158,7 @@ def test_sft_stage_fine_tunes_the_pretrained_checkpoint(base_run, tmp_path):
     stage = SFTStage(max_steps=8, lr=3e-3, batch_size=4, eval_limit=4)
     stage.name = "sft"
     stage.run(ctx)
-    rec = ctx.record
+    rec = ctx.record["sft"]
     assert set(rec["train"]["sources"]) == {"demo", "self_instruct"}
     assert rec["train"]["steps"] == 8 and rec["train"]["mode"] == "full"
     assert rec["val_loss_after"] < rec["val_loss_before"]  # it learnt the instruction format
