@@ -13,6 +13,9 @@ from mmllm.config import compose_config
 from mmllm.stages import Marker, StageError
 
 STAGES = ["tokenize", "pretrain", "export", "evaluate", "samples", "summary", "report"]
+# The later stages (their own tests run each at tiny scale); the end-to-end test runs them all.
+LATER = ["self_instruct", "sft", "reward_model", "ppo", "rlhf_round", "vision_pretrain", "vlm_stage1",
+         "vlm_stage2", "tools"]
 
 
 def _tiny(data_dir: Path) -> list[str]:
@@ -22,7 +25,7 @@ def _tiny(data_dir: Path) -> list[str]:
             "callbacks.model_checkpoint.every_n_train_steps=5", "data.vocab_size=512",
             "data.seq_len=64", "data.batch_size=8", f"data.cache_dir={data_dir}/wiki_bpe512",
             "model.lm.dim=32", "model.lm.n_layers=2", "pipeline.stages.evaluate.limit=8",
-            "pipeline.stages.samples.max_new_tokens=8"]
+            "pipeline.stages.samples.max_new_tokens=8", *[f"pipeline.stages.{s}=null" for s in LATER]]
 
 
 def _mmllm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -60,9 +63,21 @@ def test_pipeline_end_to_end(tmp_path):
     assert {"capitals", "capitals_3shot"} <= set(ev) and 0.0 <= ev["capitals"]["acc"] <= 1.0
     # Every stage left its marker; the tokenizer trained on the curated corpus.
     assert all(Marker.read(run, s) for s in ["curate", *STAGES])
-    assert list(summary["seconds"]) == ["curate", *STAGES[:-2]]
+    order = ["curate", *STAGES[:5], *LATER]
+    assert list(summary["seconds"]) == order
     updates = Marker.read(run, "curate").config_updates
     assert updates["data.train_texts"] == str(run / "corpus" / "train.jsonl")
+    # The later stages: SFT, reward model, PPO, one online round, vision-language, tools.
+    assert all(Marker.read(run, s) for s in LATER)
+    assert summary["sft"]["val_loss_after"] < summary["sft"]["val_loss_before"]
+    assert summary["reward_model"] and summary["ppo"] and summary["rlhf_round"]["round"] == 0
+    assert summary["vision_pretrain"]["final_loss"] < summary["vision_pretrain"]["first_loss"]
+    assert summary["vlm_stage2"]["final_loss"] < summary["vlm_stage2"]["first_loss"]
+    assert (run / "stages" / "vlm_stage2" / "llava" / "config.json").is_file()
+    roles = [m["role"] for m in summary["transcript"]]
+    assert roles[0] == "user" and "tool" in roles and roles[-1] == "assistant"
+    page = (run / "report.html").read_text()
+    assert all(f'id="{s}"' in page for s in order) and "<img" in page
 
 
 @pytest.mark.slow
