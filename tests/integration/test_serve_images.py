@@ -188,3 +188,33 @@ def test_openai_client_streams_an_image_request(server):
                                             temperature=0, max_tokens=8, stream=True)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
+
+
+def test_a_real_vision_language_model_served_with_an_image(tok):
+    """The kit's VisionLanguageModel (tiny open_clip ViT + MLP connector + DecoderLM) behind
+    `mmllm serve`: an image request equals the model's own generate() on the same prompt."""
+    from mmllm.models.vlm import build_vlm
+    from mmllm.nn.connectors import MLPConnector
+    from mmllm.nn.vision import TINY_VIT, VisionEncoder
+
+    torch.manual_seed(0)
+    encoder = VisionEncoder(model_cfg=TINY_VIT)
+    lm = DecoderLM(vocab_size=len(tok), dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                   max_seq_len=256)
+    feats = encoder(encoder.preprocess_images([Image.new("RGB", (8, 8))]))
+    connector = MLPConnector(in_dim=feats.shape[-1], out_dim=32)
+    vlm = build_vlm(connector=connector, image_token_id=tok.convert_tokens_to_ids(IMG_FEATURE),
+                    vocab_size=len(tok), lm=lm, vision=encoder).eval()
+    image = Image.new("RGB", (24, 24), (30, 200, 30))
+    engine = Engine(vlm, tok, max_batch=2, max_seq_len=256)
+    with ServerThread(create_app(engine, model_name="vlm", max_body_bytes=1 << 20, max_tokens=16)) as s:
+        r = ask(s.url, [image_part(data_url(image)), {"type": "text", "text": "Describe it."}])
+    assert r.status_code == 200, r.text
+    messages = [{"role": "user", "content": "<image>\nDescribe it."}]
+    ids = encode_prompt(ChatRenderer(tok), messages, 1, image_span_ids(tok, vlm.num_image_tokens))
+    with torch.no_grad():
+        new = vlm.generate([ids], [encoder.preprocess_images([image])], max_new_tokens=8,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)[0]
+    want = tok.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert r.json()["choices"][0]["message"]["content"] == want
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
