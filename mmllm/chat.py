@@ -1,4 +1,7 @@
-"""``mmllm chat checkpoint=<source> [image=PATH]``: an interactive chat over any checkpoint.
+"""``mmllm chat checkpoint=<source> [image=PATH] [--tools]``: an interactive chat over any checkpoint.
+
+``--tools`` (``tools=true``) gives the model the kit's tools (``tool_registry``: calculator and
+calendar by default); calls and their results are printed as they happen.
 
 Each turn renders the whole conversation with the kit's chat renderer (:mod:`mmllm.data.chat`,
 tokenised exactly as training data) and decodes the reply on a
@@ -43,7 +46,8 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, *, system: str | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.7, top_k: int | None = None, top_p: float | None = None,
-                 max_seq_len: int = 2048, chat_template: str | None = None, seed: int = 0) -> None:
+                 max_seq_len: int = 2048, chat_template: str | None = None, seed: int = 0,
+                 tools=None, on_event: Callable[[dict], None] | None = None) -> None:
         from mmllm.data.chat import ChatRenderer
         from mmllm.generation import SamplingParams
         from mmllm.serve.images import is_vlm
@@ -59,10 +63,15 @@ class ChatSession:
         end = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS.chat_end) \
             if SPECIAL_TOKENS.chat_end in tokenizer.get_vocab() else None
         self.stop_ids = [t for t in (tokenizer.eos_token_id, end) if t is not None]
+        self.tools, self.on_event = tools, on_event or (lambda event: None)
         self.reset()
 
     def reset(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        if self.tools is not None:  # the tools and the call format, as `mmllm serve` renders them
+            from mmllm.tools.chat_loop import tools_system_message
+
+            self.messages.insert(0, tools_system_message(self.tools))
         self.images: list = []  # every image of the conversation, in placeholder order
         self.pending: list = []  # images for the next user message
 
@@ -85,13 +94,43 @@ class ChatSession:
         return {"inputs_embeds": [prompt_embeddings(self.model, ids, preprocess(self.model, self.images))]}
 
     def reply(self, text: str, on_text: Callable[[str], None] = lambda s: None) -> str:
-        """Adds a user message, streams the model's reply through ``on_text`` and returns it."""
-        from mmllm.generation import DecodeSession
+        """Adds a user message, streams the model's reply through ``on_text`` and returns it.
 
+        With ``tools``, the turn runs through :func:`mmllm.tools.chat_loop.run_tool_turn`: each
+        call the model writes is executed as it happens (``on_event`` shows the call and its
+        result) and the model continues with the result until it answers.
+        """
         content = "".join("<image>\n" for _ in self.pending) + text
         self.messages.append({"role": "user", "content": content})
         self.images += self.pending
         self.pending = []
+        if self.tools is None:
+            return self._reply(on_text)
+        from mmllm.tools.chat_loop import run_tool_turn
+
+        history = self.messages
+
+        def generate(messages: list[dict]) -> str:
+            self.messages = messages  # the plain rendering of the turn so far
+            try:
+                return self._reply(lambda s: None, record=False)
+            finally:
+                self.messages = history
+
+        try:
+            added = run_tool_turn(history, generate, self.tools, self.on_event)
+        except Exception:
+            history.pop()
+            raise
+        history.extend(added)
+        answer = added[-1]["content"] if added and added[-1]["role"] == "assistant" \
+            and not added[-1].get("tool_calls") else ""
+        on_text(answer)
+        return answer
+
+    def _reply(self, on_text: Callable[[str], None], record: bool = True) -> str:
+        from mmllm.generation import DecodeSession
+
         try:
             prompt = self._prompt()
             length = len(next(iter(prompt.values()))[0])
@@ -103,7 +142,8 @@ class ChatSession:
                                     generator=self.generator)
             (row,) = session.add_rows(**prompt, max_new_tokens=self.max_new_tokens, sampling=self.sampling)
         except Exception:
-            self.messages.pop()  # the turn did not happen
+            if record:
+                self.messages.pop()  # the turn did not happen
             raise
         shown = ""
         while session.step():
@@ -114,7 +154,8 @@ class ChatSession:
         final = self._text(session.rows[row].tokens)
         if len(final) > len(shown):
             on_text(final[len(shown):])
-        self.messages.append({"role": "assistant", "content": final.strip()})
+        if record:
+            self.messages.append({"role": "assistant", "content": final.strip()})
         return final.strip()
 
     def _text(self, tokens: list[int]) -> str:
@@ -165,9 +206,18 @@ def run(cfg: DictConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout)
     model = model.to(device)
     max_seq_len = min(cfg.max_seq_len, getattr(model, "max_seq_len", None)
                       or getattr(getattr(model, "decoder", None), "max_seq_len", cfg.max_seq_len))
+    tools = on_event = None
+    if cfg.tools:
+        from hydra.utils import instantiate
+
+        from mmllm.tools.chat_loop import print_event
+
+        tools = instantiate(cfg.tool_registry)
+        on_event = lambda event: print_event(event, lambda s: print(f"\n{s}", file=stdout, flush=True))  # noqa: E731
     session = ChatSession(model, tokenizer, system=cfg.system, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                          max_seq_len=max_seq_len, chat_template=cfg.chat_template, seed=cfg.seed)
+                          max_seq_len=max_seq_len, chat_template=cfg.chat_template, seed=cfg.seed,
+                          tools=tools, on_event=on_event)
     if cfg.image:
         session.attach_image(cfg.image)
     repl(session, stdin, stdout)
@@ -175,10 +225,14 @@ def run(cfg: DictConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout)
 
 
 def translate_argv(argv: list[str]) -> list[str]:
-    """``--image PATH`` / ``--image=PATH`` -> Hydra's ``image=PATH``."""
+    """``--image PATH`` / ``--image=PATH`` -> Hydra's ``image=PATH``; ``--tools`` -> ``tools=true``."""
     out, i = [], 0
     while i < len(argv):
         a = argv[i]
+        if a == "--tools":
+            out.append("tools=true")
+            i += 1
+            continue
         if a == "--image" and i + 1 < len(argv):
             out.append(f"image={argv[i + 1]}")
             i += 2

@@ -104,3 +104,28 @@ def test_cli_chat_over_a_checkpoint(lm, tok, tmp_path):
                           timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "mmllm chat:" in proc.stdout and proc.stdout.count("assistant> ") == 1
+
+
+def test_tools_turn_runs_the_call_and_shows_it(lm, tok, monkeypatch):
+    """`mmllm chat --tools`: a call the model writes is executed as it happens, shown, and its
+    result goes back to the model, which then answers (the model's replies are scripted)."""
+    from mmllm.tools.builtin import default_registry
+    from mmllm.tools.chat_loop import print_event
+
+    replies = iter(['<tool_call>{"name": "calculator", "arguments": {"expression": "12*7"}}</tool_call>',
+                    "12 times 7 is 84."])
+    seen: list[list[dict]] = []
+
+    def scripted(self, on_text, record=True):
+        seen.append([dict(m) for m in self.messages])
+        return next(replies)
+
+    monkeypatch.setattr(ChatSession, "_reply", scripted)
+    shown: list[str] = []
+    chat = ChatSession(lm, tok, tools=default_registry(), on_event=lambda e: print_event(e, shown.append))
+    assert chat.messages[0]["role"] == "system" and "calculator" in chat.messages[0]["content"]
+    assert chat.reply("What is 12*7?") == "12 times 7 is 84."
+    assert shown[0].startswith("[tool call] calculator") and shown[1].startswith("[tool result] 84")
+    assert "84" in seen[1][-1]["content"]  # the model's second reply saw the tool result
+    assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert translate_argv(["checkpoint=x", "--tools"]) == ["checkpoint=x", "tools=true"]
