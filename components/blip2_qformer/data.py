@@ -161,7 +161,8 @@ class CaptionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
-                          collate_fn=self.collator, num_workers=self.num_workers, drop_last=True)
+                          collate_fn=self.collator, num_workers=self.num_workers,
+                          drop_last=len(self.train_set) > self.batch_size)  # no 1-pair ITC batch
 
     def val_dataloader(self):
         return DataLoader(self.val_set, batch_size=self.batch_size, collate_fn=self.collator,

@@ -206,3 +206,26 @@ def test_measured_itc_recall_on_skimage_pairs(tmp_path):
     assert after >= 5 / n_captions and after >= before + 0.3
     assert last < first - 0.5
     assert torch.allclose(load_connector(out_file)(full["image_features"]), m.qformer(full["image_features"]))
+
+
+SEARCHPATH = "hydra.searchpath=[pkg://components.blip2_qformer.conf]"  # main: the plugin adds it
+
+
+@pytest.mark.parametrize("override", ["module=blip2_qformer", "experiment=blip2_qformer"])
+def test_config_composes_and_instantiates(override, tmp_path):
+    from hydra.utils import instantiate
+
+    from components.blip2_qformer.data import CaptionDataModule
+    from mmllm.config import compose_config
+
+    cfg = compose_config("train", [override, SEARCHPATH, "module.connector.dim=32",
+                                   "module.connector.n_heads=2"], output_dir=tmp_path)
+    assert cfg.module._target_ == "components.blip2_qformer.module.QFormerPretrainModule"
+    assert cfg.module.optimizer.weight_decay == 0.05 and cfg.module.out_dim == cfg.model.lm.dim
+    module = instantiate(cfg.module, model=None)
+    assert isinstance(module, QFormerPretrainModule)
+    q = module.connector_factory(in_dim=16, out_dim=cfg.module.out_dim)
+    assert isinstance(q, QFormer) and q.num_queries == 32
+    if override.startswith("experiment"):
+        assert isinstance(instantiate(cfg.data), CaptionDataModule)
+        assert cfg.data.max_len == cfg.module.max_text_len
