@@ -19,8 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.blip2_qformer.losses import (itc_loss, itc_similarity, itg_loss, itm_loss,
-                                             mine_hard_negatives)
+from components.blip2_qformer.losses import (
+    itc_loss,
+    itc_similarity,
+    itg_loss,
+    itm_loss,
+    mine_hard_negatives,
+)
 from components.blip2_qformer.masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 from components.blip2_qformer.model import QFormerWithText
 from mmllm.nn.connectors import QFormer

@@ -45,6 +45,11 @@ def _caption_lm(tok, captions: list[str], steps: int = 150) -> DecoderLM:
     return lm.requires_grad_(False)
 
 
+def _stage1_loss(vlm, batch) -> torch.Tensor:
+    out = vlm(batch["input_ids"], image_features=batch["image_features"])
+    return causal_lm_loss(out.logits, batch["labels"])[0]
+
+
 def main(cache_dir: str = "/tmp/blip2_stage1_compare_cache", steps: int = 60) -> dict[str, tuple[float, float]]:
     L.seed_everything(0, verbose=False)
     dm = CaptionDataModule(vision={"model_cfg": TINY_VIT}, feature_cache=cache_dir, batch_size=16, max_len=48)
@@ -67,20 +72,17 @@ def main(cache_dir: str = "/tmp/blip2_stage1_compare_cache", steps: int = 60) ->
         vlm.decoder.requires_grad_(False)
         opt = torch.optim.AdamW(vlm.connector.parameters(), lr=2e-3, weight_decay=0.0)
 
-        def loss(b):
-            return causal_lm_loss(vlm(b["input_ids"], image_features=b["image_features"]).logits, b["labels"])[0]
-
         with torch.no_grad():
-            start = float(loss(full))
+            start = float(_stage1_loss(vlm, full))
         g = torch.Generator().manual_seed(0)
         for _ in range(steps):
             idx = torch.randperm(len(dm.train_set), generator=g)[:8].tolist()
-            step_loss = loss(col([dm.train_set[i] for i in idx]))
+            step_loss = _stage1_loss(vlm, col([dm.train_set[i] for i in idx]))
             opt.zero_grad()
             step_loss.backward()
             opt.step()
         with torch.no_grad():
-            results[name] = (start, float(loss(full)))
+            results[name] = (start, float(_stage1_loss(vlm, full)))
         print(f"{name}: stage-1 loss {results[name][0]:.3f} -> {results[name][1]:.3f} after {steps} steps")
     return results
 

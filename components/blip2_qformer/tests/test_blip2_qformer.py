@@ -8,8 +8,13 @@ import pytest
 import torch
 
 from components.blip2_qformer.data import ByteCaptionTokenizer, CaptionCollator
-from components.blip2_qformer.losses import (itc_loss, itc_similarity, itg_loss, itm_loss,
-                                             mine_hard_negatives)
+from components.blip2_qformer.losses import (
+    itc_loss,
+    itc_similarity,
+    itg_loss,
+    itm_loss,
+    mine_hard_negatives,
+)
 from components.blip2_qformer.masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 from components.blip2_qformer.model import QFormerWithText
 from components.blip2_qformer.module import QFormerPretrainModule
