@@ -84,3 +84,21 @@ def test_plan_command_and_errors(tmp_path):
         make_plan(model, tp=3)
     with pytest.raises(ValueError, match="mfu=1.5"):
         make_plan(model, mfu=1.5)
+
+
+def test_memory_estimate_matches_the_measured_1b_gpu_run():
+    """benchmarks/pretrain_throughput.py --device cuda measured, on one H100 (README's benchmark
+    table): TinyLlama-1.1B shapes, seq 2048, batch 8, bf16 autocast, AdamW: peak 56.5 GB, with full
+    activation checkpointing 22.2 GB."""
+    from mmllm.plan import Strategy, memory_per_gpu
+    from mmllm.callbacks.throughput import DecoderShape
+
+    with torch.device("meta"):
+        model = DecoderLM(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                          hidden_dim=5632, max_seq_len=2048)
+    shape, params = DecoderShape.from_model(model), sum(p.numel() for p in model.parameters())
+    kw = dict(gpus=1, micro_batch=8, seq_len=2048, precision="bf16-mixed")
+    plain = memory_per_gpu(shape, params, Strategy("single", fsdp=False), **kw)["total"] / 1e9
+    ac = memory_per_gpu(shape, params, Strategy("ac", fsdp=False, checkpointing=True), **kw)["total"] / 1e9
+    print(f"1.1B estimate: {plain:.1f} GB (measured 56.5), with AC {ac:.1f} GB (measured 22.2)")
+    assert plain == pytest.approx(56.5, rel=0.25) and ac == pytest.approx(22.2, rel=0.25)
