@@ -322,7 +322,8 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the tracemalloc pass")
     parser.add_argument("--repeats", type=int, default=3, help="runs per step and scale (least kept)")
     parser.add_argument("--steps", nargs="+", default=None, help="measure only these steps")
-    parser.add_argument("--ray-docs", type=int, default=2000, help="0 skips the Ray comparison")
+    parser.add_argument("--ray-docs", type=int, default=4000,
+                        help="0 skips the Ray comparison (a pass has ~1 s of fixed Ray Data overhead)")
     parser.add_argument("--minhash-docs", type=int, default=2000, help="0 skips datasketch")
     parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()

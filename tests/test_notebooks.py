@@ -72,3 +72,10 @@ def test_08_tools(run_notebook):
 def test_05_sft(run_notebook):
     out = _text(run_notebook("05_sft.ipynb", timeout=300))
     assert "validation loss:" in out and "trainable parameters:" in out and "| capitals | acc |" in out
+
+
+@pytest.mark.slow
+def test_06_rlhf(run_notebook):
+    out = _text(run_notebook("06_rlhf.ipynb", timeout=300))
+    assert "K=4 ranking loss: 0.227613 over 6 pairs" in out and "held-out pair accuracy:" in out
+    assert "reward " in out and "KL " in out and '"chosen": "You are wonderful."' in out
