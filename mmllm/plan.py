@@ -45,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmllm.callbacks.throughput import DecoderShape, matmul_params
 from mmllm.config import CONF_DIR
+from mmllm.errors import UserError
 
 # Hoffmann et al. 2022, Table 3 (approach 1): parameters -> compute-optimal training tokens.
 CHINCHILLA_TABLE3 = ((400e6, 8.0e9), (1e9, 20.2e9), (10e9, 205.1e9), (67e9, 1.5e12),
@@ -165,15 +166,16 @@ def make_plan(model: torch.nn.Module, *, gpu: str = "h100", gpus_per_node: int =
               peak_tflops: float | None = None) -> Plan:
     """The plan of one model (built on any device, meta included) on one cluster."""
     if gpu not in GPUS and (gpu_memory_gib is None or peak_tflops is None):
-        msg = f"unknown gpu {gpu!r}: one of {sorted(GPUS)}, or set gpu_memory_gib and peak_tflops"
-        raise ValueError(msg)
+        raise UserError(f"unknown gpu {gpu!r}: one of {sorted(GPUS)}",
+                        fix="cluster.gpu=h100, or describe yours: cluster.memory_gib=... cluster.peak_tflops=...")
     if not 0 < mfu <= 1:
-        raise ValueError(f"mfu={mfu}: must be in (0, 1]")
+        raise UserError(f"mfu={mfu}: must be in (0, 1]", fix="mfu=0.4 (a fraction, not a percentage)")
     mem, peak = GPUS.get(gpu, (gpu_memory_gib, peak_tflops))
     mem, peak = gpu_memory_gib or mem, peak_tflops or peak
     n = gpus_per_node * nodes
     if n < 1 or tp < 1 or n % tp or gpus_per_node % tp:
-        raise ValueError(f"tp={tp} must divide gpus_per_node={gpus_per_node} (and the {n} GPUs)")
+        raise UserError(f"tp={tp} must divide gpus_per_node={gpus_per_node} (and the {n} GPUs)",
+                        fix=f"cluster.tp= a divisor of {gpus_per_node}, e.g. cluster.tp={gpus_per_node}")
     shape = DecoderShape.from_model(model)
     params = sum(p.numel() for p in model.parameters())
     seq_len = seq_len or model.max_seq_len

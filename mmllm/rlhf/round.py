@@ -93,6 +93,11 @@ def load_prompts(source) -> list[str]:
     if not isinstance(source, (str, Path)):
         return [str(p) for p in source]
     path = Path(source)
+    if not path.is_file():
+        from mmllm.errors import UserError
+
+        raise UserError(f"prompts={source}: no such file",
+                        fix="pass prompts= a .txt file (one prompt a line) or JSONL rows with 'prompt' or 'messages'")
     lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if path.suffix == ".txt":
         return [ln.strip() for ln in lines]

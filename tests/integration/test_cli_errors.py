@@ -54,6 +54,13 @@ CASES = {
     "export-missing": (["export", "checkpoint=no/such/run", "output_dir=hf"],
                        ["cannot load a model from 'no/such/run': no such file or directory",
                         "fix: pass a .ckpt file"]),
+    # The commands added with SFT, RLHF, vision-language and tool use.
+    "serve-type": (["serve", "checkpoint=smollm2", "port=abc"], ["port='abc'", "expected int", "port=8000"]),
+    "chat-missing": (["chat", "checkpoint=no/such/run"],
+                     ["cannot load a model from 'no/such/run'", "fix: pass a .ckpt file"]),
+    "rlhf-round-prompts": (["rlhf-round", "run_dir=r", "policy=smollm2", "prompts=no_prompts.jsonl", "labeller=ai"],
+                           ["prompts=no_prompts.jsonl: no such file", "fix: pass prompts="]),
+    "plan-gpu": (["plan", "cluster.gpu=tpu9000"], ["unknown gpu 'tpu9000'", "fix: cluster.gpu=h100"]),
 }
 
 

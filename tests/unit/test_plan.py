@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mmllm.config import compose_config
+from mmllm.errors import UserError
 from mmllm.models import DecoderLM
 from mmllm.plan import chinchilla_tokens, make_plan, plan_from_config
 
@@ -80,9 +81,9 @@ def test_plan_command_and_errors(tmp_path):
     assert bad.returncode != 0 and "unknown gpu 'tpu9000'" in bad.stderr
     with torch.device("meta"):
         model = DecoderLM(vocab_size=256, dim=64, n_layers=2, n_heads=4, max_seq_len=64)
-    with pytest.raises(ValueError, match="tp=3 must divide"):
+    with pytest.raises(UserError, match="tp=3 must divide"):
         make_plan(model, tp=3)
-    with pytest.raises(ValueError, match="mfu=1.5"):
+    with pytest.raises(UserError, match="mfu=1.5"):
         make_plan(model, mfu=1.5)
 
 
