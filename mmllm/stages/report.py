@@ -9,7 +9,8 @@ marker's ``record``) and what it left in the run directory:
 * images: any recorded string that is the path of an existing ``.png/.jpg/.jpeg/.gif/.webp``
   file (VLM samples, the curation funnel) is copied into ``report_assets/`` and shown;
 * curves: every Lightning ``metrics.csv`` under the stage's directory (and the pretraining logs)
-  is plotted, one PNG per metric family (loss, reward, KL, accuracy, perplexity, ...).
+  is plotted, one PNG per metric family (loss, reward, KL, accuracy, perplexity, ...), and so is
+  every list of numbers a stage recorded (PPO's reward and KL per rollout, ...).
 
 All text is HTML-escaped (records hold model output). The page needs no network; a small inline
 script counts images that failed to load and shows a warning (the browser test reads it).
@@ -172,6 +173,19 @@ def plot_curves(series: Mapping[str, list[tuple[float, float]]], out_dir: Path, 
     return out
 
 
+def record_series(record: Mapping, prefix: str = "", depth: int = 0) -> dict[str, list[tuple[float, float]]]:
+    """Curves a stage recorded as lists of numbers (e.g. PPO's reward and KL per rollout)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for k, v in record.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, list) and len(v) >= 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                       for x in v):
+            out[name] = [(float(i), float(x)) for i, x in enumerate(v)]
+        elif isinstance(v, Mapping) and depth < 2:
+            out.update(record_series(v, f"{name}/", depth + 1))
+    return out
+
+
 def stage_metric_logs(ctx: StageContext, name: str) -> list[Path]:
     """Lightning CSV logs of one stage: under its stage directory (and ``<run>/csv`` for pretrain)."""
     marker = ctx.markers[name]
@@ -228,6 +242,10 @@ class ReportStage(Stage):
                     h, m = r.image(png, title)
                     parts_h.append(h)
                     parts_m.append(m)
+            for png, title in plot_curves(record_series(record), paths["assets"], f"{sid}_record"):
+                h, m = r.image(png, title)
+                parts_h.append(h)
+                parts_m.append(m)
             if record:
                 h, m = r.mapping(record, 1)
                 parts_h.insert(0, h)

@@ -65,6 +65,7 @@ def test_report_files(run):
     assert any("astronaut" in s for s in srcs)
     assert any("pretrain" in s and "loss" in s for s in srcs)
     assert any("ppo" in s and "reward" in s for s in srcs)
+    assert any("ppo_record" in s and "kl" in s for s in srcs)  # the recorded per-rollout lists
     md = (run_dir / "report.md").read_text()
     assert "## ppo" in md and "report_assets/" in md and "**tool**: 84" in md
 
