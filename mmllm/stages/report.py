@@ -40,7 +40,7 @@ text-align:left;vertical-align:top;font-size:.92em}th{background:#f3f3f3}
 img{max-width:100%;border:1px solid #ddd;margin:4px}figure{display:inline-block;margin:4px}
 .turn{border-left:4px solid #999;padding:2px 8px;margin:4px 0;white-space:pre-wrap}
 .user{border-color:#2a6}.assistant{border-color:#26a}.tool{border-color:#a62}.system{border-color:#888}
-#broken{display:none;background:#fdd;padding:.5em}nav a{margin-right:1em}"""
+#broken{display:none;background:#fdd;padding:.5em}nav{display:flex;flex-wrap:wrap;gap:.2em 1em}"""
 _SCRIPT = """<script>window.addEventListener('load',function(){var imgs=document.images,bad=0;
 for(var i=0;i<imgs.length;i++){if(!imgs[i].complete||imgs[i].naturalWidth===0)bad++;}
 document.body.setAttribute('data-images',imgs.length);document.body.setAttribute('data-broken',bad);
