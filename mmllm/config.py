@@ -25,6 +25,11 @@ def _register_resolvers() -> None:
         # A data file shipped in the package (mmllm/data/assets/<name>), e.g. the SFT demo set.
         OmegaConf.register_new_resolver("mmllm.asset", lambda name: str(ASSETS_DIR / name))
 
+    if not OmegaConf.has_resolver("mmllm.or"):
+        # ${mmllm.or:<value>,<default>}: the default when the value is null (oc.select only covers
+        # a missing key), e.g. the tiny model's vocabulary when the data sets none.
+        OmegaConf.register_new_resolver("mmllm.or", lambda value, default: default if value is None else value)
+
 
 _register_resolvers()
 

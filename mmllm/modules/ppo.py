@@ -199,8 +199,6 @@ class PPOModule(L.LightningModule):
         super().__init__()
         if critic not in CRITICS:
             raise ValueError(f"critic must be one of {CRITICS}, got {critic!r}")
-        if reward_model is None and reward_fn is None:
-            raise ValueError("PPO needs a reward: reward_model (a checkpoint) or reward_fn")
         if temperature <= 0:
             raise ValueError(f"PPO samples its rollouts: temperature must be > 0, got {temperature}")
         if kl_estimator not in F.KL_ESTIMATORS:
@@ -244,6 +242,9 @@ class PPOModule(L.LightningModule):
         """Builds policy (+ value head), critic, reference and reward model, then shards them."""
         if self.model is not None:
             return
+        if self._sources["reward"] is None and self.reward_fn is None:
+            # Checked here, not in __init__, so module=ppo composes on its own (tests/configs).
+            raise ValueError("PPO needs a reward: reward_model (a checkpoint) or reward_fn")
         from mmllm.checkpoint import load_model
 
         if self.init_from:

@@ -14,7 +14,8 @@ from mmllm.config import CONF_DIR, compose_config, to_container
 from mmllm.train import _instantiate_all, build_strategy
 
 CONF = Path(CONF_DIR)
-PRIMARY = {"train", "pipeline", "generate", "export", "curate", "eval", "serve", "synth"}
+PRIMARY = {"train", "pipeline", "generate", "export", "curate", "eval", "serve", "synth", "chat", "plan",
+           "rlhf_round"}
 # Config groups of train.yaml (the others belong to the curate/eval entry configs).
 TRAIN_GROUPS = ["model/lm", "model/connector", "data", "module", "module/optimizer", "module/scheduler", "trainer",
                 "strategy", "logger", "callbacks", "experiment", "debug", "paths", "hydra"]
@@ -50,9 +51,13 @@ def _group_options(group: str) -> list[str]:
 TRAIN_CASES = [(g, o) for g in TRAIN_GROUPS if g not in ("paths", "hydra") for o in _group_options(g)]
 
 
+# Options with a mandatory value (???) get one here.
+REQUIRED = {("experiment", "ppo"): ["policy=smollm2"]}
+
+
 @pytest.mark.parametrize("group,option", TRAIN_CASES, ids=[f"{g}={o}" for g, o in TRAIN_CASES])
 def test_train_group_option_composes_and_instantiates(group, option, tmp_path):
-    cfg = _compose("train", [f"{group}={option}"], tmp_path)
+    cfg = _compose("train", [f"{group}={option}", *REQUIRED.get((group, option), [])], tmp_path)
     check_train_config_instantiates(cfg)
     to_container(cfg)  # every interpolation resolves
 
@@ -62,7 +67,7 @@ def test_train_entry_configs(name, tmp_path):
     check_train_config_instantiates(_compose(name, [], tmp_path))
 
 
-@pytest.mark.parametrize("name", ["generate", "export", "serve"])
+@pytest.mark.parametrize("name", ["generate", "export", "serve", "chat", "plan", "rlhf_round"])
 def test_tool_entry_configs_compose(name, tmp_path):
     cfg = _compose(name, [], tmp_path)
     to_container(cfg)
