@@ -11,7 +11,6 @@ import string
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from rouge_score import rouge_scorer, tokenizers
 
 # Self-instruct's blacklist: tasks a text-only model cannot do (or should not be taught to pretend).
 BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map",
@@ -50,6 +49,10 @@ class RougePool:
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         self.threshold = threshold
+        # Imported here, not at module import: rouge-score pulls in absl, whose logging handler
+        # binds the stderr of the moment (pytest's capture, a closed stream later).
+        from rouge_score import tokenizers
+
         self._tokenizer = tokenizers.DefaultTokenizer(use_stemmer=False)
         self._tokens: list[list[str]] = []
         self._bags: list[Counter] = []
@@ -89,7 +92,7 @@ class RougePool:
                 continue  # even a perfect LCS cannot reach the threshold
             if 2 * sum((bag & other_bag).values()) / (m + n) < max(self.threshold, best):
                 continue
-            f = rouge_scorer._score_lcs(other, tokens).fmeasure
+            f = _score_lcs(other, tokens).fmeasure
             if f > best:
                 best, where = f, i
                 if first and best >= self.threshold:
@@ -164,3 +167,9 @@ def response_reason(response: str | None, *, min_words: int = 3, sorry_max_words
     if is_repetitive(response):
         return "repetitive_response"
     return None
+
+
+def _score_lcs(target: list[str], prediction: list[str]):
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer._score_lcs(target, prediction)
