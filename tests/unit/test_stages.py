@@ -275,10 +275,21 @@ def test_the_configured_pipeline_builds_in_dependency_order(tmp_path):
 
     cfg = compose_config("pipeline", [], output_dir=tmp_path / "run")
     stages = build_stages(cfg.pipeline.stages)
-    assert [p.name for p in stages] == ["curate", "tokenize", "pretrain", "export", "evaluate",
-                                        "samples", "summary"]
+    names = [p.name for p in stages]
+    assert names == ["curate", "tokenize", "pretrain", "export", "evaluate", "samples",
+                     "self_instruct", "sft", "reward_model", "ppo", "rlhf_round",
+                     "vision_pretrain", "vlm_stage1", "vlm_stage2", "tools", "summary", "report"]
     deps = {p.name: p.deps for p in stages}
     assert deps["tokenize"] == ["curate"] and deps["pretrain"] == ["tokenize"]
-    assert deps["summary"] == ["curate", "tokenize", "pretrain", "export", "evaluate", "samples"]
+    assert deps["vision_pretrain"] == []  # the ViT trains on images alone
+    assert {"pretrain", "self_instruct"} <= set(deps["sft"])
+    assert {"sft", "reward_model"} <= set(deps["ppo"])
+    assert {"vision_pretrain", "sft"} <= set(deps["vlm_stage1"]) and "vlm_stage1" in deps["vlm_stage2"]
+    assert "sft" in deps["tools"]
+    # every stage reads only stages before it; the summary reads every stage, the report also the summary
+    for i, name in enumerate(names):
+        assert set(deps[name]) <= set(names[:i]), name
+    assert deps["summary"] == names[:names.index("summary")]
+    assert deps["report"] == names[:names.index("report")]
     no_curation = compose_config("pipeline", ["pipeline.stages.curate=null"], output_dir=tmp_path / "run")
     assert {p.name: p.deps for p in build_stages(no_curation.pipeline.stages)}["tokenize"] == []
