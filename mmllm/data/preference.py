@@ -45,26 +45,6 @@ BAD_ROW_POLICIES = ("error", "skip")
 OVERLONG = ("truncate", "drop")
 
 
-def load_tokenizer_spec(spec: str):
-    """A tokenizer from any model source (``smollm2``, an HF dir, a .gguf, a kit run directory
-    or .ckpt file: the tokenizer recorded in its checkpoint)."""
-    from mmllm.checkpoint import checkpoint_tokenizer_dir, load_tokenizer_from, resolve_ckpt
-    from mmllm.distributed.checkpoint import is_distributed_checkpoint, read_metadata
-
-    path = Path(spec)
-    if path.suffix == ".ckpt" or is_distributed_checkpoint(path):
-        from transformers import AutoTokenizer
-
-        file = resolve_ckpt(path)
-        ckpt = read_metadata(file) if is_distributed_checkpoint(file) else \
-            torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-        tok_dir = checkpoint_tokenizer_dir(file, ckpt.get("mmllm", {}))
-        if tok_dir is None:
-            raise FileNotFoundError(f"{spec} records no tokenizer: pass data.tokenizer=<tokenizer dir>")
-        return AutoTokenizer.from_pretrained(str(tok_dir))
-    return load_tokenizer_from(spec)
-
-
 class PreferenceEncoder:
     """Token ids (and DPO labels) of a prompt's responses.
 
@@ -267,22 +247,12 @@ class PreferenceDataModule(L.LightningDataModule):
         stamp = self.cache_dir / "tokenizer.key"
         key = json.dumps({"tokenizer": self.tokenizer_spec, "vocab_size": self.vocab_size,
                           "sources": [s["name"] for s in self.sources]})
-        if (Path(self.tokenizer_dir) / "tokenizer_config.json").is_file():
-            if stamp.is_file() and stamp.read_text() != key:
-                raise ValueError(f"{self.tokenizer_dir} was made for {stamp.read_text()}, not {key}: "
-                                 "use another data.cache_dir or delete it")
-            return
-        if self.tokenizer_spec:
-            tok = load_tokenizer_spec(self.tokenizer_spec)
-        else:
-            from mmllm.data.tokenizer import train_bpe_tokenizer
+        from mmllm.data.tokenizer import prepare_tokenizer_dir
 
-            texts = (t for rows in self.read_sources().values() for ex in rows
-                     for t in [*(m["content"] for m in ex.prompt), *ex.responses])
-            tok = train_bpe_tokenizer(texts, vocab_size=self.vocab_size, show_progress=False)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(self.tokenizer_dir)
-        stamp.write_text(key)
+        prepare_tokenizer_dir(self.tokenizer_dir, stamp=stamp, key=key, spec=self.tokenizer_spec,
+                              vocab_size=self.vocab_size,
+                              texts=lambda: (t for rows in self.read_sources().values() for ex in rows
+                                             for t in [*(m["content"] for m in ex.prompt), *ex.responses]))
 
     @property
     def tokenizer(self):

@@ -185,21 +185,10 @@ class SFTDataModule(L.LightningDataModule):
         key = json.dumps({"tokenizer": self.tokenizer_spec, "vocab_size": self.vocab_size,
                           "sources": [s["name"] for s in self.sources]
                           + [t.name for t in self.flan_tasks]})
-        if (Path(self.tokenizer_dir) / "tokenizer_config.json").is_file():
-            if stamp.is_file() and stamp.read_text() != key:
-                raise ValueError(f"{self.tokenizer_dir} was made for {stamp.read_text()}, not {key}: "
-                                 "use another data.cache_dir or delete it")
-            return
-        if self.tokenizer_spec:
-            from mmllm.checkpoint import load_tokenizer_from
+        from mmllm.data.tokenizer import prepare_tokenizer_dir
 
-            tok = load_tokenizer_from(self.tokenizer_spec)
-        else:
-            from mmllm.data.tokenizer import train_bpe_tokenizer
-
-            tok = train_bpe_tokenizer(self._texts(), vocab_size=self.vocab_size, show_progress=False)
-        tok.save_pretrained(self.tokenizer_dir)
-        stamp.write_text(key)
+        prepare_tokenizer_dir(self.tokenizer_dir, stamp=stamp, key=key, spec=self.tokenizer_spec,
+                              vocab_size=self.vocab_size, texts=self._texts)
 
     @property
     def tokenizer(self):

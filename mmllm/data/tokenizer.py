@@ -76,6 +76,32 @@ def train_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int, min_frequency:
     return out
 
 
+def prepare_tokenizer_dir(tokenizer_dir: str | os.PathLike, *, stamp: str | os.PathLike, key: str,
+                          spec: str | None, texts, vocab_size: int) -> None:
+    """Saves a data module's tokenizer into ``tokenizer_dir`` once, stamped with ``key``.
+
+    The tokenizer is loaded from ``spec`` (any model source of
+    :func:`mmllm.checkpoint.load_tokenizer_from`) or, when ``spec`` is None, BPE-trained on
+    ``texts()`` (a callable, so the texts are only read when training is needed). A directory made
+    for another key (other sources, size or spec) is an error rather than silently reused.
+    """
+    stamp = Path(stamp)
+    if (Path(tokenizer_dir) / "tokenizer_config.json").is_file():
+        if stamp.is_file() and stamp.read_text() != key:
+            raise ValueError(f"{tokenizer_dir} was made for {stamp.read_text()}, not {key}: "
+                             "use another data.cache_dir or delete it")
+        return
+    if spec:
+        from mmllm.checkpoint import load_tokenizer_from
+
+        tok = load_tokenizer_from(spec)
+    else:
+        tok = train_bpe_tokenizer(texts(), vocab_size=vocab_size, show_progress=False)
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(tokenizer_dir)
+    stamp.write_text(key)
+
+
 def _wrap(tok: Tokenizer, *, bos: str | None, eos: str | None, pad: str | None, unk: str | None,
           extra: list[str], **kwargs) -> PreTrainedTokenizerFast:
     """Wraps a ``tokenizers.Tokenizer`` into a transformers tokenizer with the given roles."""
