@@ -28,6 +28,7 @@ from components.blip2_qformer.losses import (
 )
 from components.blip2_qformer.masks import bidirectional_mask, multimodal_causal_mask, unimodal_mask
 from components.blip2_qformer.model import QFormerWithText
+from mmllm.modules.schedules import decay_groups, lightning_optimizers
 from mmllm.nn.connectors import QFormer
 
 
@@ -188,22 +189,13 @@ class QFormerPretrainModule(L.LightningModule):
     # ---------------------------------------------------------------------------- optimizer
     def param_groups(self) -> list[dict]:
         """Q-Former + text branch + heads (never the encoder): decay on matrices only."""
-        decay, no_decay = [], []
-        for name, p in self.net.named_parameters():
-            is_matrix = p.dim() == 2 and "embed" not in name and "norm" not in name
-            (decay if is_matrix else no_decay).append(p)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return decay_groups(self.net.named_parameters())
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("QFormerPretrainModule needs an optimizer config (module.optimizer)")
         optimizer = self.optimizer_factory(self.param_groups())
-        if self.scheduler_factory is None:
-            return optimizer
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 \
-            else int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer, total), "interval": "step"}}
+        return lightning_optimizers(self.trainer, optimizer, self.scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["blip2_qformer"] = {"connector_config": self.net.qformer.config,

@@ -35,6 +35,7 @@ from mmllm.distributed import clip_grad_norm_, grad_norm, load_full_state_dict, 
 from mmllm.distributed.parallelize import model_class_path
 from mmllm.distributed.strategy import data_parallel_rank
 from mmllm.losses import causal_lm_loss, liger_available, linear_cross_entropy_loss
+from mmllm.modules.schedules import lightning_optimizers
 from mmllm.nn.moe import GroupedExperts
 
 NAN_POLICIES = ("skip", "stop")
@@ -377,12 +378,7 @@ class CausalLMModule(L.LightningModule):
                 f"{type(optimizer).__name__} (bitsandbytes) updates plain tensors and cannot step the "
                 "DTensor shards of FSDP2/TP: use module/optimizer=adamw8bit with strategy=single or "
                 "ddp, or module/optimizer=adamw with fsdp2/fsdp2_tp")
-        if self.scheduler_factory is None:
-            return optimizer
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 \
-            else int(self.trainer.estimated_stepping_batches)
-        scheduler = self.scheduler_factory(optimizer, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return lightning_optimizers(self.trainer, optimizer, self.scheduler_factory)
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

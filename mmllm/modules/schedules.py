@@ -44,3 +44,27 @@ def warmup_cosine(optimizer: Optimizer, total_steps: int, *, warmup_steps: int =
 def constant(optimizer: Optimizer, total_steps: int, *, warmup_steps: int = 0) -> LambdaLR:
     """Linear warmup, then a constant LR."""
     return LambdaLR(optimizer, _WarmupCosine(warmup_steps, warmup_steps, 1.0))
+
+
+def lightning_optimizers(trainer, optimizer: Optimizer, scheduler_factory=None, *, steps_per_batch: int = 1):
+    """What a LightningModule's ``configure_optimizers`` returns: ``optimizer`` alone, or with the
+    schedule ``scheduler_factory(optimizer, total_steps)`` stepped every optimizer step.
+
+    ``total_steps`` is ``trainer.max_steps`` when set, else Lightning's estimate of the run's
+    batches, times ``steps_per_batch`` (optimizer steps per batch, e.g. PPO's epochs x minibatches).
+    """
+    if scheduler_factory is None:
+        return optimizer
+    batches = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 \
+        else int(trainer.estimated_stepping_batches)
+    scheduler = scheduler_factory(optimizer, batches * steps_per_batch)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def decay_groups(named_parameters) -> list[dict]:
+    """AdamW groups by name: decay on matrices; none on vectors, norms and embeddings."""
+    decay, no_decay = [], []
+    for name, p in named_parameters:
+        is_matrix = p.dim() == 2 and "embed" not in name and "norm" not in name
+        (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]

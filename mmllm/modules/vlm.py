@@ -24,6 +24,7 @@ from torch import nn
 
 from mmllm.losses import causal_lm_loss
 from mmllm.models.vlm import VisionLanguageModel, build_vlm
+from mmllm.modules.schedules import decay_groups, lightning_optimizers
 
 
 class VisionLanguageModule(L.LightningModule):
@@ -156,24 +157,16 @@ class VisionLanguageModule(L.LightningModule):
     # -------------------------------------------------------------------------- optimizer
     def param_groups(self) -> list[dict]:
         """Trainable parameters only: decay on matrices, none on norms, biases, embeddings, queries."""
-        decay, no_decay = [], []
-        for name, p in self.trainable_parameters().items():
-            is_matrix = p.dim() == 2 and "embed" not in name and "norm" not in name
-            (decay if is_matrix else no_decay).append(p)
-        if not decay and not no_decay:
+        trainable = self.trainable_parameters()
+        if not trainable:
             raise ValueError("nothing to train: the connector and the LLM are both frozen")
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return decay_groups(trainable.items())
 
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("VisionLanguageModule needs an optimizer config (module.optimizer)")
         optimizer = self.optimizer_factory(self.param_groups())
-        if self.scheduler_factory is None:
-            return optimizer
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 \
-            else int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer, total), "interval": "step"}}
+        return lightning_optimizers(self.trainer, optimizer, self.scheduler_factory)
 
     # -------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
