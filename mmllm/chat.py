@@ -1,7 +1,8 @@
 """``mmllm chat checkpoint=<source> [image=PATH] [--tools]``: an interactive chat over any checkpoint.
 
-``--tools`` (``tools=true``) gives the model the kit's tools (``tool_registry``: calculator and
-calendar by default); calls and their results are printed as they happen, at most
+``--tools`` (``use_tools=true``) gives the model the kit's tools (``tool_registry``, the
+``tools`` config group: calculator and calendar by default, ``tools@tool_registry=wiki_search``
+adds BM25 search); calls and their results are printed as they happen, at most
 ``max_tool_calls`` per turn. ``--image PATH --tools`` together: the VLM sees the image in every
 reply of the turn, the ones after tool results included (e.g. the pipeline's final chat model,
 ``checkpoint=<run>/stages/chat/vlm_tools.ckpt``).
@@ -146,8 +147,9 @@ class ChatSession:
         return self.replier(self.messages, on_text)
 
 
-def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+def repl(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
     """Reads user lines from ``stdin`` until ``/exit`` or end of input; streams replies to ``stdout``."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
     print(f"mmllm chat: {HELP}", file=stdout, flush=True)
     while True:
@@ -179,8 +181,12 @@ def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.s
             print(file=stdout, flush=True)
 
 
-def run(cfg: DictConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> ChatSession:
+def run(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> ChatSession:
+    """Loads ``cfg.checkpoint`` and chats over ``stdin``/``stdout`` (default: the process's, read
+    at call time so a redirected ``sys.stdin`` is the one used)."""
     from mmllm.checkpoint import load_model
+
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
 
     model, tokenizer = load_model(cfg.checkpoint, dtype=to_dtype(cfg.dtype))
     if tokenizer is None:
@@ -191,7 +197,7 @@ def run(cfg: DictConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout)
     max_seq_len = min(cfg.max_seq_len, getattr(model, "max_seq_len", None)
                       or getattr(getattr(model, "decoder", None), "max_seq_len", cfg.max_seq_len))
     tools = on_event = None
-    if cfg.tools:
+    if cfg.use_tools:
         from hydra.utils import instantiate
 
         from mmllm.tools.chat_loop import print_event
@@ -209,12 +215,13 @@ def run(cfg: DictConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout)
 
 
 def translate_argv(argv: list[str]) -> list[str]:
-    """``--image PATH`` / ``--image=PATH`` -> Hydra's ``image=PATH``; ``--tools`` -> ``tools=true``."""
+    """``--image PATH`` / ``--image=PATH`` -> Hydra's ``image=PATH``; ``--tools`` -> ``use_tools=true``
+    (``tools`` is a config group: ``tools=true`` would select a group option)."""
     out, i = [], 0
     while i < len(argv):
         a = argv[i]
         if a == "--tools":
-            out.append("tools=true")
+            out.append("use_tools=true")
             i += 1
             continue
         if a == "--image" and i + 1 < len(argv):
