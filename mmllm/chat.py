@@ -86,7 +86,7 @@ class ChatSession:
             from mmllm.tools.chat_loop import tools_system_message
 
             self.messages.insert(0, tools_system_message(self.tools))
-        self.replier.images, self.replier._pixels = [], None
+        self.replier.set_images([])
         self.pending: list = []  # images for the next user message
 
     def attach_image(self, path: str) -> None:
@@ -118,8 +118,7 @@ class ChatSession:
             added = self._tool_turn()
         except Exception:
             self.messages.pop()  # the turn did not happen
-            del self.replier.images[len(self.replier.images) - len(pending):]
-            self.replier._pixels = None
+            self.replier.set_images(self.replier.images[:len(self.replier.images) - len(pending)])
             raise
         self.messages.extend(added)
         answer = added[-1]["content"] if added and added[-1]["role"] == "assistant" \
@@ -187,7 +186,6 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = No
     from mmllm.checkpoint import load_model
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-
     model, tokenizer = load_model(cfg.checkpoint, dtype=to_dtype(cfg.dtype))
     if tokenizer is None:
         raise UserError(f"{cfg.checkpoint} records no tokenizer; a chat needs one",
@@ -208,9 +206,13 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = No
                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                           max_seq_len=max_seq_len, chat_template=cfg.chat_template, seed=cfg.seed,
                           tools=tools, on_event=on_event, max_tool_calls=cfg.max_tool_calls)
-    if cfg.image:
-        session.attach_image(cfg.image)
-    repl(session, stdin, stdout)
+    try:
+        if cfg.image:
+            session.attach_image(cfg.image)  # a text model: an error saying which checkpoint to pass
+        repl(session, stdin, stdout)
+    finally:
+        if tools is not None:
+            tools.close()
     return session
 
 

@@ -52,7 +52,8 @@ def user_message(text: str, n_images: int = 0) -> dict:
     """A user message with ``n_images`` image placeholders before its text (the LLaVA layout of
     the kit's image conversations)."""
     if IMAGE_PLACEHOLDER in text:
-        raise ValueError(f"the text contains {IMAGE_PLACEHOLDER!r}; pass the images' count as n_images")
+        raise ValueError(f"the text contains {IMAGE_PLACEHOLDER!r}, the image placeholder: attach images "
+                         "instead (/image PATH in `mmllm chat`, n_images here)")
     return {"role": "user", "content": "".join(IMAGE_PLACEHOLDER + "\n" for _ in range(n_images)) + text}
 
 
@@ -150,16 +151,20 @@ class ModelReplier:
             stop_ids = [t for t in (tokenizer.eos_token_id, end) if t is not None]
         self.stop_ids = list(stop_ids)
         self.images: list = []
-        self._pixels: torch.Tensor | None = None  # preprocessed self.images (cached)
-        self.add_images(images)
+        self._pixels: torch.Tensor | None = None  # (n, 3, H, W): self.images preprocessed, cached
+        self.set_images(images)
 
     def add_images(self, images: Sequence) -> None:
         """Appends images (PIL) for the placeholders of the next user message(s)."""
+        self.set_images([*self.images, *images])
+
+    def set_images(self, images: Sequence) -> None:
+        """Replaces the conversation's images (``[]``: a new conversation)."""
         from mmllm.serve.images import NO_IMAGES
 
         if images and not self.vlm:
             raise UserError(NO_IMAGES, fix=NEEDS_VLM_FIX)
-        self.images += list(images)
+        self.images = list(images)
         self._pixels = None
 
     def prompt(self, messages: Sequence[dict]) -> dict:
