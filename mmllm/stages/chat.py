@@ -237,4 +237,15 @@ class FinalChatStage(Stage):
                                   max_rounds=self.max_rounds, max_calls=self.max_tool_calls)
         finally:
             registry.close()  # its worker threads end with the turn
-        return messages + added, {**call_record(added), "rounds": sum(m["role"] == "assistant" for m in added)}
+        return messages + [_shown(m) for m in added], \
+            {**call_record(added), "rounds": sum(m["role"] == "assistant" for m in added)}
+
+
+def _shown(message: dict) -> dict:
+    """An added message for the transcript: calls also written into the content, in the
+    ``<tool_call>`` format the model wrote them (the report shows contents)."""
+    from mmllm.serve.tools import render_call
+
+    if not message.get("tool_calls"):
+        return message
+    return {**message, "content": (message["content"] or "") + "".join(render_call(c) for c in message["tool_calls"])}

@@ -204,6 +204,9 @@ def test_final_chat_stage_swaps_the_lm_and_records_the_turn(stage_run, unscripte
     assert rec["arguments"] == {"expression": "23 * 17"} and rec["answer"] == "23 * 17 is 391."
     assert rec["answer_mentions_result"] is True and rec["rounds"] == 2
     assert [m["role"] for m in ctx.record["transcript"]] == ["system", "user", "assistant", "tool", "assistant"]
+    call_message = ctx.record["transcript"][2]
+    assert call_message["content"] == CALL and call_message["tool_calls"]  # the call as the model wrote it
+    assert ctx.record["transcript"][3]["content"] == "391"
     assert all("inputs_embeds" in p for p in seen) and len(seen) == 2
     saved = json.loads((run / "stages" / "chat" / "transcript.json").read_text())
     assert saved == ctx.record["transcript"]
