@@ -201,7 +201,7 @@ def run(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = No
         from mmllm.tools.chat_loop import print_event
 
         tools = instantiate(cfg.tool_registry)
-        on_event = lambda event: print_event(event, lambda s: print(f"\n{s}", file=stdout, flush=True))  # noqa: E731
+        on_event = lambda event: print_event(event, lambda s: print(f"\n{s}", file=stdout, flush=True))
     session = ChatSession(model, tokenizer, system=cfg.system, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                           max_seq_len=max_seq_len, chat_template=cfg.chat_template, seed=cfg.seed,

@@ -31,7 +31,8 @@ from mmllm.tools.chat_loop import ModelReplier, run_tool_turn, tools_system_mess
 TEXT = ("What is 23 * 17? The answer is 391. Here is a picture of coins on a table. Hello there, "
         "how can I help you today? calculator expression arguments name") * 20
 CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "23 * 17"}}</tool_call>'
-LM = dict(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=2048)  # tool schemas are long in tiny BPE
+# max_seq_len: the tools' schemas run to ~1.5k tokens with a 400-token BPE.
+LM = {"dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 64, "max_seq_len": 2048}
 
 
 @pytest.fixture(scope="module")
