@@ -225,6 +225,23 @@ def test_final_chat_stage_refuses_an_lm_of_another_architecture(stage_run, tmp_p
         _run_stage(run, markers)
 
 
+def test_swap_keeps_image_rows_inside_a_padded_vocabulary():
+    """A model vocabulary larger than the tokenizer's holds the image tokens inside the LM's rows:
+    those rows still come from the VLM (stage 2 trained them), tied head included."""
+    from mmllm.stages.chat import swap_language_model
+
+    torch.manual_seed(0)
+    cfg = {**LM, "vocab_size": 64, "tie_embeddings": True, "max_seq_len": 32}
+    vlm_lm, tools_lm = DecoderLM(**cfg), DecoderLM(**cfg)
+    state, stats = swap_language_model({"decoder": vlm_lm.config}, {f"decoder.{k}": v for k, v in
+                                                                    vlm_lm.state_dict().items()}, tools_lm, [60, 61])
+    emb = state["decoder.embed_tokens.weight"]
+    torch.testing.assert_close(emb[:60], tools_lm.embed_tokens.weight[:60])
+    torch.testing.assert_close(emb[60:62], vlm_lm.embed_tokens.weight[60:62])
+    torch.testing.assert_close(state["decoder.lm_head.weight"], emb)
+    assert stats["replaced"] == len(tools_lm.state_dict()) and stats["lm_vocab"] == 64
+
+
 # ------------------------------------------------------------------------------ the CLI
 def test_cli_chat_with_image_and_tools(stage_run, unscripted, monkeypatch, capsys, tmp_path):
     """`mmllm chat checkpoint=<the stage's vlm_tools.ckpt> --image X --tools` on a scripted stdin:
