@@ -1,7 +1,11 @@
 """``mmllm chat checkpoint=<source> [image=PATH] [--tools]``: an interactive chat over any checkpoint.
 
-``--tools`` (``tools=true``) gives the model the kit's tools (``tool_registry``: calculator and
-calendar by default); calls and their results are printed as they happen.
+``--tools`` (``use_tools=true``) gives the model the kit's tools (``tool_registry``, the
+``tools`` config group: calculator and calendar by default, ``tools@tool_registry=wiki_search``
+adds BM25 search); calls and their results are printed as they happen, at most
+``max_tool_calls`` per turn. ``--image PATH --tools`` together: the VLM sees the image in every
+reply of the turn, the ones after tool results included (e.g. the pipeline's final chat model,
+``checkpoint=<run>/stages/chat/vlm_tools.ckpt``).
 
 Each turn renders the whole conversation with the kit's chat renderer (:mod:`mmllm.data.chat`,
 tokenised exactly as training data) and decodes the reply on a
@@ -24,14 +28,17 @@ import torch
 from omegaconf import DictConfig
 
 from mmllm.config import CONF_DIR, to_dtype
-from mmllm.data.special_tokens import SPECIAL_TOKENS
 from mmllm.errors import UserError
 
 HELP = "commands: /image PATH (attach to your next message), /reset, /exit"
 
 
 class ChatSession:
-    """A conversation with a model: history, prompt rendering and streamed decoding.
+    """A conversation with a model: history, images, tools and streamed decoding.
+
+    Replies are decoded by a :class:`mmllm.tools.chat_loop.ModelReplier` (text LM or VLM, the
+    conversation's images in every prompt); with ``tools`` a turn runs through
+    :func:`mmllm.tools.chat_loop.run_tool_turn`, so images and tools work together.
 
     Args:
         model: a DecoderLM or a VLM (see :func:`mmllm.serve.images.is_vlm`), in eval mode.
@@ -42,29 +49,36 @@ class ChatSession:
         max_seq_len: prompt + reply positions (the conversation must fit).
         chat_template: overrides the tokenizer's chat template.
         seed: seeds sampling.
+        tools: a :class:`~mmllm.tools.registry.ToolRegistry` the model may call (None: no tools).
+        on_event: shows the tool events (:func:`mmllm.tools.chat_loop.print_event`).
+        max_tool_calls: tool calls executed per turn at most.
+        max_rounds: model replies per turn at most when it calls tools.
     """
 
     def __init__(self, model, tokenizer, *, system: str | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.7, top_k: int | None = None, top_p: float | None = None,
                  max_seq_len: int = 2048, chat_template: str | None = None, seed: int = 0,
-                 tools=None, on_event: Callable[[dict], None] | None = None) -> None:
-        from mmllm.data.chat import ChatRenderer
+                 tools=None, on_event: Callable[[dict], None] | None = None, max_tool_calls: int = 4,
+                 max_rounds: int = 5) -> None:
         from mmllm.generation import SamplingParams
-        from mmllm.serve.images import is_vlm
+        from mmllm.tools.chat_loop import ModelReplier
 
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.renderer = ChatRenderer(tokenizer, chat_template=chat_template)
-        self.vlm = is_vlm(model)
-        self.lm = model.decoder if self.vlm else model
-        self.system, self.max_new_tokens, self.max_seq_len = system, max_new_tokens, max_seq_len
-        self.sampling = SamplingParams(temperature, top_k, top_p)
-        self.device = next(model.parameters()).device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        end = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS.chat_end) \
-            if SPECIAL_TOKENS.chat_end in tokenizer.get_vocab() else None
-        self.stop_ids = [t for t in (tokenizer.eos_token_id, end) if t is not None]
+        device = next(model.parameters()).device
+        self.replier = ModelReplier(
+            self.model, tokenizer, chat_template=chat_template, max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(temperature, top_k, top_p), max_seq_len=max_seq_len,
+            generator=torch.Generator(device=device).manual_seed(seed))
+        self.vlm, self.stop_ids = self.replier.vlm, self.replier.stop_ids
+        self.system = system
         self.tools, self.on_event = tools, on_event or (lambda event: None)
+        self.max_tool_calls, self.max_rounds = max_tool_calls, max_rounds
         self.reset()
+
+    @property
+    def images(self) -> list:
+        """Every image of the conversation, in placeholder order."""
+        return self.replier.images
 
     def reset(self) -> None:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
@@ -72,40 +86,47 @@ class ChatSession:
             from mmllm.tools.chat_loop import tools_system_message
 
             self.messages.insert(0, tools_system_message(self.tools))
-        self.images: list = []  # every image of the conversation, in placeholder order
+        self.replier.set_images([])
         self.pending: list = []  # images for the next user message
 
     def attach_image(self, path: str) -> None:
         """Attaches an image file to the next user message (VLMs only)."""
         from mmllm.serve.images import NO_IMAGES, ImageLimits, load_image_url
+        from mmllm.tools.chat_loop import NEEDS_VLM_FIX
 
         if not self.vlm:
-            raise UserError(NO_IMAGES, fix="chat with a VLM checkpoint, or drop image=")
+            raise UserError(NO_IMAGES, fix=NEEDS_VLM_FIX)
         self.pending.append(load_image_url(str(path), ImageLimits(allow_local_files=True), where=str(path)))
-
-    def _prompt(self) -> dict:
-        """add_rows' prompt: ids, or embeddings when the conversation has images."""
-        if not self.images:
-            return {"prompts": [self.renderer.prompt(self.messages)]}
-        from mmllm.serve.images import encode_prompt, image_span_ids, preprocess, prompt_embeddings
-
-        span = image_span_ids(self.tokenizer, self.model.num_image_tokens)
-        ids = encode_prompt(self.renderer, self.messages, len(self.images), span)
-        return {"inputs_embeds": [prompt_embeddings(self.model, ids, preprocess(self.model, self.images))]}
 
     def reply(self, text: str, on_text: Callable[[str], None] = lambda s: None) -> str:
         """Adds a user message, streams the model's reply through ``on_text`` and returns it.
 
         With ``tools``, the turn runs through :func:`mmllm.tools.chat_loop.run_tool_turn`: each
         call the model writes is executed as it happens (``on_event`` shows the call and its
-        result) and the model continues with the result until it answers.
+        result) and the model continues with the result (and the images) until it answers.
         """
-        content = "".join("<image>\n" for _ in self.pending) + text
-        self.messages.append({"role": "user", "content": content})
-        self.images += self.pending
-        self.pending = []
-        if self.tools is None:
-            return self._reply(on_text)
+        from mmllm.tools.chat_loop import user_message
+
+        self.messages.append(user_message(text, len(self.pending)))
+        pending, self.pending = self.pending, []
+        self.replier.add_images(pending)
+        try:
+            if self.tools is None:
+                answer = self._reply(on_text)
+                self.messages.append({"role": "assistant", "content": answer})
+                return answer
+            added = self._tool_turn()
+        except Exception:
+            self.messages.pop()  # the turn did not happen
+            self.replier.set_images(self.replier.images[:len(self.replier.images) - len(pending)])
+            raise
+        self.messages.extend(added)
+        answer = added[-1]["content"] if added and added[-1]["role"] == "assistant" \
+            and not added[-1].get("tool_calls") else ""
+        on_text(answer)
+        return answer
+
+    def _tool_turn(self) -> list[dict]:
         from mmllm.tools.chat_loop import run_tool_turn
 
         history = self.messages
@@ -113,57 +134,21 @@ class ChatSession:
         def generate(messages: list[dict]) -> str:
             self.messages = messages  # the plain rendering of the turn so far
             try:
-                return self._reply(lambda s: None, record=False)
+                return self._reply(lambda s: None)
             finally:
                 self.messages = history
 
-        try:
-            added = run_tool_turn(history, generate, self.tools, self.on_event)
-        except Exception:
-            history.pop()
-            raise
-        history.extend(added)
-        answer = added[-1]["content"] if added and added[-1]["role"] == "assistant" \
-            and not added[-1].get("tool_calls") else ""
-        on_text(answer)
-        return answer
+        return run_tool_turn(history, generate, self.tools, self.on_event, max_rounds=self.max_rounds,
+                             max_calls=self.max_tool_calls)
 
-    def _reply(self, on_text: Callable[[str], None], record: bool = True) -> str:
-        from mmllm.generation import DecodeSession
-
-        try:
-            prompt = self._prompt()
-            length = len(next(iter(prompt.values()))[0])
-            if length + 1 >= self.max_seq_len:
-                raise UserError(f"the conversation has {length} tokens; max_seq_len is {self.max_seq_len}",
-                                fix="/reset to start over, or raise max_seq_len")
-            session = DecodeSession(self.lm, max_rows=1, max_len=min(self.max_seq_len, length + self.max_new_tokens + 1),
-                                    eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id or 0,
-                                    generator=self.generator)
-            (row,) = session.add_rows(**prompt, max_new_tokens=self.max_new_tokens, sampling=self.sampling)
-        except Exception:
-            if record:
-                self.messages.pop()  # the turn did not happen
-            raise
-        shown = ""
-        while session.step():
-            text_now = self._text(session.rows[row].tokens).rstrip("\ufffd")  # whole characters only
-            if len(text_now) > len(shown):
-                on_text(text_now[len(shown):])
-                shown = text_now
-        final = self._text(session.rows[row].tokens)
-        if len(final) > len(shown):
-            on_text(final[len(shown):])
-        if record:
-            self.messages.append({"role": "assistant", "content": final.strip()})
-        return final.strip()
-
-    def _text(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    def _reply(self, on_text: Callable[[str], None]) -> str:
+        """The model's reply to ``self.messages``."""
+        return self.replier(self.messages, on_text)
 
 
-def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> None:
+def repl(session: ChatSession, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
     """Reads user lines from ``stdin`` until ``/exit`` or end of input; streams replies to ``stdout``."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
     print(f"mmllm chat: {HELP}", file=stdout, flush=True)
     while True:
@@ -195,9 +180,12 @@ def repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.s
             print(file=stdout, flush=True)
 
 
-def run(cfg: DictConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> ChatSession:
+def run(cfg: DictConfig, stdin: TextIO | None = None, stdout: TextIO | None = None) -> ChatSession:
+    """Loads ``cfg.checkpoint`` and chats over ``stdin``/``stdout`` (default: the process's, read
+    at call time so a redirected ``sys.stdin`` is the one used)."""
     from mmllm.checkpoint import load_model
 
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model, tokenizer = load_model(cfg.checkpoint, dtype=to_dtype(cfg.dtype))
     if tokenizer is None:
         raise UserError(f"{cfg.checkpoint} records no tokenizer; a chat needs one",
@@ -207,30 +195,35 @@ def run(cfg: DictConfig, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout)
     max_seq_len = min(cfg.max_seq_len, getattr(model, "max_seq_len", None)
                       or getattr(getattr(model, "decoder", None), "max_seq_len", cfg.max_seq_len))
     tools = on_event = None
-    if cfg.tools:
+    if cfg.use_tools:
         from hydra.utils import instantiate
 
         from mmllm.tools.chat_loop import print_event
 
         tools = instantiate(cfg.tool_registry)
-        on_event = lambda event: print_event(event, lambda s: print(f"\n{s}", file=stdout, flush=True))  # noqa: E731
+        on_event = lambda event: print_event(event, lambda s: print(f"\n{s}", file=stdout, flush=True))
     session = ChatSession(model, tokenizer, system=cfg.system, max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                           max_seq_len=max_seq_len, chat_template=cfg.chat_template, seed=cfg.seed,
-                          tools=tools, on_event=on_event)
-    if cfg.image:
-        session.attach_image(cfg.image)
-    repl(session, stdin, stdout)
+                          tools=tools, on_event=on_event, max_tool_calls=cfg.max_tool_calls)
+    try:
+        if cfg.image:
+            session.attach_image(cfg.image)  # a text model: an error saying which checkpoint to pass
+        repl(session, stdin, stdout)
+    finally:
+        if tools is not None:
+            tools.close()
     return session
 
 
 def translate_argv(argv: list[str]) -> list[str]:
-    """``--image PATH`` / ``--image=PATH`` -> Hydra's ``image=PATH``; ``--tools`` -> ``tools=true``."""
+    """``--image PATH`` / ``--image=PATH`` -> Hydra's ``image=PATH``; ``--tools`` -> ``use_tools=true``
+    (``tools`` is a config group: ``tools=true`` would select a group option)."""
     out, i = [], 0
     while i < len(argv):
         a = argv[i]
         if a == "--tools":
-            out.append("tools=true")
+            out.append("use_tools=true")
             i += 1
             continue
         if a == "--image" and i + 1 < len(argv):

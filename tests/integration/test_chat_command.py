@@ -128,4 +128,4 @@ def test_tools_turn_runs_the_call_and_shows_it(lm, tok, monkeypatch):
     assert shown[0].startswith("[tool call] calculator") and shown[1].startswith("[tool result] 84")
     assert "84" in seen[1][-1]["content"]  # the model's second reply saw the tool result
     assert [m["role"] for m in chat.messages] == ["system", "user", "assistant", "tool", "assistant"]
-    assert translate_argv(["checkpoint=x", "--tools"]) == ["checkpoint=x", "tools=true"]
+    assert translate_argv(["checkpoint=x", "--tools"]) == ["checkpoint=x", "use_tools=true"]
