@@ -107,6 +107,7 @@ def warm_up(dm: PreferenceDataModule, steps: int, seed: int) -> tuple[DecoderLM,
 
 def train_dpo(start: DecoderLM, dm: PreferenceDataModule, *, beta: float, steps: int, lr: float,
               seed: int) -> tuple[DecoderLM, float]:
+    """DPO from the start policy (its frozen copy is the reference); the policy and seconds."""
     module = DPOModule(model=copy.deepcopy(start).train(), beta=beta, optimizer=adamw(lr))
     seconds = timed_fit(module, steps, dm, seed)
     return module.model.eval(), seconds

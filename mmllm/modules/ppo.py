@@ -6,8 +6,9 @@ One training step is one PPO iteration on a batch of prompts:
    (:class:`mmllm.generation.DecodeSession`: batched, KV cache). Under FSDP2 the policy's
    parameters are gathered once for the rollout (:func:`gathered`), so decoding runs with no
    collectives and ranks may stop after different numbers of tokens. The rollout pieces
-   (:class:`Rollout`, :func:`pad_rollout`, :func:`gathered`, :class:`TokenFractionReward`) live
-   in :mod:`mmllm.modules.ppo_rollout` and are importable from here.
+   (:class:`Rollout`, :func:`pad_rollout`, :func:`gathered`, the reward-model scoring,
+   :class:`TokenFractionReward`) live in :mod:`mmllm.modules.ppo_rollout`, the checkpoint key
+   layout in :mod:`mmllm.modules.ppo_checkpoint`; both are importable from here.
 2. :meth:`PPOModule.score`: the reward (a reward model or a Python ``reward_fn``); then one
    forward each of the policy (old log-probabilities, values) and the frozen reference.
 3. :meth:`PPOModule.compute_advantages`: per-token rewards (score - beta * KL) and GAE.

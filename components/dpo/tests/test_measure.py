@@ -13,14 +13,8 @@ from components.dpo import measure as M
 def result(tmp_path_factory):
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("measure")
-    # One thread, as the measurement runs: on a shared 2-core machine more threads spin (~10x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield out, M.measure(out, warmup_steps=2, dpo_steps=2, rm_steps=2, ppo_rollouts=1, samples=1,
-                             dpo_lrs=(1e-3,), max_new_tokens=6)
-    finally:
-        torch.set_num_threads(threads)
+    return out, M.measure(out, warmup_steps=2, dpo_steps=2, rm_steps=2, ppo_rollouts=1, samples=1,
+                          dpo_lrs=(1e-3,), max_new_tokens=6)
 
 
 def test_every_arm_runs_from_the_same_start(result):
