@@ -5,7 +5,10 @@ One training step is one PPO iteration on a batch of prompts:
 1. :meth:`PPOModule.rollout`: the policy samples responses through the decode session
    (:class:`mmllm.generation.DecodeSession`: batched, KV cache). Under FSDP2 the policy's
    parameters are gathered once for the rollout (:func:`gathered`), so decoding runs with no
-   collectives and ranks may stop after different numbers of tokens.
+   collectives and ranks may stop after different numbers of tokens. The rollout pieces
+   (:class:`Rollout`, :func:`pad_rollout`, :func:`gathered`, the reward-model scoring,
+   :class:`TokenFractionReward`) live in :mod:`mmllm.modules.ppo_rollout`, the checkpoint key
+   layout in :mod:`mmllm.modules.ppo_checkpoint`; both are importable from here.
 2. :meth:`PPOModule.score`: the reward (a reward model or a Python ``reward_fn``); then one
    forward each of the policy (old log-probabilities, values) and the frozen reference.
 3. :meth:`PPOModule.compute_advantages`: per-token rewards (score - beta * KL) and GAE.
@@ -19,10 +22,8 @@ The rollout statistics live in :attr:`PPOModule.history` too (one dict per rollo
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -31,124 +32,30 @@ from torch.distributed.tensor import DTensor
 
 from mmllm.distributed import clip_grad_norm_, parallelize
 from mmllm.distributed.strategy import data_parallel_rank
-from mmllm.generation import DecodeSession, SamplingParams
+from mmllm.generation import SamplingParams
 from mmllm.losses import causal_lm_loss
 from mmllm.losses import ppo as F
-from mmllm.models import DecoderLM, DecoderWithScalarHead
+from mmllm.models import DecoderWithScalarHead
+from mmllm.modules.ppo_checkpoint import SAVED_NAMES, full_cpu_state, rename_keys
+from mmllm.modules.ppo_rollout import (
+    Rollout,
+    TokenFractionReward,
+    fsdp_modules,
+    gathered,
+    load_reward,
+    pad_rollout,
+    probe_summary,
+    response_end_ids,
+    reward_model_scores,
+    sample_responses,
+)
 from mmllm.nn.heads import ValueHead
 
+__all__ = ["CRITICS", "SAVED_NAMES", "PPOModule", "Rollout", "TokenFractionReward", "fsdp_modules",
+           "gathered", "load_reward", "pad_rollout", "probe_summary", "response_end_ids",
+           "reward_model_scores", "sample_responses"]
+
 CRITICS = ("shared", "separate")
-
-
-class TokenFractionReward:
-    """A rule reward for tests and demos: the fraction of response tokens in a set.
-
-    Args:
-        token_ids: the rewarded ids.
-        strings: or strings whose tokens are rewarded (needs ``tokenizer``).
-        tokenizer: a tokenizer source (``mmllm.data.prompts.load_policy_tokenizer``) or object.
-        scale: multiplies the fraction.
-    """
-
-    def __init__(self, *, token_ids: Sequence[int] = (), strings: Sequence[str] = (),
-                 tokenizer=None, scale: float = 1.0) -> None:
-        ids = {int(t) for t in token_ids}
-        if strings:
-            if tokenizer is None:
-                raise ValueError("TokenFractionReward(strings=...) needs a tokenizer")
-            if isinstance(tokenizer, str):
-                from mmllm.data.prompts import load_policy_tokenizer
-
-                tokenizer = load_policy_tokenizer(tokenizer)
-            ids |= {t for s in strings for t in tokenizer(s, add_special_tokens=False)["input_ids"]}
-        if not ids:
-            raise ValueError("TokenFractionReward needs at least one token id (token_ids or strings)")
-        self.token_ids, self.scale = frozenset(ids), scale
-
-    def __call__(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-        return torch.tensor([self.scale * sum(t in self.token_ids for t in r) / max(len(r), 1)
-                             for r in responses])
-
-
-@dataclass
-class Rollout:
-    """One batch of sampled responses, laid out ``[left-padded prompt | right-padded response]``.
-
-    Attributes:
-        prompts / responses: token ids per row (the response includes its eos).
-        input_ids, attention_mask: (B, P + R) the whole sequences.
-        response: (B, R) response ids; mask: (B, R) 1 for response tokens.
-        scores: (B,) rewards; logprobs, ref_logprobs, values: (B, R) at rollout time.
-        kl, advantages, returns: (B, R) filled by :meth:`PPOModule.compute_advantages`.
-    """
-
-    prompts: list[list[int]]
-    responses: list[list[int]]
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response: torch.Tensor
-    mask: torch.Tensor
-    scores: torch.Tensor | None = None
-    logprobs: torch.Tensor | None = None
-    ref_logprobs: torch.Tensor | None = None
-    values: torch.Tensor | None = None
-    kl: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    returns: torch.Tensor | None = None
-
-    @property
-    def prompt_len(self) -> int:
-        return self.input_ids.shape[1] - self.response.shape[1]
-
-    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The tensors of rows ``idx`` (a minibatch)."""
-        names = ("input_ids", "attention_mask", "response", "mask", "logprobs", "values",
-                 "advantages", "returns")
-        return {n: getattr(self, n)[idx] for n in names}
-
-
-def pad_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
-                device: torch.device) -> Rollout:
-    """Lays out prompts (left padding) and responses (right padding) in one (B, P + R) batch."""
-    P, R = max(map(len, prompts)), max(map(len, responses))
-    B = len(prompts)
-    ids = torch.full((B, P + R), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, P + R, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        ids[i, P - len(p):P], ids[i, P:P + len(r)] = torch.tensor(p), torch.tensor(r, dtype=torch.long)
-        attn[i, P - len(p):P + len(r)] = 1
-    ids, attn = ids.to(device), attn.to(device)
-    return Rollout(prompts, responses, ids, attn, ids[:, P:], attn[:, P:])
-
-
-def fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-@contextlib.contextmanager
-def gathered(model: nn.Module):
-    """Inside: every FSDP2 unit of ``model`` holds its full parameters and keeps them through
-    forwards (no all-gather per forward, so ranks can run different numbers of forwards, as
-    decoding does). Costs the full model's memory per rank while open. A no-op unsharded."""
-    units = fsdp_modules(model)
-    if units and units[0] is model:
-        # FSDP2 makes the first unit to run forward its root; decoding calls the decoder inside
-        # the root directly, so the root is settled first (a no-op once it is).
-        model._get_fsdp_state()._lazy_init()
-    # Whether each unit reshards after forward (FSDP2 keeps it as its post-forward mesh info).
-    before = [getattr(getattr(m._get_fsdp_state(), "_fsdp_param_group", None),
-                      "post_forward_mesh_info", True) is not None for m in units]
-    for m in units:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
-    try:
-        yield model
-    finally:
-        for m, reshard in zip(units, before):
-            m.reshard()
-            m.set_reshard_after_forward(reshard, recurse=False)
 
 
 class PPOModule(L.LightningModule):
@@ -262,17 +169,7 @@ class PPOModule(L.LightningModule):
             self.model = policy
             self.critic = DecoderWithScalarHead(decoder=copy.deepcopy(policy), head=ValueHead(dim=policy.dim))
         if self._sources["reward"] is not None:
-            rm = self._sources["reward"]
-            if isinstance(rm, str):  # a RewardModelModule checkpoint: its scorer knows the end token
-                from mmllm.modules.reward import load_reward_model
-
-                scorer = load_reward_model(rm)
-                self.reward_end_id = scorer.encoder.end_id
-                rm = scorer.model
-            if isinstance(rm, DecoderLM):
-                raise ValueError(f"reward_model={self._sources['reward']!r} is a plain DecoderLM (no "
-                                 "score head): pass a reward-model checkpoint (DecoderWithScalarHead)")
-            self.reward_model = rm.eval().requires_grad_(False)
+            self.reward_model, self.reward_end_id = load_reward(self._sources["reward"])
         if self.parallelism:
             kwargs = {k: v for k, v in self.parallelism.items() if k != "meta_init"}  # models load in full
             mesh = getattr(self, "device_mesh", None)
@@ -289,8 +186,7 @@ class PPOModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         tok = getattr(dm, "tokenizer", None)
         if self.eos_token_id is None and tok is not None:
-            end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
-            self.eos_token_id = sorted({i for i in (tok.eos_token_id, end) if i is not None})
+            self.eos_token_id = response_end_ids(tok)
         if tok is not None and tok.pad_token_id is not None:
             self.pad_token_id = tok.pad_token_id
         if not self.tokenizer_path and getattr(dm, "tokenizer_dir", None):
@@ -312,15 +208,10 @@ class PPOModule(L.LightningModule):
         was_training = self.model.training
         self.model.eval()
         with gathered(self.model):
-            session = DecodeSession(self.policy, max_rows=len(prompts),
-                                    max_len=max(map(len, prompts)) + self.max_new_tokens + 1,
-                                    eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                                    generator=self._generator)
-            rows = session.add_rows(prompts, max_new_tokens=self.max_new_tokens,
-                                    sampling=SamplingParams() if greedy else self.sampling)
-            while session.step():
-                pass
-            responses = [session.rows[r].tokens for r in rows]
+            responses = sample_responses(self.policy, prompts, max_new_tokens=self.max_new_tokens,
+                                         sampling=SamplingParams() if greedy else self.sampling,
+                                         eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+                                         generator=self._generator)
         self.model.train(was_training)
         return pad_rollout(prompts, responses, self.pad_token_id, self.device)
 
@@ -330,15 +221,7 @@ class PPOModule(L.LightningModule):
         if self.reward_fn is not None:
             return torch.as_tensor(self.reward_fn(roll.prompts, roll.responses),
                                    dtype=torch.float32, device=self.device).reshape(-1)
-        if self.reward_end_id is not None:
-            # Scored as the reward model was trained: prompt + response + its end-of-context token,
-            # read at that token (the policy and the reward model share the SFT tokenizer).
-            from mmllm.modules.reward import score_sequences
-
-            seqs = [[*p, *r, self.reward_end_id] for p, r in zip(roll.prompts, roll.responses)]
-            return score_sequences(self.reward_model, seqs, batch_size=len(seqs)).to(self.device)
-        out = self.reward_model(roll.input_ids, attention_mask=roll.attention_mask)
-        return out.scores.float()
+        return reward_model_scores(self.reward_model, roll, self.reward_end_id).to(self.device)
 
     def forward_policy(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response: torch.Tensor,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -472,11 +355,7 @@ class PPOModule(L.LightningModule):
         if not prompts:
             return {}
         roll = self.rollout(prompts, greedy=True)
-        s = self.score(roll).float()
-        q = torch.quantile(s, torch.tensor([0.1, 0.5, 0.9], device=s.device))
-        return {"probe/score_mean": s.mean().item(), "probe/score_std": s.std(unbiased=False).item(),
-                "probe/score_q10": q[0].item(), "probe/score_q50": q[1].item(),
-                "probe/score_q90": q[2].item(), "probe/response_len": roll.mask.sum(-1).float().mean().item()}
+        return probe_summary(self.score(roll), roll.mask.sum(-1))
 
     # --------------------------------------------------------------------------- optimizer
     def _trainable(self) -> list[nn.Parameter]:
@@ -512,7 +391,7 @@ class PPOModule(L.LightningModule):
         checkpoint["mmllm"] = self._meta()
         sd = checkpoint.get("state_dict")
         if self.critic is None and sd and not any(isinstance(v, DTensor) for v in sd.values()):
-            checkpoint["state_dict"] = {_rename(k, SAVED_NAMES): v for k, v in sd.items()}
+            checkpoint["state_dict"] = rename_keys(sd, SAVED_NAMES)
             checkpoint["mmllm"]["ppo"]["renamed"] = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -521,23 +400,11 @@ class PPOModule(L.LightningModule):
         self.kl_ctl.value = float(meta.get("kl_coef", self.kl_ctl.value))
         if meta.get("renamed"):
             inverse = [(new, old) for old, new in SAVED_NAMES]
-            checkpoint["state_dict"] = {_rename(k, inverse): v for k, v in checkpoint["state_dict"].items()}
+            checkpoint["state_dict"] = rename_keys(checkpoint["state_dict"], inverse)
 
     def save_policy(self, path) -> None:
         """Writes the policy alone as a kit checkpoint (``mmllm.checkpoint.load_model`` reads it).
         Under FSDP2 every rank must call it (the shards are gathered); rank 0 writes."""
-        state = {f"model.{k}": (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()
-                 for k, v in self.policy.state_dict().items()}
+        state = full_cpu_state(self.policy, prefix="model.")
         if self._trainer is None or self._trainer.is_global_zero:
             torch.save({"mmllm": self._meta(), "state_dict": state}, str(path))
-
-
-# Checkpoint names of the shared-trunk policy (old prefix, saved prefix).
-SAVED_NAMES = (("model.decoder.", "model."), ("model.head.", "value_head."))
-
-
-def _rename(key: str, pairs: Iterable[tuple[str, str]]) -> str:
-    for old, new in pairs:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
