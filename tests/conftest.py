@@ -20,6 +20,11 @@ import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The suite's models are tiny: intra-op threads only add synchronisation, and on a shared 2-core
+# machine they spin against each other (a tiny training step measured 17x slower with 2 threads
+# than with 1 under load). Subprocesses (CLI, pipeline, distributed ranks) keep their defaults.
+torch.set_num_threads(int(os.environ.get("MMLLM_TEST_THREADS", "1")))
+
 TINY_LM = dict(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
                max_seq_len=64)
 
