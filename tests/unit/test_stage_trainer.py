@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import functools
 
 import lightning as L
 import pytest
@@ -126,28 +125,32 @@ def test_wandb_runs_of_every_stage_share_the_run_group(tmp_path, monkeypatch):
         wandb.finish()
 
 
-@functools.cache
-def _gpu_preset():
-    return compose_config("pipeline", ["experiment=pipeline_gpu"])
-
-
 def test_gpu_preset_composes_and_builds_every_stage():
     from mmllm.stages import build_stages
 
-    cfg = _gpu_preset()
+    cfg = compose_config("pipeline", ["experiment=pipeline_gpu",
+                                      "pipeline.stages.curate.sources=[/data/crawl/*.warc.gz]"])
     st = cfg.stage_trainer
     assert (st.accelerator, st.devices, st.precision) == ("gpu", 1, "bf16-mixed")
-    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 8
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.precision) == ("gpu", 8, "32-true")
     assert cfg.strategy._target_.endswith("ModelParallelStrategy") and cfg.module.parallelism.fsdp
+    assert cfg.module.parallelism.param_dtype == "bfloat16" and cfg.module.fused_loss == "auto"
+    # The preset's values win over the tiny pipeline's (the experiment is merged after them).
     lm = cfg.model.lm
-    n_params = lm.vocab_size * lm.dim + lm.n_layers * (
-        2 * lm.dim * lm.dim + 2 * lm.dim * lm.n_kv_heads * lm.dim // lm.n_heads + 3 * lm.dim * lm.hidden_dim)
-    assert 0.9e9 < n_params + lm.vocab_size * lm.dim * (not lm.tie_embeddings) < 1.5e9
-    assert lm.attn_backend == "flash_attn" and cfg.module.fused_loss == "auto"
+    assert (lm.dim, lm.n_layers, lm.max_seq_len, lm.vocab_size) == (2048, 22, 2048, 32000)
+    with torch.device("meta"):
+        from hydra.utils import instantiate
+
+        assert 1.0e9 < instantiate(lm).num_params() < 1.2e9
+    assert lm.attn_backend == "flash_attn" and sorted(cfg.logger) == ["csv", "tensorboard"]
     stages = {p.name: p.stage for p in build_stages(cfg.pipeline.stages)}
     assert "vision_pretrain" not in stages  # a pretrained CLIP ViT-L/14 instead of the tiny ViT
-    assert stages["vlm_stage1"].vision["model_name"].startswith("ViT-L-14")
-    assert stages["vlm_stage1"].vision["pretrained"] == "openai"
-    assert stages["sft"].max_steps >= 1000 and stages["sft"].lora is None
-    assert stages["ppo"].rollouts >= 100 and stages["tools"].accelerator == "gpu"
-    assert stages["reward_model"].rm_steps >= 500
+    assert stages["vlm_stage1"].vision == {"model_name": "ViT-L-14-quickgelu", "pretrained": "openai",
+                                           "feature_layer": -2, "keep_cls": False}
+    assert stages["curate"].sources == ["/data/crawl/*.warc.gz"]
+    assert (stages["sft"].max_steps, stages["sft"].lora, stages["ppo"].rollouts) == (2000, None, 500)
+    assert stages["tools"].accelerator == "gpu" and stages["reward_model"].rm_steps == 500
+    # Without a crawl the demo WARC (105 articles) is curated: min_documents stops the run there
+    # rather than pretraining 1 B parameters on 3 M characters.
+    cfg = compose_config("pipeline", ["experiment=pipeline_gpu"])
+    assert cfg.pipeline.stages.curate.sources is None and cfg.pipeline.stages.curate.min_documents >= 1000
