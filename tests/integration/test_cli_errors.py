@@ -116,8 +116,10 @@ def _fix_of(exc: BaseException, command: str) -> list[str]:
 
 
 def test_bad_options_and_paths_end_with_a_fix(tmp_path):
-    """The bad option / bad path of the commands whose early checks live outside their Hydra app."""
+    """Bad options / paths of synth, curate (and pipeline's curate stage), rlhf-round and the
+    train/inspect-batch data: each names the key or file and ends with a fix line."""
     from mmllm.curation.pipeline import resolve_inputs, run_curation
+    from mmllm.data.text_corpus import TextCorpusDataModule
     from mmllm.rlhf.round import round_inputs
     from mmllm.synth.cli import run as synth
     from mmllm.synth.common import load_seed_tasks
@@ -131,6 +133,10 @@ def test_bad_options_and_paths_end_with_a_fix(tmp_path):
     for call in (lambda: load_seed_tasks("no_seeds.jsonl"), lambda: load_instructions("no_rows.jsonl"),
                  lambda: resolve_inputs(str(tmp_path / "crawl-*.warc.gz")),
                  lambda: run_curation("x.warc.gz", tmp_path / "out", output_format="csv"),
+                 lambda: TextCorpusDataModule(train_texts="no_train.jsonl", cache_dir=str(tmp_path), seq_len=8,
+                                              batch_size=1),
+                 lambda: TextCorpusDataModule(train_texts=str(tmp_path / "no_train.jsonl"), val_texts="v.jsonl",
+                                              cache_dir=str(tmp_path), seq_len=8, batch_size=1).prepare_data(),
                  lambda: round_inputs(compose_config("rlhf_round", ["run_dir=r", "policy=p", "prompts=[a]",
                                                                     "labeller=robot"]), tmp_path, 0)):
         with pytest.raises(UserError) as info:
@@ -142,6 +148,8 @@ def test_bad_options_and_paths_end_with_a_fix(tmp_path):
                 ("instructions=no_rows.jsonl: no such file", "instruction / prompt / messages rows"),
                 ("No input files match", "pass existing WARC/WET/JSONL/Parquet files"),
                 ("output_format must be 'jsonl' or 'parquet', got 'csv'", "output_format=jsonl"),
+                ("val_texts is required", "data.val_texts=<held-out"),
+                ("data.train_texts=", "pass JSONL/Parquet files with a text field"),
                 ("labeller='robot': not a labeller", "labeller=human")]
     for (command, exc), (message, fix) in zip(cases, expected, strict=True):
         assert isinstance(translate(exc), UserError), exc  # Hydra wraps the constructor's error
