@@ -14,10 +14,11 @@ directory, all stages under one run group:
   ``group=<run id>`` (:func:`run_group`), files under ``<run>/wandb``; offline unless
   ``WANDB_API_KEY`` is set (``wandb sync <run>/wandb/offline-run-*`` uploads them later).
 
-Precedence: the stage's fixed settings (no checkpointing callback or model summary: the stages
-write their own outputs) < the ``stage_trainer`` section < the caller's keyword arguments (what
-the stage needs structurally: its step count, manual-optimisation settings, validation cadence).
-Without a ``stage_trainer`` section (a bare StageContext) :data:`DEFAULTS` apply.
+Precedence: :data:`DEFAULTS` (all there is for a bare StageContext) < the ``stage_trainer``
+section < what every stage fixes (no checkpoint callback or model summary: the stages write their
+own outputs; no sanity validation; ``default_root_dir=<run>/stages/<stage>``) < the caller's
+keyword arguments (what the stage needs structurally: step count, manual-optimisation settings,
+validation cadence).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ DEFAULTS: dict[str, Any] = {"accelerator": "auto", "devices": 1, "precision": "3
                             "enable_progress_bar": False}
 # Section keys that are not Trainer arguments.
 _OWN_KEYS = ("loggers", "callbacks", "group")
+_CSV = [{"_target_": "mmllm.loggers.CSVLogger"}]  # the loggers without a section
 
 
 def run_group(ctx: StageContext) -> str:
@@ -93,9 +95,6 @@ def stage_trainer(ctx: StageContext, *, max_steps: int, phase: str | None = None
     kwargs["callbacks"] = [*_instantiate_nodes(section.get("callbacks")), *callbacks]
     kwargs["logger"] = stage_loggers(ctx, section.get("loggers", _CSV), phase=phase) or False
     return L.Trainer(max_steps=max_steps, **kwargs)
-
-
-_CSV = [{"_target_": "mmllm.loggers.CSVLogger"}]  # the default logger without a section
 
 
 def stage_loggers(ctx: StageContext, nodes: Any, *, phase: str | None = None) -> list:
