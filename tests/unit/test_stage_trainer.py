@@ -154,3 +154,13 @@ def test_gpu_preset_composes_and_builds_every_stage():
     # rather than pretraining 1 B parameters on 3 M characters.
     cfg = compose_config("pipeline", ["experiment=pipeline_gpu"])
     assert cfg.pipeline.stages.curate.sources is None and cfg.pipeline.stages.curate.min_documents >= 1000
+
+
+def test_pipeline_has_the_config_groups_of_train():
+    # pipeline.yaml lists train.yaml's groups itself (experiment/debug after its own values):
+    # a group added to train.yaml must be added there too.
+    groups = {}
+    for name in ("train", "pipeline"):
+        choices = compose_config(name, []).hydra.runtime.choices
+        groups[name] = {k: v for k, v in choices.items() if not k.startswith("hydra/")}
+    assert groups["pipeline"] == groups["train"]
