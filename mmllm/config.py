@@ -29,6 +29,10 @@ def _register_resolvers() -> None:
         # ${mmllm.or:<value>,<default>}: the default when the value is null (oc.select only covers
         # a missing key), e.g. the tiny model's vocabulary when the data sets none.
         OmegaConf.register_new_resolver("mmllm.or", lambda value, default: default if value is None else value)
+    if not OmegaConf.has_resolver("mmllm.basename"):
+        # ${mmllm.basename:<path>}: its last component, e.g. the run directory's name as the run group.
+        OmegaConf.register_new_resolver(
+            "mmllm.basename", lambda path: None if path is None else Path(str(path)).name)
 
 
 _register_resolvers()

@@ -48,6 +48,7 @@ from mmllm.curation.writer import (
     finished_inputs,
     read_sidecars,
 )
+from mmllm.errors import ConfigError, MissingFileError
 
 CONF_DIR = Path(_CONF_DIR)
 log = logging.getLogger(__name__)
@@ -126,7 +127,8 @@ def resolve_inputs(inputs: str | Sequence[str], storage_options: dict | None = N
             found = [p] if fs.exists(p) else []
         if not found:
             msg = f"No input files match {item!r}"
-            raise FileNotFoundError(msg)
+            raise MissingFileError(msg, fix="pass existing WARC/WET/JSONL/Parquet files, a glob or a "
+                                            "directory (relative paths start at the working directory)")
         files += [fs.unstrip_protocol(f) if "://" in item else f for f in found]
     for f in files:
         input_format(f)  # fail now, not in a worker, on an unsupported file
@@ -237,7 +239,7 @@ def run_curation(inputs: str | Sequence[str], output_dir: str | Path, *,
     t0 = time.perf_counter()
     if output_format not in ("jsonl", "parquet"):
         msg = f"output_format must be 'jsonl' or 'parquet', got {output_format!r}"
-        raise ValueError(msg)
+        raise ConfigError(msg, fix="output_format=jsonl or output_format=parquet")
     if stages is None or dedup is None or executor is None:
         parts = build_components(load_config(overrides))
         stages = parts["stages"] if stages is None else stages

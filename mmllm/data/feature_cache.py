@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from mmllm.config import to_dtype
 
@@ -78,7 +79,8 @@ def build_feature_cache(encoder, records: Iterable[Mapping], out_dir: str | Path
 
     with open(out / RECORDS, "w", encoding="utf-8") as lines:
         writer.lines = lines
-        for record in records:
+        total = len(records) if hasattr(records, "__len__") else None
+        for record in tqdm(records, desc="feature cache", unit="record", total=total, leave=False):
             try:
                 pixels = [encoder.preprocess(img.convert("RGB")) for img in record.get("images") or []]
             except (OSError, ValueError) as exc:  # a corrupt or truncated image

@@ -36,7 +36,10 @@ class TextCorpusDataModule(PretrainDataModule):
                  val_samples: int | None = None, num_workers: int = 0, seed: int = 1234,
                  num_proc: int = 1) -> None:
         if val_texts is None and train_texts != GENSIM_WIKI:
-            raise ValueError("val_texts is required (held-out text for val/ppl)")
+            from mmllm.errors import ConfigError  # a ValueError
+
+            raise ConfigError("val_texts is required (held-out text for val/ppl)",
+                              fix="set data.val_texts=<held-out JSONL/Parquet with a text field>")
         self.cache_dir = Path(cache_dir)
         shards = self.cache_dir / "shards"
         super().__init__(sources=[{"name": "train", "path": str(shards / "train"), "epochs": 1.0}],
@@ -55,6 +58,8 @@ class TextCorpusDataModule(PretrainDataModule):
 
             train, val = wikipedia_jsonl_splits(self.cache_dir / "text")
             return str(train), str(val)
+        for key, files in (("train_texts", self.train_texts), ("val_texts", self.val_texts)):
+            _check_local_files(key, files)
         return self.train_texts, self.val_texts
 
     def _check_cache(self) -> None:
@@ -108,3 +113,13 @@ class TextCorpusDataModule(PretrainDataModule):
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_dir)
         return self._tokenizer
+
+
+def _check_local_files(key: str, files: str | list[str]) -> None:
+    """A missing local file (not a glob or a URL) is named with its config key before tokenising."""
+    for f in [files] if isinstance(files, str) else list(files):
+        if "://" not in str(f) and not any(c in str(f) for c in "*?[") and not Path(f).exists():
+            from mmllm.errors import MissingFileError
+
+            raise MissingFileError(f"data.{key}={f}: no such file (relative to {Path.cwd()})",
+                                   fix="pass JSONL/Parquet files with a text field (a path, glob or list)")

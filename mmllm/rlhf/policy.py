@@ -14,6 +14,7 @@ Both load with :func:`mmllm.checkpoint.load_model`, so any source it takes works
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from mmllm.config import to_dtype
 
@@ -64,7 +65,8 @@ class PolicySampler:
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         texts = []
-        for i in range(0, len(ids), self.batch_size):
+        batches = range(0, len(ids), self.batch_size)
+        for i in tqdm(batches, desc="sampling responses", unit="batch", disable=len(batches) < 2, leave=False):
             new = generate_ids(self.model, ids[i:i + self.batch_size], max_new_tokens=self.max_new_tokens,
                                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                eos_token_id=tok.eos_token_id, pad_token_id=pad, generator=gen)
@@ -91,7 +93,8 @@ class ScalarHeadScorer:
         rows = [self.renderer([{"role": "user", "content": p}, {"role": "assistant", "content": r}]).input_ids
                 for p, r in zip(prompts, responses, strict=True)]
         out: list[float] = []
-        for i in range(0, len(rows), self.batch_size):
+        batches = range(0, len(rows), self.batch_size)
+        for i in tqdm(batches, desc="scoring responses", unit="batch", disable=len(batches) < 2, leave=False):
             batch = rows[i:i + self.batch_size]
             width = max(len(r) for r in batch)
             ids = torch.zeros(len(batch), width, dtype=torch.long)

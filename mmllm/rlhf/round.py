@@ -140,6 +140,11 @@ def pick_round(run_dir: Path, round: int | None) -> int:
 
 def round_inputs(cfg: DictConfig, run_dir: Path, k: int) -> dict:
     """The policy and reward model round ``k`` starts from, and its prompts."""
+    if str(cfg.labeller) not in ("human", "ai"):  # before any model is loaded
+        from mmllm.errors import ConfigError
+
+        raise ConfigError(f"labeller={cfg.labeller!r}: not a labeller",
+                          fix="labeller=human (the labelling page) or labeller=ai (the judge, via teacher=...)")
     if k == 0:
         policy, rm = str(cfg.policy), cfg.get("reward_model")
     else:

@@ -14,6 +14,8 @@ from functools import partial
 from pathlib import Path
 
 from mmllm.stages.base import Stage, StageContext
+from mmllm.stages.trainer import CONFIG_IGNORE as STAGE_TRAINER_IGNORE
+from mmllm.stages.trainer import stage_trainer
 
 DEFAULT_PROMPTS = ("The history of", "The city of", "In the year", "The first", "A new",
                    "The war", "The king", "The people of", "The name", "The book", "In science,",
@@ -40,7 +42,8 @@ class PPOStage(Stage):
     """
 
     optional_inputs = ("tokenize", "pretrain", "sft", "reward_model")
-    config_keys = ("seed", "data")
+    config_keys = ("seed", "data", "stage_trainer")
+    config_ignore = STAGE_TRAINER_IGNORE
 
     def __init__(self, *, prompts: list[str] = DEFAULT_PROMPTS, chat: bool | None = None,
                  rollouts: int = 3, batch_size: int = 8, probe_size: int = 4,
@@ -113,9 +116,9 @@ class PPOStage(Stage):
                            kl_target=self.kl_target, ptx_coef=self.ptx_coef if ptx else 0.0,
                            ptx_data=ptx, probe_every=max(1, self.rollouts - 1))
         L.seed_everything(int(ctx.cfg.get("seed") or 0), verbose=False)
-        trainer = L.Trainer(max_steps=self.rollouts * self.ppo_epochs * self.num_minibatches,
-                            accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False)
+        # Manual optimization: PPOModule clips its own gradients (max_grad_norm).
+        trainer = stage_trainer(ctx, max_steps=self.rollouts * self.ppo_epochs * self.num_minibatches,
+                                gradient_clip_val=None)
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=data)
         seconds = time.perf_counter() - t0

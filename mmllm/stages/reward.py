@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 
 from mmllm.stages.base import Stage, StageContext
+from mmllm.stages.trainer import CONFIG_IGNORE as STAGE_TRAINER_IGNORE
+from mmllm.stages.trainer import stage_trainer
 
 
 def continuation_tasks(texts, *, num: int, prefix_words: int = 6, answer_words: int = 8,
@@ -91,7 +93,8 @@ class RewardModelStage(Stage):
     """
 
     optional_inputs = ("sft", "pretrain", "tokenize")
-    config_keys = ("seed",)
+    config_keys = ("seed", "stage_trainer")
+    config_ignore = STAGE_TRAINER_IGNORE
 
     def __init__(self, *, pmp_steps: int = 30, rm_steps: int = 20, pmp_prompts: int = 200,
                  rm_prompts: int = 300, val_fraction: float = 0.2, lr: float = 1e-3,
@@ -145,10 +148,8 @@ class RewardModelStage(Stage):
         L.seed_everything(ctx.cfg.get("seed") or 0)
         module = RewardModelModule(init_from=init_from, normalize=normalize,
                                    optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=0.0))
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, val_check_interval=steps,
-                            check_val_every_n_epoch=None, num_sanity_val_steps=0, gradient_clip_val=1.0)
+        trainer = stage_trainer(ctx, max_steps=steps, phase=name, val_check_interval=steps,
+                                check_val_every_n_epoch=None)
         before = trainer.validate(module, datamodule=dm, verbose=False)[0] if name == "comparisons" else {}
         trainer.fit(module, datamodule=dm)
         out = self.outputs(ctx)["checkpoint" if name == "comparisons" else "pmp_checkpoint"]

@@ -18,6 +18,8 @@ from functools import partial
 from pathlib import Path
 
 from mmllm.stages.base import Stage, StageContext, stage_dir
+from mmllm.stages.trainer import CONFIG_IGNORE as STAGE_TRAINER_IGNORE
+from mmllm.stages.trainer import stage_trainer
 
 SELF_INSTRUCT_FILE = "sft.jsonl"
 
@@ -42,7 +44,8 @@ class SFTStage(Stage):
 
     inputs = ("pretrain",)
     optional_inputs = ("tokenize", "self_instruct")
-    config_keys = ("seed", "data.seq_len", "trainer.accelerator", "trainer.precision")
+    config_keys = ("seed", "data.seq_len", "stage_trainer")
+    config_ignore = STAGE_TRAINER_IGNORE
 
     def __init__(self, *, sources: list[dict] | None = None, demo: bool = True,
                  lora: dict | None = None, max_steps: int = 40, lr: float = 1e-3,
@@ -121,13 +124,9 @@ class SFTStage(Stage):
             optimizer=partial(torch.optim.AdamW, lr=self.lr, betas=(0.9, 0.95), weight_decay=0.0),
             scheduler=partial(warmup_cosine, warmup_steps=self.warmup_steps, min_lr_ratio=0.1))
         module.tokenizer_path = "data/tokenizer"  # relative to sft.ckpt: the run dir can move
-        trainer = L.Trainer(
-            accelerator=str(cfg.trainer.get("accelerator", "auto")), devices=1,
-            precision=cfg.trainer.get("precision", "32-true"), max_steps=self.max_steps,
-            accumulate_grad_batches=self.accumulate_grad_batches, gradient_clip_val=1.0,
-            logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=None,
-            check_val_every_n_epoch=None, max_epochs=-1, default_root_dir=str(ctx.dir))
+        trainer = stage_trainer(ctx, max_steps=self.max_steps, max_epochs=-1,
+                                accumulate_grad_batches=self.accumulate_grad_batches,
+                                val_check_interval=None, check_val_every_n_epoch=None)
         val_before = self._val_loss(trainer, module, dm)
         t0 = time.perf_counter()
         trainer.fit(module, datamodule=dm)

@@ -25,7 +25,10 @@ MODES = ("self_instruct", "evol_instruct")
 def run(cfg: DictConfig):
     """Builds the generator of ``cfg.mode`` and the teacher, generates, writes ``cfg.output_dir``."""
     if cfg.mode not in MODES:
-        raise ValueError(f"mode={cfg.mode!r}: choose one of {list(MODES)}")
+        from mmllm.errors import ConfigError
+
+        raise ConfigError(f"mode={cfg.mode!r}: not a synth mode",
+                          fix=f"mmllm synth mode={MODES[0]} (or mode={MODES[1]})")
     generator = instantiate(cfg[cfg.mode])
     with instantiate(cfg.teacher) as teacher:
         result = generator.run(teacher, cfg.output_dir)

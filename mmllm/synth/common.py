@@ -31,6 +31,23 @@ class SeedTask:
                 "is_classification": self.is_classification}
 
 
+def input_file(path: str | Path, key: str, expected: str) -> Path:
+    """``path`` as a Path; a :class:`~mmllm.errors.MissingFileError` naming ``key`` when it is no file.
+
+    Args:
+        path: the configured file.
+        key: its option, for the message (``seed_tasks``).
+        expected: what the option takes, for the fix line.
+    """
+    from mmllm.errors import MissingFileError
+
+    path = Path(path)
+    if not path.is_file():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise MissingFileError(f"{key}={path}: no such file{where}", fix=f"pass {expected}")
+    return path
+
+
 def load_seed_tasks(path: str | Path | None = None) -> list[SeedTask]:
     """Seed tasks from a JSONL file of ``{instruction, instances: [{input, output}], is_classification}``.
 
@@ -40,7 +57,8 @@ def load_seed_tasks(path: str | Path | None = None) -> list[SeedTask]:
     Raises:
         ValueError: a malformed row, named by file and line (seeds are hand-written: fix them).
     """
-    path = Path(path) if path else SEED_TASKS
+    path = input_file(path, "seed_tasks", "a JSONL of {instruction, instances, is_classification} rows, "
+                      "or null for the shipped seed tasks") if path else SEED_TASKS
     tasks = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

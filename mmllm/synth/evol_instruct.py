@@ -30,9 +30,12 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from mmllm.synth.common import (
     SynthResult,
     ask,
+    input_file,
     load_seed_tasks,
     prompt_text,
     sft_row,
@@ -86,8 +89,10 @@ def load_instructions(path: str | Path | None) -> list[str]:
     """
     if path is None:
         return [prompt_text(t.instruction, t.instances[0]["input"]) for t in load_seed_tasks()]
+    path = input_file(path, "instructions", "a JSONL of instruction / prompt / messages rows, or null "
+                      "for the shipped seed tasks")
     out = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -199,7 +204,7 @@ class EvolInstruct:
         kept: list[dict] = []
         seen = {" ".join(t.lower().split()) for t in generation}
         round_stats, counts = [], Counter()
-        for r in range(1, self.rounds + 1):
+        for r in tqdm(range(1, self.rounds + 1), desc="evol-instruct: rounds", unit="round"):
             generation, stats = self._round(teacher, rng, r, generation, kept, seen, counts)
             round_stats.append(stats)
             log.info("evol-instruct round %d: %d evolved, %d kept", r, stats["evolved"], stats["kept"])

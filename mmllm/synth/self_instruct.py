@@ -28,6 +28,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from mmllm.synth.common import (
     SeedTask,
     SynthResult,
@@ -222,10 +224,12 @@ class SelfInstruct:
         generated: list[SeedTask] = []
         dropped, inst_dropped, counts = Counter(), Counter(), Counter()
         rounds = 0
-        while len(generated) < self.num_instructions and rounds < self.max_rounds:
-            rounds += 1
-            self._round(teacher, rng, pool, generated, dropped, inst_dropped, counts)
-            log.info("self-instruct round %d: %d/%d tasks kept", rounds, len(generated), self.num_instructions)
+        with tqdm(total=self.num_instructions, desc="self-instruct: tasks kept", unit="task") as bar:
+            while len(generated) < self.num_instructions and rounds < self.max_rounds:
+                rounds += 1
+                self._round(teacher, rng, pool, generated, dropped, inst_dropped, counts)
+                bar.update(min(len(generated), self.num_instructions) - bar.n)
+                log.info("self-instruct round %d: %d/%d tasks kept", rounds, len(generated), self.num_instructions)
         rows = [sft_row(prompt_text(t.instruction, i["input"]), i["output"]) for t in generated for i in t.instances]
         kept = len(generated)
         stats = {"mode": "self_instruct", "rounds": rounds, "generated": counts["candidates"], "kept": kept,

@@ -61,7 +61,10 @@ CASES = {
     "rlhf-round-prompts": (["rlhf-round", "run_dir=r", "policy=smollm2", "prompts=no_prompts.jsonl", "labeller=ai"],
                            ["prompts=no_prompts.jsonl: no such file", "fix: pass prompts="]),
     "plan-gpu": (["plan", "cluster.gpu=tpu9000"], ["unknown gpu 'tpu9000'", "fix: cluster.gpu=h100"]),
+    "synth-mode": (["synth", "mode=bogus"], ["mode='bogus': not a synth mode", "fix: mmllm synth mode=self_instruct"]),
 }
+# The other bad options / paths of every command are checked in-process below
+# (test_bad_options_and_paths_end_with_a_fix): one subprocess per case would cost ~10 s each.
 
 
 @pytest.mark.slow
@@ -106,6 +109,57 @@ def test_cli_out_of_memory_and_traceback_in_the_run_log(tmp_path, shared_data_di
 
 
 # -------------------------------------------------------------------------- the layer in-process
+def _fix_of(exc: BaseException, command: str) -> list[str]:
+    stream = io.StringIO()
+    report(exc, command=command, stream=stream)
+    return stream.getvalue().strip().splitlines()[:2]
+
+
+def test_bad_options_and_paths_end_with_a_fix(tmp_path):
+    """Bad options / paths of synth, curate (and pipeline's curate stage), rlhf-round and the
+    train/inspect-batch data: each names the key or file and ends with a fix line."""
+    from mmllm.curation.pipeline import resolve_inputs, run_curation
+    from mmllm.data.text_corpus import TextCorpusDataModule
+    from mmllm.rlhf.round import round_inputs
+    from mmllm.synth.cli import run as synth
+    from mmllm.synth.common import load_seed_tasks
+    from mmllm.synth.evol_instruct import load_instructions
+
+    cases = []
+    for overrides in (["mode=bogus"], [f"self_instruct.seed_tasks={tmp_path}/no_seeds.jsonl"]):
+        with pytest.raises(Exception) as info:  # before any teacher is built or called
+            synth(compose_config("synth", overrides, output_dir=tmp_path / "synth"))
+        cases.append(("synth", info.value))
+    for call in (lambda: load_seed_tasks("no_seeds.jsonl"), lambda: load_instructions("no_rows.jsonl"),
+                 lambda: resolve_inputs(str(tmp_path / "crawl-*.warc.gz")),
+                 lambda: run_curation("x.warc.gz", tmp_path / "out", output_format="csv"),
+                 lambda: TextCorpusDataModule(train_texts="no_train.jsonl", cache_dir=str(tmp_path), seq_len=8,
+                                              batch_size=1),
+                 lambda: TextCorpusDataModule(train_texts=str(tmp_path / "no_train.jsonl"), val_texts="v.jsonl",
+                                              cache_dir=str(tmp_path), seq_len=8, batch_size=1).prepare_data(),
+                 lambda: round_inputs(compose_config("rlhf_round", ["run_dir=r", "policy=p", "prompts=[a]",
+                                                                    "labeller=robot"]), tmp_path, 0)):
+        with pytest.raises(UserError) as info:
+            call()
+        cases.append(("cmd", info.value))
+    expected = [("mode='bogus': not a synth mode", "mmllm synth mode=self_instruct"),
+                ("no_seeds.jsonl: no such file", "pass a JSONL of {instruction, instances"),
+                ("seed_tasks=no_seeds.jsonl: no such file (relative to", "null for the shipped seed tasks"),
+                ("instructions=no_rows.jsonl: no such file", "instruction / prompt / messages rows"),
+                ("No input files match", "pass existing WARC/WET/JSONL/Parquet files"),
+                ("output_format must be 'jsonl' or 'parquet', got 'csv'", "output_format=jsonl"),
+                ("val_texts is required", "data.val_texts=<held-out"),
+                ("data.train_texts=", "pass JSONL/Parquet files with a text field"),
+                ("labeller='robot': not a labeller", "labeller=human")]
+    for (command, exc), (message, fix) in zip(cases, expected, strict=True):
+        assert isinstance(translate(exc), UserError), exc  # Hydra wraps the constructor's error
+        first, second = _fix_of(exc, command)
+        assert message in first, first
+        assert second.startswith("  fix: ") and fix in second, second
+    # The curation errors keep their builtin types (callers catch FileNotFoundError / ValueError).
+    assert isinstance(cases[4][1], FileNotFoundError) and isinstance(cases[5][1], ValueError)
+
+
 def test_translate_known_exceptions():
     assert translate(RuntimeError("something else")) is None
     err = translate(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"))
