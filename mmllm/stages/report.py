@@ -187,9 +187,10 @@ def record_series(record: Mapping, prefix: str = "", depth: int = 0) -> dict[str
 
 
 def stage_metric_logs(ctx: StageContext, name: str) -> list[Path]:
-    """Lightning CSV logs of one stage: under its stage directory (and ``<run>/csv`` for pretrain)."""
+    """Lightning CSV logs of one stage: under its stage directory, ``<run>/logs/<stage>`` (where
+    :func:`mmllm.stages.trainer.stage_trainer` writes) and ``<run>/csv`` for pretrain."""
     marker = ctx.markers[name]
-    roots = [ctx.run_dir / "stages" / name, *[p for p in marker.output_paths(ctx.run_dir).values()
+    roots = [ctx.run_dir / "stages" / name, ctx.run_dir / "logs" / name, *[p for p in marker.output_paths(ctx.run_dir).values()
                                                 if p.is_dir() and ctx.run_dir in p.parents]]
     if name == "pretrain":
         roots.append(ctx.run_dir / "csv")
