@@ -139,6 +139,9 @@ class Stage:
     config_keys: tuple[str, ...] = ()
     config_ignore: tuple[str, ...] = ()  # dotted keys inside config_keys that do not matter
     name: str = ""  # set by the runner from the node's key in pipeline.stages
+    # True for a stage whose run() is one multi-process job (pretraining on several devices or
+    # nodes): every rank runs it; the other stages run on rank 0 only (see runner.follower_rank).
+    distributed: bool = False
 
     def outputs(self, ctx: StageContext) -> dict[str, Path]:
         """The paths this stage writes, by name (checked after ``run``, recorded in the marker)."""

@@ -126,6 +126,7 @@ class PretrainStage(Stage):
 
     inputs = ("tokenize",)
     config_keys = TRAIN_KEYS
+    distributed = True  # trainer.devices/num_nodes > 1: every rank joins this stage
 
     def outputs(self, ctx: StageContext) -> dict[str, Path]:
         ckpt_dir = OmegaConf.select(ctx.cfg, "callbacks.model_checkpoint.dirpath", default=None)

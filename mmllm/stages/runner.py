@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -167,6 +168,65 @@ def _progress(i: int, n: int, s: StageStatus) -> None:
     print(f"[pipeline] stage {i}/{n} {s.name}: {s.status} {secs}{note}", flush=True)
 
 
+def follower_rank() -> int:
+    """This process's global rank when it is not rank 0 of a multi-process job, else 0.
+
+    Lightning's launcher starts ranks 1.. by rerunning the command line (``LOCAL_RANK``, and
+    ``NODE_RANK`` on further nodes); torchrun and SLURM start every rank at once (``RANK``,
+    ``SLURM_PROCID``). A follower runs only the distributed stages (:attr:`Stage.distributed`).
+    """
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+            return int(os.environ[var])
+    local, node = os.environ.get("LOCAL_RANK", "0"), os.environ.get("NODE_RANK", "0")
+    if local.isdigit() and node.isdigit() and (int(local) or int(node)):
+        return int(node) * 1_000 + int(local)  # only its being > 0 matters
+    return 0
+
+
+def _finished(stages: list[PlannedStage], cfg: DictConfig, run_dir: Path) -> tuple[dict, DictConfig]:
+    """The stages whose markers are up to date (as rank 0 judges them) and the config after them."""
+    cfg, done = copy.deepcopy(cfg), {}
+    for q in stages:
+        marker = Marker.read(run_dir, q.name)
+        if marker is None or any(d not in done for d in q.deps):
+            continue
+        if not _outdated(q, marker, stage_config(q, cfg, done), run_dir):
+            done[q.name] = marker
+            apply_config_updates(cfg, marker.config_updates)
+    return done, cfg
+
+
+def _follow(stages: list[PlannedStage], cfg: DictConfig, run_dir: Path, selected: set[str],
+            poll_s: float = 5.0) -> list[StageStatus]:
+    """A follower rank: waits until rank 0 has finished each distributed stage's inputs (up-to-date
+    markers), joins that stage's run (rank 0 alone writes its marker and log), and leaves every
+    other stage to rank 0."""
+    wait_s = float(os.environ.get("MMLLM_PIPELINE_FOLLOWER_WAIT_S", 7 * 24 * 3600))
+    last = max((i for i, p in enumerate(stages) if p.stage.distributed and p.name in selected), default=-1)
+    statuses = []
+    for i, p in enumerate(stages[:last + 1]):
+        if not (p.stage.distributed and p.name in selected):
+            statuses.append(StageStatus(p.name, "rank 0", None, "run by rank 0"))
+            continue
+        deadline = time.monotonic() + wait_s
+        while True:
+            done, run_cfg = _finished(stages[:i], cfg, run_dir)
+            if all(d in done for d in p.deps):
+                break
+            if time.monotonic() > deadline:
+                raise StageError(p.name, f"rank {follower_rank()} waited {wait_s:.0f} s for the inputs "
+                                         f"{p.deps} of {p.name!r} from rank 0",
+                                 fix="check rank 0's log; MMLLM_PIPELINE_FOLLOWER_WAIT_S sets the wait")
+            time.sleep(poll_s)
+        _seed(run_cfg)
+        t0 = time.perf_counter()
+        p.stage.run(StageContext(name=p.name, run_dir=run_dir, cfg=run_cfg,
+                                 markers={d: done[d] for d in p.deps}))
+        statuses.append(StageStatus(p.name, "ran", round(time.perf_counter() - t0, 2), "follower rank"))
+    return statuses
+
+
 def run_stages(stages: list[PlannedStage], cfg: DictConfig, run_dir: str | Path, *,
                select: Sequence[str] | None = None, force: Sequence[str] = ()) -> list[StageStatus]:
     """Runs the pipeline in ``run_dir``; returns one status per stage.
@@ -188,6 +248,8 @@ def run_stages(stages: list[PlannedStage], cfg: DictConfig, run_dir: str | Path,
         if unknown:
             raise ValueError(f"{key}={list(given)}: unknown stage(s) {unknown}; the stages are {names}")
     selected = set(names if select is None else select) | set(force)
+    if follower_rank():
+        return _follow(stages, cfg, run_dir, selected)
     cfg = copy.deepcopy(cfg)
     done: dict[str, Marker] = {}
     outdated: dict[str, tuple[str, str | None]] = {}  # name -> (why, the input that is why)
