@@ -230,7 +230,7 @@ class PairwiseJudge:
         parsed = stats["agree"] + stats["disagree"]
         out = {k: v for k, v in stats.items() if k != "abs_margin_sum"}
         if self.scoring == "logprob":  # how decided the judge was, on average (0: coin flips)
-            out["mean_abs_margin"] = float(f"{stats['abs_margin_sum'] / parsed:.4f}") if parsed else None
+            out["mean_abs_margin"] = float(f"{stats['abs_margin_sum'] / parsed:.4g}") if parsed else None
         # (`round` is the argument here, so the builtin is not at hand: format to 4 decimals.)
         out["position_bias"] = float(f"{stats['disagree'] / parsed:.4f}") if parsed else None
         return out
