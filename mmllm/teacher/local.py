@@ -115,6 +115,9 @@ class LocalTeacher(Teacher):
         option is tokenised as assistant content is. Conversations are batched ``max_batch``
         rows per forward, shortest prompts together."""
         engine = self.engine
+        if not hasattr(engine.model, "lm_head"):
+            raise TypeError(f"{self.checkpoint}: option logprobs need a decoder LM with an lm_head, "
+                            f"got {type(engine.model).__name__}")
         option_ids = [engine.tokenizer(o, add_special_tokens=False, split_special_tokens=True)["input_ids"]
                       for o in options]
         plans: dict[int, OptionPlan] = {}

@@ -31,7 +31,7 @@ def tiny(tmp_path_factory):
     tok = train_bpe_tokenizer([TEXT], vocab_size=320, show_progress=False)
     tok.save_pretrained(root / "tokenizer")
     config = {"vocab_size": len(tok), "dim": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2,
-              "hidden_dim": 64, "max_seq_len": 256}
+              "hidden_dim": 64, "max_seq_len": 1024}
     torch.manual_seed(0)
     model = DecoderLM(**config).eval()
     with torch.no_grad():  # a sharper random distribution than the small init gives
@@ -145,3 +145,16 @@ def test_openai_option_logprobs_from_top_logprobs(tmp_path):
             OpenAITeacher(**{**kw, "cache_path": None}).option_logprobs(CONVS[:1], ["1", "2"])
     cache_rows = [json.loads(r[0]) for r in again.cache._db.execute("SELECT request FROM responses")]
     assert cache_rows[0]["sampling"]["option_logprobs"] == ["A", "B", "tie"]
+
+
+def test_the_vlm_judge_scores_with_a_tiny_local_teacher(tiny):
+    """The tiny model never writes "8 6", but its digit probabilities give every answer a score."""
+    from mmllm.eval.vlm_judge import VLMJudge, summarize
+
+    items = [{"id": "q1", "question": "What is in the image?", "answer": "A cat.", "reference": "Paris.",
+              "context": "A cat on a mat.", "category": "conv"}]
+    with LocalTeacher(checkpoint=str(tiny[0]), progress=False, device="cpu") as teacher:
+        judged = VLMJudge(teacher=teacher, scoring="logprob").judge(items)
+    assert judged[0].failures == 0 and len(judged[0].explanations) == 2
+    assert 1.0 <= judged[0].model_score <= 10.0 and 1.0 <= judged[0].reference_score <= 10.0
+    assert summarize(judged)["all"]["n"] == 1
