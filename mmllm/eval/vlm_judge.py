@@ -143,7 +143,7 @@ class VLMJudge:
             for model_first in ((False, True) if self.both_orders else (False,)):
                 first, second = (it["answer"], it["reference"]) if model_first else (it["reference"], it["answer"])
                 owners.append((i, model_first, first, second))
-        prompt = lambda i, a, b, **kw: judge_prompt(  # noqa: E731
+        prompt = lambda i, a, b, **kw: judge_prompt(
             context=items[i].get("context", ""), question=items[i]["question"], first=a, second=b, **kw)
         if self.scoring == "logprob":
             requests = [prompt(i, a, b, instruction=SCORE_INSTRUCTION.format(k=k))

@@ -186,7 +186,7 @@ class PairwiseJudge:
             label = "skip"  # between tie_margin and min_margin: undecided
         first = max(fwd, key=fwd.get).lower()
         second = _SWAP[max(bwd, key=bwd.get).lower()]  # the second call saw B as "A"
-        shown = lambda p: " ".join(f"P({k})={v:.4f}" for k, v in p.items())  # noqa: E731
+        shown = lambda p: " ".join(f"P({k})={v:.4f}" for k, v in p.items())
         rationale = (f"[A first]\n{shown(fwd)}\n\n[B first]\n{shown(bwd)}\n\n[mean, this order]\n"
                      f"{shown(probs)} margin={margin:+.4f} -> {label}")
         return Verdict(label, first, second, "agree" if first == second else "disagree", rationale,

@@ -117,9 +117,7 @@ class RLHFRoundStage(Stage):
                 f"callbacks.model_checkpoint.every_n_train_steps={self.ppo_rollouts}", f"seed={seed}"]
 
     def run(self, ctx: StageContext) -> None:
-        from mmllm.rlhf.round import run_round
-
-        from mmllm.rlhf.round import train_inprocess
+        from mmllm.rlhf.round import run_round, train_inprocess
 
         state = run_round(self.round_config(ctx), train=self.train or train_inprocess)
         steps = state["steps"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import ClassVar
 
 import pytest
 
@@ -146,7 +147,7 @@ class ScoreProbTeacher:
     score +1 (capped at 10) for the answer shown first (a position bias)."""
 
     model = "probs"
-    DIST = {"REF": {8: 0.5, 6: 0.3, 10: 0.2}, "MODEL": {4: 0.6, 5: 0.4}}
+    DIST: ClassVar[dict] = {"REF": {8: 0.5, 6: 0.3, 10: 0.2}, "MODEL": {4: 0.6, 5: 0.4}}
 
     def __init__(self) -> None:
         self.seen = []
