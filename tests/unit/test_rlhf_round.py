@@ -285,7 +285,7 @@ def test_stage_trains_on_what_a_decisive_judge_labels(tmp_path, tiny_ckpt):
                            overrides=["selection.max_pairs_per_prompt=1"])
     cfg = stage.round_config(stage_ctx(tmp_path, tiny_ckpt))
     assert cfg.teacher._target_ == "mmllm.teacher.LocalTeacher" and cfg.teacher.checkpoint == str(tiny_ckpt)
-    assert cfg.judge.scoring == "text" and "trainer.max_steps=8" in cfg.reward_train.overrides
+    assert cfg.judge.scoring == "text" and "trainer.max_steps=4" in cfg.reward_train.overrides
     with open_dict(cfg):  # the same round with a judge that always decides
         cfg.teacher = OmegaConf.create({"_target_": f"{HERE}.LengthTeacher"})
     state = run_round(cfg, train=train)
