@@ -9,6 +9,12 @@ shown first, so by default each item is judged in both orders and the scores ave
 are parsed robustly ("8 7", "8, 7", "Assistant 1: 8/10 ... Assistant 2: 7"); an unparseable or
 failed reply is counted, never scored.
 
+``scoring="logprob"`` (G-Eval) reads the judge's token probabilities instead of its text, so it
+works with any teacher that has :meth:`~mmllm.teacher.Teacher.option_logprobs`, even a tiny one
+whose replies never parse: each answer's score is the probability-weighted expected score over
+the options "1".."10", asked in its own request (the same two-answer prompt, ending by asking
+for Assistant k's score alone), so an order judged costs two requests.
+
 Caption metrics (:func:`caption_metrics`): BLEU-1..4 and CIDEr with ``pycocoevalcap``'s scorers,
 over COCO's PTB tokenisation (needs Java) or the same lower-casing and punctuation removal in
 Python.
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 from collections import defaultdict
@@ -36,6 +43,22 @@ JUDGE_INSTRUCTION = (
     "Output on the first line only the two scores, for Assistant 1 and Assistant 2, separated by "
     "a space. On the following lines explain your evaluation comprehensively, avoiding bias: the "
     "order in which the answers are shown must not affect your judgment.")
+
+SCORE_INSTRUCTION = (
+    "Please rate Assistant {k}'s answer to the user question above. The user asked the question "
+    "while looking at an image; you cannot see it, so its content is given to you as the text "
+    "description in [Context]. Rate it for helpfulness, relevance, accuracy and level of detail, "
+    "as one overall score from 1 to 10 (higher is better), without letting the order of the "
+    "answers affect your judgment. Output only the score, a number from 1 to 10.")
+SCORE_OPTIONS = tuple(str(s) for s in range(1, 11))
+
+
+def expected_score(logprobs: Mapping[str, float] | None) -> float | None:
+    """G-Eval's score: ``sum_s P(s) * s`` over score options (``{"1": logprob, ...}``), None for None."""
+    if logprobs is None:
+        return None
+    probs = {float(k): math.exp(v) for k, v in logprobs.items()}
+    return sum(k * p for k, p in probs.items()) / sum(probs.values())
 
 
 @dataclass
@@ -82,11 +105,12 @@ def parse_scores(reply: str | None) -> tuple[float, float] | None:
     return found[0], found[1]
 
 
-def judge_prompt(*, context: str, question: str, first: str, second: str) -> list[dict]:
+def judge_prompt(*, context: str, question: str, first: str, second: str,
+                 instruction: str = JUDGE_INSTRUCTION) -> list[dict]:
     """The judge conversation for two answers shown as Assistant 1 and 2."""
     content = (f"[Context]\n{context}\n\n[Question]\n{question}\n\n"
                f"[Assistant 1]\n{first}\n\n[End of Assistant 1]\n\n"
-               f"[Assistant 2]\n{second}\n\n[End of Assistant 2]\n\n[System]\n{JUDGE_INSTRUCTION}")
+               f"[Assistant 2]\n{second}\n\n[End of Assistant 2]\n\n[System]\n{instruction}")
     return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
 
 
@@ -98,37 +122,65 @@ class VLMJudge:
             Use ``on_error="skip"`` to count failed requests instead of raising.
         both_orders: judge every item with the reference first and with the model first, and
             average (cancels the judge's position bias; twice the requests).
-        sampling: the judge's sampling params (low temperature: scores should be stable).
+        sampling: the judge's sampling params (low temperature: scores should be stable);
+            unused by logprob scoring.
+        scoring: ``text`` (parse the two scores from the reply) or ``logprob`` (G-Eval: each
+            score the expected value over "1".."10" under ``teacher.option_logprobs``).
     """
 
-    def __init__(self, *, teacher, both_orders: bool = True,
-                 sampling: Mapping | None = None) -> None:
-        self.teacher, self.both_orders = teacher, both_orders
+    def __init__(self, *, teacher, both_orders: bool = True, sampling: Mapping | None = None,
+                 scoring: str = "text") -> None:
+        if scoring not in ("text", "logprob"):
+            raise ValueError(f"scoring must be 'text' or 'logprob', got {scoring!r}")
+        self.teacher, self.both_orders, self.scoring = teacher, both_orders, scoring
         self.sampling = dict(sampling if sampling is not None else {"temperature": 0.2, "max_tokens": 1024})
 
     def judge(self, items: Sequence[Mapping]) -> list[JudgedItem]:
         """Scores items ``{"id", "question", "answer", "reference", "context", "category"?}``
         (``context``: the image's captions / boxes as text)."""
-        requests, owners = [], []  # owners: (item index, model shown first?)
+        owners = []  # (item index, model shown first?, first answer, second answer)
         for i, it in enumerate(items):
             for model_first in ((False, True) if self.both_orders else (False,)):
                 first, second = (it["answer"], it["reference"]) if model_first else (it["reference"], it["answer"])
-                requests.append(judge_prompt(context=it.get("context", ""), question=it["question"],
-                                             first=first, second=second))
-                owners.append((i, model_first))
-        replies = self.teacher.chat_many(requests, desc="vlm judge", **self.sampling)
+                owners.append((i, model_first, first, second))
+        prompt = lambda i, a, b, **kw: judge_prompt(
+            context=items[i].get("context", ""), question=items[i]["question"], first=a, second=b, **kw)
+        if self.scoring == "logprob":
+            requests = [prompt(i, a, b, instruction=SCORE_INSTRUCTION.format(k=k))
+                        for i, _, a, b in owners for k in (1, 2)]
+            lps = self.teacher.option_logprobs(requests, SCORE_OPTIONS, desc="vlm judge") if requests else []
+            pairs = [(expected_score(lps[2 * j]), expected_score(lps[2 * j + 1])) for j in range(len(owners))]
+            parsed = [None if None in p else p for p in pairs]
+            notes = [None if p is None else f"expected scores over 1-10 from the judge's token "
+                     f"probabilities: Assistant 1 {p[0]:.3f}, Assistant 2 {p[1]:.3f}" for p in parsed]
+        else:
+            requests = [prompt(i, a, b) for i, _, a, b in owners]
+            notes = self.teacher.chat_many(requests, desc="vlm judge", **self.sampling)
+            parsed = [parse_scores(r) for r in notes]
+            notes = [r.strip().split("\n", 1)[-1].strip() if p else r for r, p in zip(notes, parsed)]
+        return self._collect(items, [(i, mf) for i, mf, _, _ in owners], parsed, notes)
+
+    @staticmethod
+    def _collect(items: Sequence[Mapping], owners: list[tuple[int, bool]],
+                 parsed: Sequence[tuple[float, float] | None], notes: Sequence[str | None]) -> list[JudgedItem]:
+        """Per item, the model and reference scores averaged over the orders scored.
+
+        Args:
+            owners: per request, (item index, model answer shown first?).
+            parsed: per request, (Assistant 1 score, Assistant 2 score), None when unscored.
+            notes: per request, the explanation kept (or the raw reply when unscored).
+        """
         scores: dict[int, list[tuple[float, float]]] = defaultdict(list)
         out = [JudgedItem(id=str(it.get("id", i)), category=str(it.get("category", "all")))
                for i, it in enumerate(items)]
-        for (i, model_first), reply in zip(owners, replies):
-            parsed = parse_scores(reply)
-            if parsed is None:
+        for (i, model_first), pair, note in zip(owners, parsed, notes):
+            if pair is None:
                 out[i].failures += 1
-                log.warning("judge reply for %s not parsed: %r", out[i].id, (reply or "")[:120])
+                log.warning("judge reply for %s not scored: %r", out[i].id, (note or "")[:120])
                 continue
-            ref, model = (parsed[1], parsed[0]) if model_first else parsed
+            ref, model = (pair[1], pair[0]) if model_first else pair
             scores[i].append((model, ref))
-            out[i].explanations.append(reply.strip().split("\n", 1)[-1].strip())
+            out[i].explanations.append(note)
         for i, pairs in scores.items():
             out[i].model_score = sum(m for m, _ in pairs) / len(pairs)
             out[i].reference_score = sum(r for _, r in pairs) / len(pairs)

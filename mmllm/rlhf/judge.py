@@ -7,10 +7,24 @@ skip: ``on_disagreement``). Verdicts are parsed from the judge's text ("Verdict:
 "Verdict: tie"); an answer with no verdict, or with conflicting ones, is counted as malformed and
 the comparison is stored as ``skip`` (a human may still answer it: a human label replaces an AI
 one). The judge's reasoning for both orders is stored as the label's rationale.
+
+``scoring="logprob"`` reads the judge's token probabilities instead (as AlpacaEval does), which
+works for every teacher with :meth:`~mmllm.teacher.Teacher.option_logprobs`, even one whose text
+never parses (the pipeline's tiny model): the prompt ends by asking for one word ("A", "B" or
+"tie"), and each order gives P(A), P(B), P(tie). Mapped back to the comparison's own order and
+averaged over the two orders, a judge's preference for whichever response it reads first cancels:
+
+    P(a) = (P_fwd(A) + P_bwd(B)) / 2,   P(b) = (P_fwd(B) + P_bwd(A)) / 2,   margin = P(a) - P(b)
+
+The label is ``tie`` when P(tie) is the largest of the three or ``|margin| <= tie_margin``, else
+``a``/``b`` by the margin's sign when ``|margin| > min_margin``, else ``skip`` (undecided). The
+outcome still says whether the two orders' most likely answers agreed (position bias); the
+probabilities are stored in the rationale.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -35,6 +49,19 @@ USER_TEMPLATE = """[User prompt]
 
 Explain briefly which response is better and why. Then finish with one final line that is
 exactly "Verdict: A", "Verdict: B" or "Verdict: tie"."""
+
+LOGPROB_TEMPLATE = """[User prompt]
+{prompt}
+
+[Start of response A]
+{response_a}
+[End of response A]
+
+[Start of response B]
+{response_b}
+[End of response B]
+
+Which response is better? Answer with exactly one word: "A", "B" or "tie"."""
 
 # "Verdict: A", "verdict - **B**", "Verdict: [[tie]]", and MT-Bench's bare "[[A]]".
 _VERDICT = re.compile(r"verdict\s*[:\-]?\s*[*_\s]*\[{0,2}\s*(A|B|tie)\b\s*\]{0,2}|\[\[\s*(A|B|tie)\s*\]\]",
@@ -71,7 +98,9 @@ class Verdict:
             teacher failed (the comparison stays pending).
         forward, backward: the parsed verdicts of the two orders (backward already mapped back).
         outcome: ``agree``, ``disagree``, ``malformed`` or ``failed``.
-        rationale: the judge's two answers.
+        rationale: the judge's two answers (logprob scoring: both orders' probabilities).
+        probs: logprob scoring: the two-order mean ``{"a", "b", "tie"}`` probabilities.
+        margin: logprob scoring: ``probs["a"] - probs["b"]``.
     """
 
     label: str | None
@@ -79,6 +108,8 @@ class Verdict:
     backward: str | None
     outcome: str
     rationale: str
+    probs: dict[str, float] | None = None
+    margin: float | None = None
 
 
 class PairwiseJudge:
@@ -91,18 +122,31 @@ class PairwiseJudge:
             ``{response_a}``, ``{response_b}``).
         max_rationale_chars: each stored answer is cut to this many characters.
         labeller: the name stored with the labels (default: ``ai:<teacher model>``).
+        scoring: ``text`` (parse each answer's verdict) or ``logprob`` (read P(A)/P(B)/P(tie)
+            with ``teacher.option_logprobs``; see the module doc; ``on_disagreement`` unused).
+        ties: logprob scoring: offer "tie" as an answer (False: only A and B).
+        min_margin, tie_margin: logprob scoring: ``a``/``b`` needs ``|margin| > min_margin``;
+            ``|margin| <= tie_margin`` is a tie; in between, ``skip`` (needs tie_margin <= min_margin).
+        template: default :data:`USER_TEMPLATE` (text) or :data:`LOGPROB_TEMPLATE` (logprob).
     """
 
     def __init__(self, *, teacher, on_disagreement: str = "tie", system_prompt: str = SYSTEM_PROMPT,
-                 template: str = USER_TEMPLATE, max_rationale_chars: int = 2000,
-                 labeller: str | None = None) -> None:
+                 template: str | None = None, max_rationale_chars: int = 2000,
+                 labeller: str | None = None, scoring: str = "text", ties: bool = True,
+                 min_margin: float = 0.0, tie_margin: float = 0.0) -> None:
         if on_disagreement not in ("tie", "skip"):
             raise ValueError(f"on_disagreement must be 'tie' or 'skip', got {on_disagreement!r}")
+        if scoring not in ("text", "logprob"):
+            raise ValueError(f"scoring must be 'text' or 'logprob', got {scoring!r}")
+        if not 0.0 <= tie_margin <= min_margin < 1.0:
+            raise ValueError(f"need 0 <= tie_margin <= min_margin < 1, got {tie_margin} and {min_margin}")
+        template = template or (LOGPROB_TEMPLATE if scoring == "logprob" else USER_TEMPLATE)
         for key in ("{prompt}", "{response_a}", "{response_b}"):
             if key not in template:
                 raise ValueError(f"the judge template lacks {key}")
         self.teacher, self.on_disagreement = teacher, on_disagreement
         self.system_prompt, self.template = system_prompt, template
+        self.scoring, self.ties, self.min_margin, self.tie_margin = scoring, ties, min_margin, tie_margin
         self.max_rationale_chars = max_rationale_chars
         self.labeller = labeller or f"ai:{getattr(teacher, 'model', type(teacher).__name__)}"
 
@@ -116,8 +160,37 @@ class PairwiseJudge:
         for c in comparisons:
             convs += [self._messages(c.prompt, c.response_a, c.response_b),
                       self._messages(c.prompt, c.response_b, c.response_a)]
-        answers = self.teacher.chat_many(convs, desc="judge") if convs else []
+        if not convs:
+            return []
+        if self.scoring == "logprob":
+            options = ["A", "B", "tie"] if self.ties else ["A", "B"]
+            lps = self.teacher.option_logprobs(convs, options, desc="judge")
+            return [self._combine_logprobs(lps[2 * i], lps[2 * i + 1]) for i in range(len(comparisons))]
+        answers = self.teacher.chat_many(convs, desc="judge")
         return [self._combine(answers[2 * i], answers[2 * i + 1]) for i in range(len(comparisons))]
+
+    def _combine_logprobs(self, fwd_lp: dict | None, bwd_lp: dict | None) -> Verdict:
+        """One comparison's verdict from both orders' option logprobs (see the module doc)."""
+        if fwd_lp is None or bwd_lp is None:
+            return Verdict(None, None, None, "failed", "[A first]\n\n[B first]\n(the teacher failed)")
+        fwd = {k: math.exp(v) for k, v in fwd_lp.items()}
+        bwd = {k: math.exp(v) for k, v in bwd_lp.items()}
+        probs = {"a": (fwd["A"] + bwd["B"]) / 2, "b": (fwd["B"] + bwd["A"]) / 2,
+                 "tie": (fwd.get("tie", 0.0) + bwd.get("tie", 0.0)) / 2}  # in the comparison's order
+        margin = probs["a"] - probs["b"]
+        if probs["tie"] > max(probs["a"], probs["b"]) or abs(margin) <= self.tie_margin:
+            label = "tie"
+        elif abs(margin) > self.min_margin:
+            label = "a" if margin > 0 else "b"
+        else:
+            label = "skip"  # between tie_margin and min_margin: undecided
+        first = max(fwd, key=fwd.get).lower()
+        second = _SWAP[max(bwd, key=bwd.get).lower()]  # the second call saw B as "A"
+        shown = lambda p: " ".join(f"P({k})={v:.4f}" for k, v in p.items())
+        rationale = (f"[A first]\n{shown(fwd)}\n\n[B first]\n{shown(bwd)}\n\n[mean, this order]\n"
+                     f"{shown(probs)} margin={margin:+.4f} -> {label}")
+        return Verdict(label, first, second, "agree" if first == second else "disagree", rationale,
+                       probs=probs, margin=margin)
 
     def _combine(self, fwd_text: str | None, bwd_text: str | None) -> Verdict:
         cut = self.max_rationale_chars
@@ -138,7 +211,8 @@ class PairwiseJudge:
         Returns:
             Counts: ``judged``, outcomes (``agree``, ``disagree``, ``malformed``, ``failed``),
             labels (``label_a``, ``label_b``, ``label_tie``, ``label_skip``) and
-            ``position_bias`` (the fraction of disagreements among parsed pairs).
+            ``position_bias`` (the fraction of disagreements among parsed pairs); logprob
+            scoring adds ``mean_abs_margin`` (the mean ``|P(a) - P(b)|``).
         """
         stats: Counter = Counter()
         pending = store.comparisons(round, pending=True)
@@ -146,13 +220,17 @@ class PairwiseJudge:
             batch = pending[i:i + batch_size]
             for c, v in zip(batch, self.judge(batch)):
                 stats[v.outcome] += 1
+                if v.margin is not None:
+                    stats["abs_margin_sum"] += abs(v.margin)
                 if v.label is None:
                     continue  # the teacher failed: left pending for a rerun
                 store.answer(c.id, v.label, labeller=self.labeller, source="ai", rationale=v.rationale)
                 stats[f"label_{v.label}"] += 1
                 stats["judged"] += 1
         parsed = stats["agree"] + stats["disagree"]
-        out = dict(stats)
+        out = {k: v for k, v in stats.items() if k != "abs_margin_sum"}
+        if self.scoring == "logprob":  # how decided the judge was, on average (0: coin flips)
+            out["mean_abs_margin"] = float(f"{stats['abs_margin_sum'] / parsed:.4g}") if parsed else None
         # (`round` is the argument here, so the builtin is not at hand: format to 4 decimals.)
         out["position_bias"] = float(f"{stats['disagree'] / parsed:.4f}") if parsed else None
         return out

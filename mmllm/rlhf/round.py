@@ -18,7 +18,8 @@ Round k in ``<run_dir>/rounds/<k>/``:
 ``round.json`` records the inputs, each step's outputs and metrics, and is rewritten atomically
 after every step: a rerun skips the finished steps (the label step resumes with what is still
 pending; the store keeps every answer). The two training steps go through ``train``, a function
-``train(overrides, output_dir) -> metrics`` (default :func:`train_cli`), swappable in the config.
+``train(overrides, output_dir) -> metrics`` (default :func:`train_cli`, a subprocess;
+:func:`train_inprocess` skips the start-up), swappable in the config.
 """
 
 from __future__ import annotations
@@ -71,6 +72,30 @@ def train_cli(overrides: list[str], output_dir: Path) -> dict:
         raise RuntimeError(f"`{' '.join(cmd[2:])}` failed (exit {rc}); the end of {log}:\n{tail}")
     from mmllm.checkpoint import resolve_ckpt
 
+    resolve_ckpt(output_dir)  # the next step loads it: a run that saved nothing is an error here
+    return last_metrics(output_dir / "csv" / "metrics.csv")
+
+
+def train_inprocess(overrides: list[str], output_dir: Path) -> dict:
+    """:func:`train_cli` in this process (:func:`mmllm.train.train` on the composed ``train``
+    config): no interpreter start-up and imports per step, which at pipeline scale cost more than
+    the training. The same resume (``checkpoints/last.ckpt``), outputs and returned metrics.
+
+    Returns:
+        The last logged value of every metric in the run's ``csv/metrics.csv``.
+    """
+    from mmllm.checkpoint import resolve_ckpt
+    from mmllm.config import compose_config
+    from mmllm.train import train
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    extra = ["ckpt_path=last"] if (output_dir / "checkpoints" / "last.ckpt").exists() else []
+    cfg = compose_config("train", [*overrides, *extra], output_dir=output_dir)
+    try:
+        train(cfg)
+    except Exception as e:
+        raise RuntimeError(f"`mmllm train {' '.join(overrides)}` (in-process) failed: {e}") from e
     resolve_ckpt(output_dir)  # the next step loads it: a run that saved nothing is an error here
     return last_metrics(output_dir / "csv" / "metrics.csv")
 

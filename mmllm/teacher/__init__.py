@@ -8,6 +8,10 @@ One interface, :class:`~mmllm.teacher.base.Teacher` (``chat(messages, **sampling
   API, ``vllm serve``, ``mmllm serve``), with retries, backoff, rate limit and concurrency.
 * :class:`~mmllm.teacher.local.LocalTeacher`: a kit checkpoint in-process (the server's engine).
 
+Logprob judges call ``option_logprobs(conversations, options)``: the probability that the reply
+begins with each option ("A"/"B"/"tie", "1".."10"), renormalised over them (LocalTeacher: exact,
+from the model's next-token distributions; OpenAITeacher: from the first token's ``top_logprobs``).
+
 Hydra: ``mmllm/conf/teacher/{openai,local}.yaml`` (``hydra.utils.instantiate(cfg.teacher)``).
 """
 

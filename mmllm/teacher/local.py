@@ -1,6 +1,10 @@
 """A teacher that runs a kit checkpoint in-process: the same :class:`~mmllm.serve.engine.Engine`
 (one continuous-batching :class:`~mmllm.generation.DecodeSession`) and chat rendering as
-``mmllm serve``, so its answers equal the server's for the same checkpoint and params."""
+``mmllm serve``, so its answers equal the server's for the same checkpoint and params.
+
+:meth:`~mmllm.teacher.base.Teacher.option_logprobs` reads the same model's next-token
+distributions directly (:mod:`mmllm.teacher.options`): exact, and defined for every option
+however unlikely, so even a tiny model that never writes a parseable verdict gives one."""
 
 from __future__ import annotations
 
@@ -13,7 +17,8 @@ import torch
 from mmllm.config import to_dtype
 from mmllm.serve.engine import Done, Engine, Failed
 from mmllm.serve.protocol import APIError, Limits, parse_generation
-from mmllm.teacher.base import Teacher, TeacherError
+from mmllm.teacher.base import Teacher, TeacherError, renormalise
+from mmllm.teacher.options import OptionPlan, plan_rows, rows_logprobs, score_options
 
 
 class LocalTeacher(Teacher):
@@ -102,6 +107,49 @@ class LocalTeacher(Teacher):
         finally:
             for req in requests.values():
                 req.cancelled.set()  # an aborted batch frees the engine's rows
+
+    def _option_logprobs_many(self, conversations: list[list[dict]], options: list[str],
+                              done: Callable[[int, dict | None, BaseException | None], None]) -> None:
+        """Option logprobs from the engine's model (see :mod:`mmllm.teacher.options`): each prompt
+        is the chat rendering up to the assistant header, as :meth:`chat_many` prompts are; each
+        option is tokenised as assistant content is. Conversations are batched ``max_batch``
+        rows per forward, shortest prompts together."""
+        engine = self.engine
+        if not hasattr(engine.model, "lm_head"):
+            raise TypeError(f"{self.checkpoint}: option logprobs need a decoder LM with an lm_head, "
+                            f"got {type(engine.model).__name__}")
+        option_ids = [engine.tokenizer(o, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+                      for o in options]
+        plans: dict[int, OptionPlan] = {}
+        for i, messages in enumerate(conversations):
+            try:
+                plan = plan_rows(self._renderer.prompt(messages), option_ids)
+                longest = max(map(len, plan.rows))
+                if longest > engine.max_seq_len:
+                    raise ValueError(f"the prompt and options need {longest} tokens; this teacher "
+                                     f"holds {engine.max_seq_len} (max_seq_len)")
+                plans[i] = plan
+            except ValueError as e:  # too long, unrenderable, options that tokenise alike
+                done(i, None, TeacherError(str(e)))
+        order = sorted(plans, key=lambda i: plans[i].prompt_len)
+        while order:
+            chunk, rows = [], 0
+            while order and (not chunk or rows + len(plans[order[0]].rows) <= self.max_batch):
+                rows += len(plans[order[0]].rows)
+                chunk.append(order.pop(0))
+            try:
+                scored = rows_logprobs(engine.model, [plans[i] for i in chunk], device=self.device)
+            except RuntimeError as e:  # e.g. out of memory: these conversations failed
+                for i in chunk:
+                    done(i, None, TeacherError(f"the option forward failed: {e}"))
+                continue
+            for i, lps in zip(chunk, scored):
+                try:
+                    result = renormalise(dict(zip(options, score_options(plans[i], option_ids, lps))))
+                except TeacherError as e:  # every option impossible (-inf)
+                    done(i, None, e)
+                    continue
+                done(i, result, None)
 
     def close(self) -> None:
         if self._engine is not None:

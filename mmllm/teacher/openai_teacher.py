@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import math
 import os
 import random
 import threading
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import openai
 
-from mmllm.teacher.base import Teacher, TeacherError
+from mmllm.teacher.base import Teacher, TeacherError, renormalise
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +91,29 @@ class OpenAITeacher(Teacher):
             (jittered to between half and all of it) unless the server sent ``Retry-After``.
         timeout: seconds per request.
         http_client: an ``httpx.Client`` for the openai client (proxies, tests).
+        top_logprobs: first-token alternatives asked for by :meth:`option_logprobs` (OpenAI's
+            maximum is 20).
+        missing_margin: nats below the least likely listed token given to an option missing from
+            the ``top_logprobs`` list (its probability is below every listed one; the margin
+            keeps it strictly below rather than guessing how far).
+        **kwargs: :class:`~mmllm.teacher.base.Teacher` args (cache_path, sampling,
+            max_concurrency, progress, on_error).
 
     The cache key holds ``model``, not ``base_url``: the same model name behind another URL
     shares cached answers (give distinct names to distinct models).
-        **kwargs: :class:`~mmllm.teacher.base.Teacher` args (cache_path, sampling,
-            max_concurrency, progress, on_error).
     """
 
     def __init__(self, *, model: str, base_url: str | None = None,
                  api_key_env: Sequence[str] = ("MMLLM_TEACHER_API_KEY", "OPENAI_API_KEY"),
                  requests_per_second: float | None = None, max_retries: int = 6,
                  backoff_base: float = 1.0, backoff_max: float = 60.0, timeout: float = 600.0,
-                 http_client=None, **kwargs) -> None:
+                 http_client=None, top_logprobs: int = 20, missing_margin: float = 1.0,
+                 **kwargs) -> None:
         super().__init__(model=model, **kwargs)
+        if not 1 <= top_logprobs <= 20 or missing_margin < 0:
+            raise ValueError(f"need 1 <= top_logprobs <= 20 and missing_margin >= 0, got "
+                             f"{top_logprobs} and {missing_margin}")
+        self.top_logprobs, self.missing_margin = top_logprobs, missing_margin
         key = next((os.environ[n] for n in api_key_env if os.environ.get(n)), None)
         base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         if key is None and base_url is None:
@@ -123,6 +134,37 @@ class OpenAITeacher(Teacher):
         return d / 2 + random.uniform(0, d / 2)
 
     def _complete(self, messages: list[dict], sampling: dict) -> str:
+        return self._answer(self._create(messages, sampling))
+
+    def _option_key_params(self) -> dict:
+        return {"top_logprobs": self.top_logprobs, "missing_margin": self.missing_margin}
+
+    def _option_logprobs(self, messages: list[dict], options: list[str]) -> dict[str, float]:
+        """One token, greedy, with the ``top_logprobs`` most likely first tokens: each option's
+        logprob is that of the first tokens equal to it (whitespace stripped, summed when several
+        are: "A" and " A"); an option not in the list gets the least logprob listed minus
+        ``missing_margin`` (it is less likely than every listed token). Options must be single
+        tokens of the served model (letters, "tie", 1-10 are in GPT/Llama tokenizers)."""
+        resp = self._create(messages, {"max_tokens": 1, "temperature": 0.0, "logprobs": True,
+                                       "top_logprobs": self.top_logprobs})
+        choice = resp.choices[0] if resp.choices else None
+        content = getattr(getattr(choice, "logprobs", None), "content", None)
+        if not content or not content[0].top_logprobs:
+            raise TeacherError("the response has no top_logprobs (does the server support logprobs?)")
+        top = content[0].top_logprobs
+        found: dict[str, list[float]] = {}
+        for entry in top:
+            if entry.token.strip() in options:
+                found.setdefault(entry.token.strip(), []).append(entry.logprob)
+        if not found:
+            raise TeacherError(f"none of the options {options} is among the {len(top)} most likely "
+                               f"first tokens {[e.token for e in top]}")
+        floor = min(e.logprob for e in top) - self.missing_margin
+        return renormalise({o: math.log(sum(math.exp(v) for v in found[o])) if o in found else floor
+                            for o in options})
+
+    def _create(self, messages: list[dict], sampling: dict):
+        """One chat completion, retried as the module doc says; raises :class:`TeacherError`."""
         params = dict(sampling)
         extra = {"top_k": params.pop("top_k")} if "top_k" in params else None  # vLLM, mmllm serve
         for attempt in range(self.max_retries + 1):
@@ -141,7 +183,7 @@ class OpenAITeacher(Teacher):
                 wait = None
                 self.stats["retry_connection"] += 1
             else:
-                return self._answer(resp)
+                return resp
             wait = self.backoff(attempt) if wait is None else wait
             log.info("teacher: retry %d/%d in %.1fs", attempt + 1, self.max_retries, wait)
             time.sleep(wait)

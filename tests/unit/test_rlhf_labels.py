@@ -227,3 +227,64 @@ def test_judge_failures_stay_pending_and_skip_option(store):
     assert store.comparisons(0, pending=False)[0].label == "skip"
     with pytest.raises(ValueError, match="on_disagreement"):
         PairwiseJudge(teacher=teacher, on_disagreement="coin")
+
+
+class ProbabilityTeacher:
+    """A logprob judge: ``P(first shown better) = 0.45 + (q_first - q_second) / 2 + bias``, P(tie)
+    = 0.1 (0.8 for responses marked "tie"), where each response carries its quality ``q=<x>``.
+    ``bias`` is a preference for whichever response it reads first; "down" fails the request."""
+
+    model = "probs"
+
+    def __init__(self, bias: float) -> None:
+        self.bias, self.calls = bias, []
+
+    def option_logprobs(self, conversations, options, **kw):
+        out = []
+        for messages in conversations:
+            user = messages[-1]["content"]
+            assert user.rstrip().endswith('Answer with exactly one word: "A", "B" or "tie".')
+            first = user.split("[Start of response A]\n")[1].split("\n[End of response A]")[0]
+            second = user.split("[Start of response B]\n")[1].split("\n[End of response B]")[0]
+            self.calls.append((first, second, list(options)))
+            if "down" in first + second:
+                out.append(None)
+                continue
+            if "tie" in first + second:
+                p = {"A": 0.1, "B": 0.1, "tie": 0.8}
+            else:
+                d = (float(first.split("q=")[1]) - float(second.split("q=")[1])) / 2 + self.bias
+                p = {"A": 0.45 + d, "B": 0.45 - d, "tie": 0.1}
+            if "tie" not in options:
+                p = {"A": p["A"] / (p["A"] + p["B"]), "B": p["B"] / (p["A"] + p["B"])}
+            out.append({k: math.log(v) for k, v in p.items()})
+        return out
+
+
+def test_logprob_judge_averages_both_orders_so_position_bias_cancels(store):
+    store.add_comparisons(0, [("p1", "q=0.2", "q=0.0"), ("p2", "q=0.0", "q=0.1"), ("p3", "q=0.1", "x q=0.1"),
+                              ("p4", "tie q=0", "q=0"), ("p5", "down q=0", "q=0")])
+    teacher = ProbabilityTeacher(bias=0.3)  # strong: every single call prefers the first shown
+    stats = PairwiseJudge(teacher=teacher, scoring="logprob").label_round(store, 0)
+    by = {c.prompt: c for c in store.comparisons(0)}
+    # p1: forward A .85 B .05; backward (b first) A .65 B .25 -> P(a) = (.85 + .25) / 2 = .55,
+    # P(b) = (.05 + .65) / 2 = .35: a, by +0.2, though each order alone prefers the first shown.
+    assert by["p1"].label == "a" and "P(a)=0.5500 P(b)=0.3500 P(tie)=0.1000 margin=+0.2000" in by["p1"].rationale
+    assert by["p2"].label == "b" and "margin=-0.1000" in by["p2"].rationale  # (.70 + .10) / 2 vs (.20 + .80) / 2
+    assert by["p3"].label == "tie"  # equal quality: the bias cancels exactly
+    assert by["p4"].label == "tie"  # P(tie) the most likely
+    assert by["p5"].label is None  # the teacher failed: pending
+    assert by["p1"].rationale.startswith("[A first]\nP(A)=0.8500 P(B)=0.0500 P(tie)=0.1000")
+    assert stats["disagree"] == 3 and stats["agree"] == 1 and stats["failed"] == 1  # the bias shows here
+    assert stats["label_a"] == stats["label_b"] == 1 and stats["label_tie"] == 2 and stats["judged"] == 4
+    assert stats["mean_abs_margin"] == pytest.approx((0.2 + 0.1 + 0.0 + 0.0) / 4, abs=1e-4)
+    assert len(teacher.calls) == 10 and teacher.calls[0][2] == ["A", "B", "tie"]
+
+    verdicts = PairwiseJudge(teacher=teacher, scoring="logprob", min_margin=0.15, tie_margin=0.05,
+                             ties=False).judge(store.comparisons(0)[:3])
+    assert [v.label for v in verdicts] == ["a", "skip", "tie"]  # |-0.1| is between the margins
+    assert teacher.calls[-1][2] == ["A", "B"]
+    with pytest.raises(ValueError, match="tie_margin <= min_margin"):
+        PairwiseJudge(teacher=teacher, scoring="logprob", min_margin=0.0, tie_margin=0.1)
+    with pytest.raises(ValueError, match="scoring"):
+        PairwiseJudge(teacher=teacher, scoring="votes")

@@ -243,25 +243,37 @@ def stage_ctx(run: Path, ckpt: Path):
                                  "pretrain": marker("pretrain", {"checkpoint": str(ckpt)})})
 
 
-def test_stage_runs_a_round_on_the_real_checkpoint_with_the_local_judge(tmp_path, tiny_ckpt):
+def test_stage_labels_with_the_local_logprob_judge_and_retrains(tmp_path, tiny_ckpt):
+    """The tiny model's text never parses, but its token probabilities label every comparison:
+    the round retrains the reward model and runs PPO for real (in-process, a few steps)."""
+    import torch
+
+    from mmllm.checkpoint import load_model, resolve_ckpt
+    from mmllm.modules.reward import load_reward_model
     from mmllm.stages.rlhf_round import RLHFRoundStage
 
-    train = FakeTrain()
     stage = RLHFRoundStage(prompts=["Name a colour.", "Say hello."], samples_per_prompt=3, budget=4,
-                           max_new_tokens=8, judge_max_tokens=8, train=train)
+                           max_new_tokens=6, reward_steps=2, ppo_rollouts=1, require_preferences=True)
     ctx = stage_ctx(tmp_path, tiny_ckpt)
     stage.run(ctx)
     rec = ctx.record["rlhf_round"]
-    assert rec["selected"] == 4 and rec["strategy"] == "random"
-    assert sum(rec["judge"].values()) == 4  # every comparison judged (both orders), counted by outcome
+    assert rec["selected"] == 4 and rec["strategy"] == "random" and rec["judge_scoring"] == "logprob"
+    assert rec["judged"] == 4 and sum(rec["judge"].values()) == 4 and rec["judge"]["failed"] == 0
+    assert rec["labels"]["a"] + rec["labels"]["b"] == rec["preference_pairs"] > 0
     samples = [json.loads(ln) for ln in (tmp_path / "rlhf/rounds/0/samples.jsonl").read_text().splitlines()]
     assert [len(s["responses"]) for s in samples] == [3, 3]
     with LabelStore(tmp_path / "rlhf/labels.sqlite") as store:
         labelled = store.comparisons(0, pending=False)
-    assert len(labelled) == 4 - rec["judge"]["failed"]
-    assert all(c.source == "ai" and c.rationale.startswith("[A first]") for c in labelled)
-    assert rec["trained"] == (rec["preference_pairs"] > 0) == bool(train.calls)
-    assert Path(rec["round_json"]).exists()
+    assert len(labelled) == 4 and all(c.source == "ai" and c.rationale.startswith("[A first]\nP(A)=")
+                                      for c in labelled)
+    # Both training steps ran: their metrics are recorded and their checkpoints load.
+    assert rec["trained"] and 0.0 <= rec["reward_model_train_acc"] <= 1.0 and rec["reward_model_loss"] > 0
+    assert isinstance(rec["ppo_reward_mean"], float)
+    for out, steps in ((rec["reward_model"], 2), (rec["policy"], 1)):  # the stage's pipeline-scale steps
+        assert torch.load(resolve_ckpt(out), map_location="cpu", weights_only=False)["global_step"] == steps
+    scores = load_reward_model(rec["reward_model"])(["Say hello."], ["Hello there!"])
+    assert scores.shape == (1,) and bool(torch.isfinite(scores).all())
+    assert type(load_model(rec["policy"])[0]).__name__ == "DecoderLM"
 
 
 def test_stage_trains_on_what_a_decisive_judge_labels(tmp_path, tiny_ckpt):
@@ -269,10 +281,11 @@ def test_stage_trains_on_what_a_decisive_judge_labels(tmp_path, tiny_ckpt):
 
     train = FakeTrain()
     stage = RLHFRoundStage(prompts=["Name a colour.", "Say hello."], samples_per_prompt=3, budget=4,
-                           max_new_tokens=8, train=train, require_preferences=True,
+                           max_new_tokens=8, train=train, require_preferences=True, judge_scoring="text",
                            overrides=["selection.max_pairs_per_prompt=1"])
     cfg = stage.round_config(stage_ctx(tmp_path, tiny_ckpt))
     assert cfg.teacher._target_ == "mmllm.teacher.LocalTeacher" and cfg.teacher.checkpoint == str(tiny_ckpt)
+    assert cfg.judge.scoring == "text" and "trainer.max_steps=4" in cfg.reward_train.overrides
     with open_dict(cfg):  # the same round with a judge that always decides
         cfg.teacher = OmegaConf.create({"_target_": f"{HERE}.LengthTeacher"})
     state = run_round(cfg, train=train)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import ClassVar
 
 import pytest
 
@@ -139,3 +140,56 @@ def test_llava_bench_files_to_items_and_answers(tmp_path):
     answered = answer_questions(chat, items, image_dir=tmp_path)
     assert [a["answer"] for a in answered] == ["answer to What is it?", "answer to Describe."]
     assert chat.log == ["reset", str(tmp_path / "a.jpg")] * 2
+
+
+class ScoreProbTeacher:
+    """A logprob judge of one answer: a fixed score distribution per answer (REF, MODEL), every
+    score +1 (capped at 10) for the answer shown first (a position bias)."""
+
+    model = "probs"
+    DIST: ClassVar[dict] = {"REF": {8: 0.5, 6: 0.3, 10: 0.2}, "MODEL": {4: 0.6, 5: 0.4}}
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def option_logprobs(self, conversations, options, **kw):
+        assert list(options) == [str(s) for s in range(1, 11)]
+        out = []
+        for messages in conversations:
+            self.seen.append(messages)
+            k = int(re.search(r"rate Assistant (\d)'s answer", messages[-1]["content"]).group(1))
+            dist = self.DIST[_answers(messages)[k - 1].split()[0]]
+            if k == 1:
+                dist = {min(s + 1, 10): p for s, p in dist.items()}
+            out.append({o: math.log(dist[int(o)]) if int(o) in dist else -math.inf for o in options})
+        return out
+
+
+def test_logprob_judge_scores_the_expected_value_in_both_orders():
+    items = [{"id": "q1", "question": "What is on the table?", "answer": "MODEL answer",
+              "reference": "REF answer", "context": "A cup on a table.", "category": "conv"}]
+    teacher = ScoreProbTeacher()
+    judged = VLMJudge(teacher=teacher, scoring="logprob").judge(items)
+    assert len(teacher.seen) == 4  # 2 orders x 2 answers
+    # reference: 8*.5 + 6*.3 + 10*.2 = 7.8 second, 9*.5 + 7*.3 + 10*.2 = 8.6 first -> 8.2;
+    # model: 4*.6 + 5*.4 = 4.4 second, 5.4 first -> 4.9.
+    assert judged[0].reference_score == pytest.approx(8.2) and judged[0].model_score == pytest.approx(4.9)
+    assert judged[0].failures == 0 and "Assistant 1 8.600" in judged[0].explanations[0]
+    assert summarize(judged)["conv"]["relative"] == pytest.approx(4.9 / 8.2 * 100)
+    one = VLMJudge(teacher=teacher, scoring="logprob", both_orders=False).judge(items)[0]
+    assert (one.reference_score, one.model_score) == pytest.approx((8.6, 4.4))  # reference shown first
+
+
+def test_logprob_judge_counts_failed_requests():
+    class Failing(ScoreProbTeacher):
+        def option_logprobs(self, conversations, options, **kw):
+            out = super().option_logprobs(conversations, options)
+            return [None if "BROKEN" in m[-1]["content"] else lp for m, lp in zip(conversations, out)]
+
+    judged = VLMJudge(teacher=Failing(), scoring="logprob").judge(
+        [{"id": "a", "question": "q", "answer": "MODEL x", "reference": "REF BROKEN"},
+         {"id": "b", "question": "q", "answer": "MODEL y", "reference": "REF fine"}])
+    assert judged[0].failures == 2 and judged[0].model_score is None
+    assert judged[1].failures == 0 and judged[1].model_score == pytest.approx(4.9)
+    with pytest.raises(ValueError, match="scoring"):
+        VLMJudge(teacher=Failing(), scoring="parse")
