@@ -41,6 +41,19 @@ def usage() -> str:
 
 
 _SET_BY_CLI = "_MMLLM_CLI_SET_HYDRA_FULL_ERROR"  # HYDRA_FULL_ERROR came from us, not the user
+_LAUNCH: tuple[str, str] | None = None  # (program, command) of this process's `mmllm <command>`
+
+
+def restore_command_line() -> None:
+    """Puts the command back in ``sys.argv`` once Hydra has parsed its overrides.
+
+    Lightning starts ranks 1.. of a multi-device run by rerunning ``sys.argv`` (``python
+    <argv[0]> argv[1:]`` or ``python -m <__main__> argv[1:]``); without the command word those
+    ranks would run ``mmllm <overrides>``. Called by the task functions that can train on several
+    devices (``train``, ``pipeline``); a no-op when the command did not come through :func:`main`.
+    """
+    if _LAUNCH is not None and sys.argv[1:2] != [_LAUNCH[1]]:
+        sys.argv = [_LAUNCH[0], _LAUNCH[1], *sys.argv[1:]]
 
 
 def debug_requested() -> bool:
@@ -74,6 +87,8 @@ def precheck(command: str, overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global _LAUNCH
+    program = sys.argv[0] if argv is None else None  # a programmatic call cannot be rerun
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -91,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         module_name, func = COMMANDS[name][0].split(":")
         entry = getattr(importlib.import_module(module_name), func)
         sys.argv = [f"mmllm-{name}", *argv[1:]]  # Hydra parses sys.argv
+        _LAUNCH = (program, name) if program else None
         entry()
     except Exception as exc:
         if debug:

@@ -45,6 +45,9 @@ def run_pipeline(cfg: DictConfig) -> list[StageStatus]:
 
 @hydra.main(config_path=CONF_DIR, config_name="pipeline", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from mmllm.cli import restore_command_line
+
+    restore_command_line()  # a multi-device pretrain stage reruns this command for ranks 1..
     OmegaConf.set_struct(cfg, True)
     with open_dict(cfg):  # run_dir= and hydra.run.dir= both choose the run; record the one in use
         cfg.run_dir = str(cfg.paths.output_dir)

@@ -116,6 +116,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    from mmllm.cli import restore_command_line
+
+    restore_command_line()  # Lightning reruns this command for ranks 1.. of a multi-device run
     metrics = train(cfg)
     # A scalar return value lets Hydra sweepers optimise the run (lower val/loss is better).
     return metrics.get("val/loss")

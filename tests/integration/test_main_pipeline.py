@@ -172,3 +172,22 @@ def test_an_interrupted_pretrain_continues_from_its_last_checkpoint(tmp_path, sh
     train = Marker.read(run, "pretrain").record["train"]
     assert train["steps"] == 10 and train["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
     assert "resuming training from" in (run / "stages" / "pretrain" / "log.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_two_process_pretrain_stage_joins_the_pipeline(tmp_path, shared_data_dir):
+    """`mmllm pipeline trainer.devices=2`: Lightning reruns the command for rank 1, which joins
+    only the pretrain stage; rank 0 alone runs the other stages and writes the markers."""
+    run = tmp_path / "run"
+    res = _mmllm("pipeline", f"hydra.run.dir={run}", *_tiny(shared_data_dir), "trainer.max_steps=4",
+                 "stages=[tokenize,pretrain]", "trainer=cpu", "trainer.devices=2", "strategy=ddp",
+                 "trainer.enable_progress_bar=false", cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "MEMBER: 1/2" in out and "MEMBER: 2/2" in out  # both ranks trained
+    train = Marker.read(run, "pretrain").record["train"]
+    assert train["steps"] == 4 and train["tokens"] == 4 * 8 * 64 * 2  # batches of both ranks counted
+    assert (run / "checkpoints" / "final.ckpt").is_file()
+    assert out.count("stage 2/") == 1  # rank 0 alone reports the pipeline's stages
+    assert Marker.read(run, "export") is None  # not selected: neither rank ran it
