@@ -107,7 +107,10 @@ def answer_items(vlm, tok, collate, encoder, items: Sequence[dict], *, stop: Seq
 
 
 def _finite(x):
-    return round(x, 2) if isinstance(x, float) and math.isfinite(x) else (x if not isinstance(x, float) else None)
+    """Floats rounded, NaN (nothing scored) as None, counts as they are: a JSON record."""
+    if isinstance(x, float):
+        return round(x, 2) if math.isfinite(x) else None
+    return x
 
 
 def judge_items(items: Sequence[dict], *, teacher, judge_options: Mapping | None = None,

@@ -15,6 +15,7 @@ from mmllm.data.visual_template_teacher import (
     parse_context,
     skimage_contexts,
 )
+from mmllm.stages.vlm import VLMStage2Stage
 from mmllm.stages.vlm_instruct import caption_scores, hold_out, judge_items
 from mmllm.teacher import Teacher, TeacherError
 
@@ -63,6 +64,8 @@ def test_other_prompts_are_failed_requests():
     assert VisualTemplateTeacher(on_error="skip").chat([{"role": "user", "content": "hi"}]) is None
     with pytest.raises(ValueError, match="malformed_fraction"):
         VisualTemplateTeacher(malformed_fraction=2.0)
+    with pytest.raises(ValueError, match=r"unknown instructions options \['eval'\]"):
+        VLMStage2Stage(instructions={"teacher": None, "eval": 3})
 
 
 def test_skimage_contexts_write_images_with_whole_image_boxes(tmp_path):
