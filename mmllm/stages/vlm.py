@@ -6,8 +6,9 @@
   (the sft stage's checkpoint when the pipeline has one, else pretrain's) frozen, the connector
   trained from a feature cache; writes the connector and the tokenizer with the image tokens.
 * ``vlm_stage2``: visual instruction tuning: encoder frozen, connector + LM (or LoRA) trained on
-  conversations; writes the VLM checkpoint, greedy captions of a few images, and the LLaVA export
-  when the connector is linear/MLP.
+  conversations (hand-written, plus visual instructions a teacher generates); writes the VLM
+  checkpoint, greedy captions of a few images (BLEU / CIDEr), the judge's relative score on
+  held-out generated questions, and the LLaVA export when the connector is linear/MLP.
 """
 
 from __future__ import annotations
@@ -20,28 +21,39 @@ import torch
 from hydra.utils import instantiate
 
 from mmllm.stages.base import Stage, StageContext
+from mmllm.stages.vlm_instruct import (
+    answer_items,
+    caption_scores,
+    generate_instructions,
+    judge_items,
+)
 
 LM_STAGES = ("sft", "pretrain")
+
+
+def _lm_checkpoint(ctx: StageContext) -> Path:
+    """The LM checkpoint of the sft stage (else pretrain)."""
+    for stage in LM_STAGES:
+        if ctx.has(stage):
+            outputs = ctx.markers[stage].output_paths(ctx.run_dir)
+            ckpt = outputs.get("checkpoint") or next(
+                (p for p in outputs.values() if str(p).endswith(".ckpt")), None)
+            if ckpt is not None:
+                return ckpt
+    raise KeyError(f"stage {ctx.name!r} needs a finished sft or pretrain stage (an LM checkpoint)")
 
 
 def _lm_and_tokenizer(ctx: StageContext):
     """The LM of the sft stage (else pretrain) and its tokenizer (the tokenize stage's if any)."""
     from mmllm.checkpoint import load_model, load_tokenizer_from
 
-    for stage in LM_STAGES:
-        if ctx.has(stage):
-            outputs = ctx.markers[stage].output_paths(ctx.run_dir)
-            ckpt = outputs.get("checkpoint") or next(
-                (p for p in outputs.values() if str(p).endswith(".ckpt")), None)
-            if ckpt is None:
-                continue
-            model, tok = load_model(ckpt)
-            if ctx.has("tokenize") and "tokenizer" in ctx.markers["tokenize"].outputs:
-                tok = load_tokenizer_from(ctx.output("tokenize", "tokenizer"))
-            if tok is None:
-                raise FileNotFoundError(f"no tokenizer for {ckpt}")
-            return model, tok
-    raise KeyError(f"stage {ctx.name!r} needs a finished sft or pretrain stage (an LM checkpoint)")
+    ckpt = _lm_checkpoint(ctx)
+    model, tok = load_model(ckpt)
+    if ctx.has("tokenize") and "tokenizer" in ctx.markers["tokenize"].outputs:
+        tok = load_tokenizer_from(ctx.output("tokenize", "tokenizer"))
+    if tok is None:
+        raise FileNotFoundError(f"no tokenizer for {ckpt}")
+    return model, tok
 
 
 def _encoder(ctx: StageContext, vision: dict):
@@ -229,26 +241,58 @@ class VLMStage1Stage(Stage):
 class VLMStage2Stage(Stage):
     """VLM stage 2: instruction tuning of connector + LM (full or LoRA) on image conversations.
 
+    Trains on the hand-written conversations about the bundled images and, with
+    ``instructions``, on visual instructions a teacher generates for them (LLaVA's recipe, see
+    :mod:`mmllm.stages.vlm_instruct`); a few generated questions are held out, answered by the
+    trained model and scored against their reference answers by a judge teacher (LLaVA-Bench's
+    relative score). The greedy captions are scored with BLEU / CIDEr.
+
     Args:
         steps, batch_size, lr: training.
         lora: peft LoraConfig options (None: full fine-tuning of the LM).
         chat_template: None (the tokenizer's, LLaVA multi-turn) or "minigpt4".
-        num_captions: images captioned greedily after training (recorded).
+        num_captions: images captioned greedily after training (recorded, BLEU / CIDEr).
         export_llava: also write the HF LLaVA directory (linear/MLP connectors).
+        instructions: None (hand-written conversations only, no judge) or generation options:
+            ``teacher`` (a teacher node; None: the offline
+            :class:`~mmllm.data.visual_template_teacher.VisualTemplateTeacher`), ``kinds``
+            (default all three), ``eval_items`` (generated entries held out for the judge, 6).
+        judge: the judge's teacher node (None: a :class:`~mmllm.teacher.LocalTeacher` over the
+            pipeline's latest LM checkpoint, sft's else pretrain's, failed requests counted).
+        judge_options: :class:`~mmllm.eval.vlm_judge.VLMJudge` kwargs (the default judge gets
+            ``sampling: {temperature: 0, max_tokens: 24}`` unless given: a score line is short).
+        answer_tokens: most new tokens of the model's answers to the held-out questions.
+        caption_tokenizer: :func:`~mmllm.eval.vlm_judge.caption_metrics` tokenizer ("simple",
+            "ptb" needs Java, "auto").
     """
 
     inputs = ("vlm_stage1",)
     optional_inputs = ("vision_pretrain", "sft", "pretrain", "tokenize")
     config_keys = ("seed",)
+    INSTRUCTION_KEYS = ("teacher", "kinds", "eval_items")
 
     def __init__(self, *, steps: int = 40, batch_size: int = 4, lr: float = 1e-3,
                  lora: dict | None = None, chat_template: str | None = None,
-                 num_captions: int = 3, export_llava: bool = True) -> None:
+                 num_captions: int = 3, export_llava: bool = True, instructions: dict | None = None,
+                 judge: dict | None = None, judge_options: dict | None = None,
+                 answer_tokens: int = 32, caption_tokenizer: str = "simple") -> None:
         self.steps, self.batch_size, self.lr, self.lora = steps, batch_size, lr, lora
         self.chat_template, self.num_captions, self.export = chat_template, num_captions, export_llava
+        if instructions is not None:
+            unknown = sorted(set(instructions) - set(self.INSTRUCTION_KEYS))
+            if unknown:
+                raise ValueError(f"unknown instructions options {unknown}; expected some of "
+                                 f"{self.INSTRUCTION_KEYS}")
+            instructions = dict(instructions)
+        self.instructions, self.judge = instructions, judge
+        self.judge_options = dict(judge_options or {})
+        self.answer_tokens, self.caption_tokenizer = answer_tokens, caption_tokenizer
 
     def outputs(self, ctx: StageContext) -> dict[str, Path]:
         out = {"connector": ctx.dir / "connector.safetensors", "checkpoint": ctx.dir / "vlm.pt"}
+        if self.instructions is not None:
+            out.update(instructions=ctx.dir / "instructions.json", heldout=ctx.dir / "heldout.json",
+                       images=ctx.dir / "images", judged=ctx.dir / "judged.json")
         return {**out, "llava": ctx.dir / "llava"} if self.export else out
 
     def run(self, ctx: StageContext) -> None:
@@ -270,9 +314,11 @@ class VLMStage2Stage(Stage):
         vlm = build_vlm(connector=connector, image_token_id=vlm_token_ids(tok)[1],
                         vocab_size=len(tok), lm=lm, vision=encoder)
         records = skimage_records(chat=True)
+        generated, items, gen_record = self._generated(ctx)
         collate = VLMCollator(tok, num_image_tokens=vlm.num_image_tokens,
                               image_transform=encoder.preprocess, chat_template=self.chat_template)
-        loader = DataLoader(records, batch_size=self.batch_size, shuffle=True, collate_fn=collate)
+        loader = DataLoader(records + generated, batch_size=self.batch_size, shuffle=True,
+                            collate_fn=collate)
         module = VisionLanguageModule(model=vlm, train_llm=True, lora=self.lora)
         result = _train(module, loader, self.steps, self.lr)
         result.pop("trainer")
@@ -280,25 +326,65 @@ class VLMStage2Stage(Stage):
         vlm = module.model.eval()
         connector.save(paths["connector"])
         torch.save({"model_config": vlm.config, "state_dict": vlm.state_dict()}, paths["checkpoint"])
-        ctx.record["vlm_stage2"] = {**result, "conversations": len(records), "lora": bool(self.lora),
-                                    "stage1_loss": stage1.record.get("vlm_stage1", {}).get("final_loss"),
-                                    "captions": self._captions(vlm, tok, collate, encoder, ctx.dir)}
+        captions = self._captions(vlm, tok, collate, encoder, ctx.dir)
+        rec = ctx.record["vlm_stage2"] = {
+            **result, "conversations": len(records) + len(generated), "handwritten": len(records),
+            "lora": bool(self.lora), "captions": captions,
+            "stage1_loss": stage1.record.get("vlm_stage1", {}).get("final_loss"),
+            "caption_metrics": caption_scores(captions, tokenizer=self.caption_tokenizer)}
+        if self.instructions is not None:
+            rec["instructions"] = gen_record
+            rec["judge"] = self._judge(ctx, vlm, tok, collate, encoder, items)
         if self.export:
             from mmllm.models.hf_llava import export_llava
 
             ctx.record["llava_export"] = str(export_llava(vlm, paths["llava"], tokenizer=tok))
-        print(f"vlm_stage2: loss {result['first_loss']} -> {result['final_loss']}; "
-              f"captions: {ctx.record['vlm_stage2']['captions']}")
+        print(f"vlm_stage2: loss {result['first_loss']} -> {result['final_loss']}; captions: "
+              f"{captions}; judge: {rec.get('judge', {}).get('relative')}")
+
+    def _generated(self, ctx: StageContext) -> tuple[list[dict], list[dict], dict]:
+        """Training records and held-out items of the generated instructions (none without them)."""
+        if self.instructions is None:
+            return [], [], {}
+        from mmllm.data.visual_instruct import KINDS
+        from mmllm.data.visual_template_teacher import VisualTemplateTeacher
+
+        node = self.instructions.get("teacher")
+        teacher = instantiate(node) if node is not None else VisualTemplateTeacher()
+        try:
+            records, items, record = generate_instructions(
+                ctx.dir, teacher=teacher, kinds=list(self.instructions.get("kinds") or KINDS),
+                eval_items=int(self.instructions.get("eval_items", 6)), seed=ctx.cfg.get("seed") or 0)
+        finally:
+            teacher.close()
+        record["teacher"] = teacher.model
+        return records, items, record
+
+    def _judge(self, ctx: StageContext, vlm, tok, collate, encoder, items: list[dict]) -> dict:
+        """The judge's scores of the model's answers to the held-out questions."""
+        from mmllm.teacher import LocalTeacher
+
+        options = dict(self.judge_options)
+        if self.judge is None:
+            teacher = LocalTeacher(checkpoint=str(_lm_checkpoint(ctx)), on_error="skip", progress=False)
+            options.setdefault("sampling", {"temperature": 0.0, "max_tokens": 24})
+        else:
+            teacher = instantiate(self.judge)
+        answered = answer_items(vlm, tok, collate, encoder, items, stop=_stop_ids(tok),
+                                max_new_tokens=self.answer_tokens)
+        try:
+            out = judge_items(answered, teacher=teacher, judge_options=options,
+                              out_path=self.outputs(ctx)["judged"])
+        finally:
+            teacher.close()
+        return {"teacher": teacher.model, **out}
 
     def _captions(self, vlm, tok, collate, encoder, out_dir: Path) -> list[dict]:
-        from mmllm.data.special_tokens import SPECIAL_TOKENS
         from mmllm.data.vlm_collate import IMAGE_PLACEHOLDER, skimage_records
 
         question = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nDescribe the picture."}]
         prompt = collate.prompt_ids(question, 1)
-        # A turn ends at eos or the template's end-of-turn token (ChatML's <|im_end|>).
-        end = tok.get_vocab().get(SPECIAL_TOKENS.chat_end)
-        stop = [tok.eos_token_id] + ([end] if end is not None else [])
+        stop = _stop_ids(tok)
         out, seen = [], set()
         for rec in skimage_records():  # distinct images (the records also hold flips and crops)
             if len(out) >= self.num_captions:
@@ -313,3 +399,11 @@ class VLMStage2Stage(Stage):
             out.append({"image": str(image), "reference": rec["caption"],
                         "generated": tok.decode(new, skip_special_tokens=True)})
         return out
+
+
+def _stop_ids(tok) -> list[int]:
+    """A turn ends at eos or the template's end-of-turn token (ChatML's <|im_end|>)."""
+    from mmllm.data.special_tokens import SPECIAL_TOKENS
+
+    end = tok.get_vocab().get(SPECIAL_TOKENS.chat_end)
+    return [tok.eos_token_id] + ([end] if end is not None else [])
