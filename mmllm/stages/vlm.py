@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 
 from mmllm.stages.base import Stage, StageContext
+from mmllm.stages.trainer import CONFIG_IGNORE as STAGE_TRAINER_IGNORE
 from mmllm.stages.vlm_instruct import (
     answer_items,
     caption_scores,
@@ -66,9 +67,12 @@ def _encoder(ctx: StageContext, vision: dict):
     return VisionEncoder(**kwargs)
 
 
-def _train(module, loader, steps: int, lr: float) -> dict:
-    """Fits ``module`` for ``steps`` optimizer steps; first/last losses, time, samples/s."""
+def _train(ctx: StageContext, module, loader, steps: int, lr: float, *, phase: str | None = None) -> dict:
+    """Fits ``module`` for ``steps`` optimizer steps (the pipeline's ``stage_trainer``: device,
+    precision, loggers under ``<run>/logs/<stage>``); first/last losses, time, samples/s."""
     import lightning as L
+
+    from mmllm.stages.trainer import stage_trainer
 
     losses: list[float] = []
 
@@ -77,10 +81,9 @@ def _train(module, loader, steps: int, lr: float) -> dict:
             losses.append(float(outputs["loss"]))
 
     module.optimizer_factory = lambda groups: torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
-    trainer = L.Trainer(max_steps=steps, accelerator="auto", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[_Losses()], limit_val_batches=0,
-                        num_sanity_val_steps=0)
+    # No gradient clipping: the stages were tuned without it.
+    trainer = stage_trainer(ctx, max_steps=steps, phase=phase, callbacks=[_Losses()], limit_val_batches=0,
+                            gradient_clip_val=None)
     t0 = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
     seconds = time.perf_counter() - t0
@@ -187,7 +190,8 @@ class VLMStage1Stage(Stage):
     """
 
     optional_inputs = ("vision_pretrain", "sft", "pretrain", "tokenize")
-    config_keys = ("seed",)
+    config_keys = ("seed", "stage_trainer")
+    config_ignore = STAGE_TRAINER_IGNORE
 
     def __init__(self, *, connector: dict | None = None, vision: dict | None = None, steps: int = 40,
                  batch_size: int = 8, lr: float = 2e-3, instruction_prob: float = 0.5) -> None:
@@ -227,7 +231,7 @@ class VLMStage1Stage(Stage):
                               instruction_prob=self.instruction_prob, seed=ctx.cfg.get("seed") or 0)
         loader = DataLoader(cache, batch_size=self.batch_size, shuffle=True, collate_fn=collate)
         module = VisionLanguageModule(model=vlm, train_llm=False)
-        result = _train(module, loader, self.steps, self.lr)
+        result = _train(ctx, module, loader, self.steps, self.lr)
         result.pop("trainer")
         connector.save(paths["connector"])
         tok.save_pretrained(str(paths["tokenizer"]))
@@ -268,7 +272,8 @@ class VLMStage2Stage(Stage):
 
     inputs = ("vlm_stage1",)
     optional_inputs = ("vision_pretrain", "sft", "pretrain", "tokenize")
-    config_keys = ("seed",)
+    config_keys = ("seed", "stage_trainer")
+    config_ignore = STAGE_TRAINER_IGNORE
     INSTRUCTION_KEYS = ("teacher", "kinds", "eval_items")
 
     def __init__(self, *, steps: int = 40, batch_size: int = 4, lr: float = 1e-3,
@@ -320,7 +325,7 @@ class VLMStage2Stage(Stage):
         loader = DataLoader(records + generated, batch_size=self.batch_size, shuffle=True,
                             collate_fn=collate)
         module = VisionLanguageModule(model=vlm, train_llm=True, lora=self.lora)
-        result = _train(module, loader, self.steps, self.lr)
+        result = _train(ctx, module, loader, self.steps, self.lr)
         result.pop("trainer")
         module.merge_lora()
         vlm = module.model.eval()
