@@ -128,8 +128,11 @@ def _call_text(calls: list[tuple[str, dict]]) -> str:
     return "[" + ", ".join(f"{n}({', '.join(f'{k}={v!r}' for k, v in a.items())})" for n, a in calls) + "]"
 
 
-def training_chats(n: int, *, seed: int = 0) -> tuple[list[dict], list[str]]:
+def training_chats(n: int, *, seed: int = 0, exclude: set[str] = frozenset()) -> tuple[list[dict], list[str]]:
     """``n`` chats over the five category shapes (equal shares) and the function names used.
+
+    Args:
+        exclude: function names never to use (the evaluation set's: e.g. BFCL has a ``translate``).
 
     Returns:
         ``({"messages": [system, user, assistant], "category"}, function names)``.
@@ -141,9 +144,11 @@ def training_chats(n: int, *, seed: int = 0) -> tuple[list[dict], list[str]]:
         reg.register(translate_tool(lambda text, target, source: text))
         reg.register(python_tool())
         docs = {s["function"]["name"]: _bfcl_doc(s["function"]) for s in reg.schemas()}
-    makers = _tool_questions(rng)
+    makers = {k: v for k, v in _tool_questions(rng).items() if k not in exclude}
     api_docs, api_rows = _catalog_calls()
-    docs |= api_docs
+    api_docs = {k: v for k, v in api_docs.items() if k not in exclude}
+    api_rows = [r for r in api_rows if r[1] in api_docs]
+    docs = {k: v for k, v in (docs | api_docs).items() if k not in exclude}
 
     def draw(name: str | None = None) -> tuple[str, str, dict]:
         if name is None and rng.random() < 0.35:
@@ -286,12 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data) if args.data else bfcl.fetch_bfcl_data(version=args.version)
     bfcl_names = {f["name"] for ex in bfcl.load_bfcl(data) for f in ex.functions}  # every test, not only --limit
     examples = bfcl.load_bfcl(data, limit=args.limit)
-    rows, train_names = training_chats(args.rows, seed=args.seed)
-    overlap = sorted(set(train_names) & bfcl_names)
+    rows, train_names = training_chats(args.rows, seed=args.seed, exclude=bfcl_names)
+    overlap = sorted(set(train_names) & bfcl_names)  # none by construction; checked on what was written
     if overlap:
         raise SystemExit(f"contamination: training functions {overlap} are BFCL functions")
     rows_path = work / "function_calls.jsonl"
     rows_path.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
+    names_in_rows = {f["name"] for r in rows for f in json.loads(r["messages"][0]["content"].split("\n")[1])}
+    assert names_in_rows <= set(train_names) and not names_in_rows & bfcl_names
     print(f"{len(rows)} training chats over {len(train_names)} functions (none of BFCL's {len(bfcl_names)}); "
           f"{len(examples)} BFCL tests")
 

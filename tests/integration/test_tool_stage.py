@@ -89,7 +89,7 @@ def test_stage_finetunes_evaluates_before_after_and_runs_the_models_own_turn(tmp
     from mmllm.stages.tools import ToolUseStage
 
     stage = ToolUseStage(num_apis=4, per_api=3, eval_per_api=1, steps=24, batch_size=2, lr=3e-3,
-                         seq_len=1024, max_new_tokens=40, answer_tokens=8, tool_chats=30, tool_eval=4,
+                         seq_len=1024, max_new_tokens=40, answer_tokens=8, tool_chats=20, tool_eval=3,
                          toolformer={"sentences": ["He bought 12 eggs and 30 more, 42 eggs."],
                                      "tau_s": 0.0, "top_k": 2, "num_samples": 2, "max_call_tokens": 8})
     ctx = _ctx(tmp_path, tiny_ckpt)
@@ -111,14 +111,14 @@ def test_stage_finetunes_evaluates_before_after_and_runs_the_models_own_turn(tmp
     base, _, _ = load_lightning_checkpoint(tiny_ckpt)
     assert not torch.equal(tuned.embed_tokens.weight, base.embed_tokens.weight)
 
-    assert ft["tool_call_rows"] == 30 and 0.0 < ft["tool_call_supervised_fraction"] < 1.0
+    assert ft["tool_call_rows"] == 20 and 0.0 < ft["tool_call_supervised_fraction"] < 1.0
     rows = [json.loads(line) for line in stage.outputs(ctx)["tool_chats"].read_text().splitlines()]
-    assert len(rows) == 30 and all([m["role"] for m in r["messages"]] == ["system", "user", "assistant", "tool",
+    assert len(rows) == 20 and all([m["role"] for m in r["messages"]] == ["system", "user", "assistant", "tool",
                                                                          "assistant"] for r in rows)
     assert all(r["messages"][2]["content"].startswith("<tool_call>{") for r in rows)
     tc = ctx.record["tool_calls"]
     for when in ("before", "after"):
-        assert tc[when]["questions"] == 4 and 0.0 <= tc[when]["right_result"] <= tc[when]["called"] <= 1.0
+        assert tc[when]["questions"] == 3 and 0.0 <= tc[when]["right_result"] <= tc[when]["called"] <= 1.0
 
     transcript, turn = ctx.record["transcript"], ctx.record["tool_turn"]
     assert transcript[0] == {"role": "user", "content": "What is 23 * 17?"}

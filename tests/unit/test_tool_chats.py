@@ -122,3 +122,33 @@ def test_forced_call_and_a_failing_call(registry):
     _, rec = chat_turn(gen, registry, "What is 1/0?")
     assert rec["call_source"] == "model" and rec["ok"] is False and rec["result"].startswith("error:")
     assert rec["answer"] == "Oops."
+
+
+def test_bfcl_finetune_data_is_valid_bfcl_and_shares_no_function_with_the_eval_set():
+    """benchmarks/bfcl_finetune.py's training chats: every target passes the kit's BFCL checker
+    against the offered docs, irrelevance rows make no call, and no function is a BFCL one."""
+    import importlib.util
+    from pathlib import Path
+
+    from mmllm.tools import bfcl
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("bfcl_finetune", root / "benchmarks" / "bfcl_finetune.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    eval_names = {f["name"] for ex in bfcl.load_bfcl(root / "tests" / "fixtures" / "bfcl") for f in ex.functions}
+    rows, names = bench.training_chats(30, seed=0, exclude=eval_names | {"translate"})
+    assert "translate" not in names and not set(names) & eval_names and "calculator" in names
+    assert {r["category"] for r in rows} == set(bfcl.CATEGORIES)
+    for r in rows:
+        system, user, target = r["messages"]
+        docs = json.loads(system["content"].split("\n")[1])
+        assert {d["name"] for d in docs} <= set(names)
+        calls = bfcl.decode_output(target["content"])
+        if r["category"] == "irrelevance":
+            assert calls == [] and not {d["name"] for d in docs} & set(user["content"].split())
+            continue
+        truth = [{n: {k: [v] for k, v in a.items()}} for n, a in calls]
+        ex = bfcl.BFCLExample("t", r["category"], [user], docs, truth)
+        assert bfcl.check_output(ex, target["content"]).valid, (target["content"], docs)
+        assert (len(calls) > 1) == r["category"].startswith("parallel")
