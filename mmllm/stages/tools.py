@@ -14,11 +14,20 @@
    failure, abstention.
 3. **Toolformer share** (when :mod:`mmllm.tools.toolformer` is available and ``toolformer`` is
    set): calls sampled, executed and filtered on a few sentences; candidates, kept, share.
-4. **A chat turn that calls a tool.** A tiny model does not write a well-formed call on its own,
-   so the call is *forced*: the stage writes the calculator call as the assistant's first
-   message, the kit's :class:`~mmllm.tools.registry.ToolRegistry` executes it for real, the
-   result goes back as a ``tool`` message, and the model writes the final answer after it. The
-   record says so (``call_source: "forced"``); the transcript is ``ctx.record["transcript"]``.
+4. **Tool-calling chats** (``tool_chats`` of them; :mod:`mmllm.tools.tool_chats`): arithmetic and
+   date questions answered by a call in the format of ``mmllm serve`` / ``mmllm chat --tools``
+   (the registry's tools section as the system message, ``<tool_call>{...}</tool_call>``), the
+   registry's real result as a ``tool`` message (masked from the loss: only assistant turns are
+   supervised) and an answer quoting it; they join the Gorilla rows in the fine-tune. Held-out
+   questions measure before and after how often the model calls by itself, with the right tool
+   and the right result (``ctx.record["tool_calls"]``).
+5. **A chat turn with tools** (:func:`mmllm.tools.tool_chats.chat_turn`): the model writes its
+   own first reply to ``question``; a parseable call is executed by the kit's
+   :class:`~mmllm.tools.registry.ToolRegistry` and the model answers after the result
+   (``call_source: "model"``); no call is recorded as ``call_source: "none"`` with the text,
+   never faked. ``force_call=True`` writes the call (``expression``) instead (``"forced"``). The
+   transcript is ``ctx.record["transcript"]``; ``result_correct`` compares the call's result
+   with ``expression``'s.
 """
 
 from __future__ import annotations
@@ -80,8 +89,13 @@ class ToolUseStage(Stage):
         max_new_tokens: answer length at evaluation (the call comes in the first ~40 tokens).
         toolformer: the Toolformer annotation (``sentences`` plus
             :class:`~mmllm.tools.toolformer.ToolformerAnnotator` options); None skips it.
-        question, expression: the final chat turn's user question and the calculator
-            expression the forced call evaluates.
+        tool_chats: tool-calling conversations added to the fine-tune (0: none).
+        tool_eval: held-out tool questions scored before/after (0: skip).
+        calendar_share: share of date questions among them (the rest is arithmetic).
+        question, expression: the final chat turn's user question and the calculator expression
+            that answers it (the reference the model's call is scored against; what
+            ``force_call`` writes).
+        force_call: write the calculator call as the first reply instead of letting the model.
         answer_tokens: length of the model's answer after the tool result.
     """
 
@@ -94,25 +108,30 @@ class ToolUseStage(Stage):
                  steps: int = 30, batch_size: int = 2, lr: float = 2e-3, seq_len: int = 1024,
                  accelerator: str = "cpu", max_new_tokens: int = 48,
                  toolformer: Mapping | None = None, question: str = "What is 23 * 17?",
-                 expression: str = "23 * 17", answer_tokens: int = 24) -> None:
+                 expression: str = "23 * 17", answer_tokens: int = 24, tool_chats: int = 240,
+                 tool_eval: int = 16, calendar_share: float = 0.3, force_call: bool = False) -> None:
         if retrieval not in (None, "oracle", "bm25"):
             raise ValueError(f"retrieval must be None, 'oracle' or 'bm25', got {retrieval!r}")
         if per_api < 2 or eval_per_api < 1:
             raise ValueError(f"per_api={per_api}, eval_per_api={eval_per_api}: need per_api >= 2 "
                              "(train and test instructions per API) and eval_per_api >= 1")
-        if steps < 1:
-            raise ValueError(f"steps={steps}: must be >= 1")
+        if steps < 1 or tool_chats < 0 or tool_eval < 0 or not 0.0 <= calendar_share <= 1.0:
+            raise ValueError(f"steps={steps}, tool_chats={tool_chats}, tool_eval={tool_eval}, calendar_share="
+                             f"{calendar_share}: need steps >= 1, counts >= 0, 0 <= calendar_share <= 1")
         self.teacher = dict(teacher) if isinstance(teacher, Mapping) else teacher
         self.catalog, self.num_apis, self.per_api, self.eval_per_api = catalog, num_apis, per_api, eval_per_api
         self.retrieval, self.steps, self.batch_size, self.lr = retrieval, steps, batch_size, lr
         self.seq_len, self.accelerator, self.max_new_tokens = seq_len, accelerator, max_new_tokens
         self.toolformer = dict(toolformer) if toolformer is not None else None
         self.question, self.expression, self.answer_tokens = question, expression, answer_tokens
+        self.tool_chats, self.tool_eval, self.calendar_share = tool_chats, tool_eval, calendar_share
+        self.force_call = force_call
 
     def outputs(self, ctx: StageContext) -> dict[str, Path]:
         d = ctx.dir
         return {"pairs": d / "pairs.jsonl", "sft": d / "sft.jsonl", "answers": d / "answers.jsonl",
-                "checkpoint": d / "gorilla.ckpt", "transcript": d / "transcript.json"}
+                "checkpoint": d / "gorilla.ckpt", "transcript": d / "transcript.json",
+                "tool_chats": d / "tool_chats.jsonl"}
 
     # ------------------------------------------------------------------------------ the run
     def run(self, ctx: StageContext) -> None:
@@ -129,9 +148,18 @@ class ToolUseStage(Stage):
             raise RuntimeError(f"no held-out pairs: the teacher gave {len(pairs)} pairs ({gen}); need >= 2 per API")
         write_jsonl(pairs, paths["pairs"])
         write_jsonl(to_chats(train, catalog, retrieval=self.retrieval), paths["sft"])
+        registry, seed = _registry(), int(ctx.cfg.get("seed") or 0)
+        held_out = self._tool_data(registry, seed, paths["tool_chats"])
         before, answers_before = self._evaluate(model, tok, test, catalog, full)
+        calls_before = self._score_calls(model, tok, registry, held_out)
         finetune = self._finetune(ctx, model, tok_dir, paths)
         after, answers_after = self._evaluate(model, tok, test, catalog, full)
+        if held_out:
+            ctx.record["tool_calls"] = {"train_chats": self.tool_chats, "before": calls_before,
+                                        "after": self._score_calls(model, tok, registry, held_out)}
+            print(f"tool calls on {len(held_out)} held-out questions: called {calls_before['called']:.2f} -> "
+                  f"{ctx.record['tool_calls']['after']['called']:.2f}, right result {calls_before['right_result']:.2f}"
+                  f" -> {ctx.record['tool_calls']['after']['right_result']:.2f}")
         write_jsonl([{"instruction": p["instruction"], "reference": p["api_call"], "before": a, "after": b}
                      for p, a, b in zip(test, answers_before, answers_after)], paths["answers"])
         ctx.record["gorilla"] = {"model": source, "teacher": gen.pop("teacher"), "apis": len(catalog),
@@ -143,7 +171,8 @@ class ToolUseStage(Stage):
               f"after {_counts(after)}")
         if self.toolformer is not None:
             ctx.record["toolformer"] = self._toolformer(model, tok_dir)
-        ctx.record["transcript"], ctx.record["tool_turn"] = self._tool_turn(model, tok)
+        ctx.record["transcript"], ctx.record["tool_turn"] = self._tool_turn(model, tok, registry)
+        registry.close()
         paths["transcript"].write_text(json.dumps(ctx.record["transcript"], indent=2, ensure_ascii=False))
 
     def _load_lm(self, ctx: StageContext):
@@ -211,7 +240,10 @@ class ToolUseStage(Stage):
 
         seed = int(ctx.cfg.get("seed") or 0)
         L.seed_everything(seed, workers=True, verbose=False)
-        dm = SFTDataModule(sources=[{"name": "gorilla", "path": str(paths["sft"])}],
+        sources = [{"name": "gorilla", "path": str(paths["sft"])}]
+        if self.tool_chats:
+            sources.append({"name": "tool_calls", "path": str(paths["tool_chats"])})
+        dm = SFTDataModule(sources=sources,
                            cache_dir=str(ctx.dir / "sft_cache"), tokenizer=str(tok_dir),
                            seq_len=min(self.seq_len, model.max_seq_len), batch_size=self.batch_size, seed=seed)
         module = CausalLMModule(model=model.train(), optimizer=functools.partial(
@@ -225,8 +257,10 @@ class ToolUseStage(Stage):
         trainer.save_checkpoint(paths["checkpoint"], weights_only=True)
         model.cpu().eval()
         head, tail = losses.values[:5], losses.values[-5:]
-        sup = dm.stats.get("gorilla")
+        sup, calls = dm.stats.get("gorilla"), dm.stats.get("tool_calls")
         return {"steps": trainer.global_step, "tokens": module.tokens_seen,
+                "tool_call_rows": calls.rows if calls else 0,
+                "tool_call_supervised_fraction": round(calls.fraction, 4) if calls else None,
                 "loss_first5": round(sum(head) / max(len(head), 1), 4),
                 "loss_last5": round(sum(tail) / max(len(tail), 1), 4),
                 "rows": sup.rows if sup else None,
@@ -256,32 +290,44 @@ class ToolUseStage(Stage):
         return {"available": True, **s, "sentences": len(sentences),
                 "kept_calls": [c for r in rows for c in r["calls"]]}
 
-    def _tool_turn(self, model, tok) -> tuple[list[dict], dict]:
-        """The final chat turn: a forced calculator call, executed, and the model's answer after it."""
-        import torch
+    def _tool_data(self, registry, seed: int, path: Path) -> list[list[dict]]:
+        """Writes the tool-calling SFT rows; returns held-out conversations (other questions)."""
+        from mmllm.tools.gorilla import write_jsonl
+        from mmllm.tools.tool_chats import plain_chat, tool_call_chats
 
-        from mmllm.data.chat import ChatRenderer
-        from mmllm.data.special_tokens import SPECIAL_TOKENS
-        from mmllm.generation import generate_ids
-        from mmllm.tools import ToolRegistry, calculator_tool
+        chats = tool_call_chats(self.tool_chats + self.tool_eval, registry, seed=seed,
+                                calendar_share=self.calendar_share, exclude=[self.question])
+        train, held_out = chats[:self.tool_chats], chats[self.tool_chats:]
+        write_jsonl([{"messages": plain_chat(c)} for c in train], path)
+        return held_out
 
-        registry = ToolRegistry(tools=[calculator_tool()])
-        call = {"name": "calculator", "arguments": {"expression": self.expression}}
-        result = registry.call(call["name"], call["arguments"])
-        turn = [{"role": "user", "content": self.question},
-                # The call format of `mmllm serve` (mmllm.serve.tools): what a trained model writes.
-                {"role": "assistant", "content": f"<tool_call>{json.dumps(call)}</tool_call>"},
-                {"role": "tool", "content": result.content}]
-        eos = [i for i in (tok.eos_token_id, tok.convert_tokens_to_ids(SPECIAL_TOKENS.chat_end)) if i is not None]
-        with torch.no_grad():
-            (ids,) = generate_ids(model.eval(), [ChatRenderer(tok).prompt(turn)], max_new_tokens=self.answer_tokens,
-                                  eos_token_id=eos, pad_token_id=tok.pad_token_id or 0)
-        answer = tok.decode(ids, skip_special_tokens=True).strip()
-        transcript = turn + [{"role": "assistant", "content": answer}]
-        print(f"tool turn: {self.question!r} -> calculator({self.expression}) = {result.content!r} -> {answer!r}")
-        return transcript, {"call_source": "forced", "tool": call["name"], "arguments": call["arguments"],
-                            "ok": result.ok, "result": result.content, "answer": answer,
-                            "answer_mentions_result": result.content.strip() in answer}
+    def _score_calls(self, model, tok, registry, held_out: list) -> dict | None:
+        from mmllm.tools.tool_chats import first_call_scores
+
+        return first_call_scores(model, tok, registry, held_out, max_new_tokens=self.max_new_tokens) \
+            if held_out else None
+
+    def _tool_turn(self, model, tok, registry) -> tuple[list[dict], dict]:
+        """The final chat turn: the model's own call (or a forced one), executed, and its answer."""
+        from mmllm.tools.tool_chats import chat_turn, lm_generate_fn
+
+        forced = {"name": "calculator", "arguments": {"expression": self.expression}} if self.force_call else None
+        generate = lm_generate_fn(model, tok, max_new_tokens=self.max_new_tokens, answer_tokens=self.answer_tokens)
+        transcript, rec = chat_turn(generate, registry, self.question, force_call=forced)
+        expected = registry.call("calculator", {"expression": self.expression})
+        rec["expected_result"] = expected.content if expected.ok else None
+        rec["result_correct"] = bool(rec["ok"]) and rec["result"] == rec["expected_result"]
+        shown = f"{rec['tool']}({json.dumps(rec['arguments'])}) = {rec['result']!r}" if rec["tool"] \
+            else f"no call: {rec['text']!r}"
+        print(f"tool turn ({rec['call_source']}): {self.question!r} -> {shown} -> {rec['answer']!r}")
+        return transcript, rec
+
+
+def _registry():
+    """The tools of the chat turn and of the training chats: calculator and calendar (as ``mmllm chat``)."""
+    from mmllm.tools.builtin import default_registry
+
+    return default_registry()
 
 
 class _LossLog(L.Callback):

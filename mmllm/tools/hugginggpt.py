@@ -9,7 +9,8 @@ Four stages, each through an LLM (a :class:`~mmllm.teacher.Teacher` or any
    pulled out of whatever prose or code fence surrounds it; a malformed plan is sent back with
    the error for a bounded number of retries, then :class:`PlanError`.
 2. **Model selection.** Catalog entries (``data/hugginggpt_models.json``: the kit's LM, the VLM
-   slot, the registry's tools) of the task's type are ranked by BM25 between the task and their
+   (``expert: "vlm"``, for image-to-text and visual question answering; its ``describe`` is
+   :func:`mmllm.tools.experts.vlm_describer` over the vlm_stage2 checkpoint), the registry's tools) of the task's type are ranked by BM25 between the task and their
    descriptions; the LLM picks one of the top ``top_k`` (``{"id": ...}``); an answer that cannot
    be parsed, or names no candidate, falls back to the top-ranked one.
 3. **Task execution** in dependency order (a cycle or a missing dependency is a
@@ -173,7 +174,8 @@ def text_expert(generate_fn: Callable[[str], str]) -> Expert:
 
 def vlm_expert(describe: Callable[[str, str], str]) -> Expert:
     """The VLM slot: ``describe(image, question) -> str`` on ``args["image"]`` (a path or URL) and
-    ``args["text"]`` (default: a caption request)."""
+    ``args["text"]`` (default: a caption request); the kit's VLM is
+    :func:`mmllm.tools.experts.vlm_describer`."""
     def run(args: dict) -> str:
         if not isinstance(args.get("image"), str):
             raise TypeError("image-to-text needs args.image (a path or URL)")

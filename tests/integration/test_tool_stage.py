@@ -1,6 +1,7 @@
 """The ``tools`` pipeline stage on a tiny real checkpoint: Gorilla data through the template teacher,
-an SFT fine-tune evaluated by AST matching before and after, Toolformer share (when the module is
-there) and a chat turn whose calculator call really runs."""
+an SFT fine-tune (with tool-calling chats) evaluated by AST matching and held-out tool calls before and
+after, Toolformer share (when the module is there) and a chat turn in which the model's own call (if it
+writes one) really runs."""
 
 from __future__ import annotations
 
@@ -54,7 +55,13 @@ def tiny_ckpt(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_tools")
     catalog = load_catalog()
     rows = to_chats(generate_pairs(TemplateTeacher(), catalog, per_api=2), catalog, retrieval="oracle")
-    texts = [m["content"] for r in rows for m in r["messages"]] + ["What is 23 * 17? The answer is 391."] * 20
+    from mmllm.tools.builtin import default_registry
+    from mmllm.tools.tool_chats import plain_chat, tool_call_chats
+
+    with default_registry() as reg:
+        calls = [plain_chat(c) for c in tool_call_chats(40, reg, seed=1)]
+    texts = [m["content"] for r in rows for m in r["messages"]] + [m["content"] for c in calls for m in c] \
+        + ["What is 23 * 17? The answer is 391."] * 20
     tok = train_bpe_tokenizer(texts, vocab_size=700, show_progress=False)
     tok.save_pretrained(root / "tokenizer")
     config = {"vocab_size": len(tok), "dim": 48, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
@@ -75,14 +82,14 @@ def _ctx(run: Path, ckpt: Path):
     return StageContext(name="tools", run_dir=run, cfg=OmegaConf.create({"seed": 0}), markers={"pretrain": marker})
 
 
-def test_stage_finetunes_evaluates_before_after_and_runs_a_real_calculator_call(tmp_path, tiny_ckpt):
+def test_stage_finetunes_evaluates_before_after_and_runs_the_models_own_turn(tmp_path, tiny_ckpt):
     import torch
 
-    from mmllm.checkpoint import load_lightning_checkpoint
+    from mmllm.checkpoint import load_lightning_checkpoint, load_tokenizer_from as load_tokenizer
     from mmllm.stages.tools import ToolUseStage
 
     stage = ToolUseStage(num_apis=4, per_api=3, eval_per_api=1, steps=24, batch_size=2, lr=3e-3,
-                         seq_len=1024, max_new_tokens=40, answer_tokens=8,
+                         seq_len=1024, max_new_tokens=40, answer_tokens=8, tool_chats=20, tool_eval=3,
                          toolformer={"sentences": ["He bought 12 eggs and 30 more, 42 eggs."],
                                      "tau_s": 0.0, "top_k": 2, "num_samples": 2, "max_call_tokens": 8})
     ctx = _ctx(tmp_path, tiny_ckpt)
@@ -104,14 +111,36 @@ def test_stage_finetunes_evaluates_before_after_and_runs_a_real_calculator_call(
     base, _, _ = load_lightning_checkpoint(tiny_ckpt)
     assert not torch.equal(tuned.embed_tokens.weight, base.embed_tokens.weight)
 
-    transcript = ctx.record["transcript"]
+    assert ft["tool_call_rows"] == 20 and 0.0 < ft["tool_call_supervised_fraction"] < 1.0
+    rows = [json.loads(line) for line in stage.outputs(ctx)["tool_chats"].read_text().splitlines()]
+    assert len(rows) == 20 and all([m["role"] for m in r["messages"]] == ["system", "user", "assistant", "tool",
+                                                                         "assistant"] for r in rows)
+    assert all(r["messages"][2]["content"].startswith("<tool_call>{") for r in rows)
+    tc = ctx.record["tool_calls"]
+    for when in ("before", "after"):
+        assert tc[when]["questions"] == 3 and 0.0 <= tc[when]["right_result"] <= tc[when]["called"] <= 1.0
+
+    transcript, turn = ctx.record["transcript"], ctx.record["tool_turn"]
+    assert transcript[0] == {"role": "user", "content": "What is 23 * 17?"}
+    assert turn["call_source"] in ("model", "none") and turn["expected_result"] == "391"
+    if turn["call_source"] == "model":  # the model's own call ran through the registry
+        assert [m["role"] for m in transcript][:3] == ["user", "assistant", "tool"]
+        assert transcript[2]["content"] == turn["result"]
+    else:  # nothing is faked: the model's text is kept
+        assert [m["role"] for m in transcript] == ["user", "assistant"] and turn["result"] is None
+        assert transcript[1]["content"] == turn["text"] and turn["result_correct"] is False
+    assert json.loads(stage.outputs(ctx)["transcript"].read_text()) == transcript
+
+    # force_call keeps the old path: the calculator call is written, runs for real, the model answers.
+    from mmllm.tools.builtin import default_registry
+
+    forced = ToolUseStage(force_call=True, answer_tokens=4)
+    with default_registry() as reg:
+        transcript, turn = forced._tool_turn(tuned, load_tokenizer(tiny_ckpt), reg)
     assert [m["role"] for m in transcript] == ["user", "assistant", "tool", "assistant"]
-    assert transcript[0]["content"] == "What is 23 * 17?"
     assert json.loads(transcript[1]["content"].removeprefix("<tool_call>").removesuffix("</tool_call>")) == \
         {"name": "calculator", "arguments": {"expression": "23 * 17"}}
-    assert transcript[2]["content"] == "391"  # the calculator ran
-    assert ctx.record["tool_turn"]["call_source"] == "forced" and ctx.record["tool_turn"]["ok"]
-    assert json.loads(stage.outputs(ctx)["transcript"].read_text()) == transcript
+    assert transcript[2]["content"] == "391" and turn["call_source"] == "forced" and turn["result_correct"]
 
     tf = ctx.record["toolformer"]
     try:
