@@ -204,17 +204,8 @@ class FinalChatStage(Stage):
     def _registry(self):
         """The tools of ``self.tools``, with the default registry's limits (timeout, output cap)."""
         from mmllm.tools.builtin import default_registry
-        from mmllm.tools.registry import ToolRegistry
 
-        every = default_registry()
-        try:
-            unknown = [n for n in self.tools if n not in every]
-            if unknown:
-                raise ValueError(f"tools {unknown} are not in the default registry (it has {every.names})")
-            return ToolRegistry(tools=[every[n] for n in self.tools], timeout=every.timeout,
-                                max_output_chars=every.max_output_chars)
-        finally:
-            every.close()
+        return default_registry(only=self.tools)
 
     def _turn(self, model, tok, image) -> tuple[list[dict], dict]:
         """Runs the user turn through the chat loop; ``(transcript, call record)``."""

@@ -43,6 +43,8 @@ import lightning as L
 from hydra.utils import instantiate
 
 from mmllm.stages.base import Stage, StageContext
+from mmllm.stages.trainer import CONFIG_IGNORE as STAGE_TRAINER_IGNORE
+from mmllm.stages.trainer import stage_trainer
 
 OUTCOME_KEYS = ("accuracy", "hallucination_rate", "wrong_api_rate", "parse_failure_rate", "abstention_rate")
 DEFAULT_SENTENCES = ("The shop sold 120 apples on Monday and 85 on Tuesday, 205 in total.",
@@ -85,7 +87,7 @@ class ToolUseStage(Stage):
         retrieval: the API document in the prompt: "oracle" (the reference doc), "bm25"
             (retrieved) or None (no document).
         steps, batch_size, lr, seq_len: fine-tuning settings (AdamW, constant LR, packed rows).
-        accelerator: the Lightning accelerator of the fine-tune.
+        accelerator: the Lightning accelerator of the fine-tune (None: the pipeline's ``stage_trainer``).
         max_new_tokens: answer length at evaluation (the call comes in the first ~40 tokens).
         toolformer: the Toolformer annotation (``sentences`` plus
             :class:`~mmllm.tools.toolformer.ToolformerAnnotator` options); None skips it.
@@ -96,20 +98,24 @@ class ToolUseStage(Stage):
             that answers it (the reference the model's call is scored against; what
             ``force_call`` writes).
         force_call: write the calculator call as the first reply instead of letting the model.
+        tools: the tools offered in the training chats and the chat turn (None: calculator and
+            calendar); the calculator must be one. The pipeline's ``chat`` stage offers the same.
         answer_tokens: length of the model's answer after the tool result.
     """
 
     inputs = ("pretrain",)
     optional_inputs = ("tokenize", "sft")
-    config_keys = ("seed",)
+    config_keys = ("seed", "stage_trainer")
+    config_ignore = STAGE_TRAINER_IGNORE
 
     def __init__(self, *, teacher: Any = None, catalog: str | None = None, num_apis: int | None = 12,
                  per_api: int = 4, eval_per_api: int = 1, retrieval: str | None = "oracle",
                  steps: int = 30, batch_size: int = 2, lr: float = 2e-3, seq_len: int = 1024,
-                 accelerator: str = "cpu", max_new_tokens: int = 48,
+                 accelerator: str | None = None, max_new_tokens: int = 48,
                  toolformer: Mapping | None = None, question: str = "What is 23 * 17?",
                  expression: str = "23 * 17", answer_tokens: int = 24, tool_chats: int = 240,
-                 tool_eval: int = 16, calendar_share: float = 0.3, force_call: bool = False) -> None:
+                 tool_eval: int = 16, calendar_share: float = 0.3, force_call: bool = False,
+                 tools: Sequence[str] | None = None) -> None:
         if retrieval not in (None, "oracle", "bm25"):
             raise ValueError(f"retrieval must be None, 'oracle' or 'bm25', got {retrieval!r}")
         if per_api < 2 or eval_per_api < 1:
@@ -126,6 +132,7 @@ class ToolUseStage(Stage):
         self.question, self.expression, self.answer_tokens = question, expression, answer_tokens
         self.tool_chats, self.tool_eval, self.calendar_share = tool_chats, tool_eval, calendar_share
         self.force_call = force_call
+        self.tools = list(tools) if tools is not None else None
 
     def outputs(self, ctx: StageContext) -> dict[str, Path]:
         d = ctx.dir
@@ -148,7 +155,7 @@ class ToolUseStage(Stage):
             raise RuntimeError(f"no held-out pairs: the teacher gave {len(pairs)} pairs ({gen}); need >= 2 per API")
         write_jsonl(pairs, paths["pairs"])
         write_jsonl(to_chats(train, catalog, retrieval=self.retrieval), paths["sft"])
-        registry, seed = _registry(), int(ctx.cfg.get("seed") or 0)
+        registry, seed = _registry(self.tools), int(ctx.cfg.get("seed") or 0)
         held_out = self._tool_data(registry, seed, paths["tool_chats"])
         before, answers_before = self._evaluate(model, tok, test, catalog, full)
         calls_before = self._score_calls(model, tok, registry, held_out)
@@ -249,10 +256,10 @@ class ToolUseStage(Stage):
         module = CausalLMModule(model=model.train(), optimizer=functools.partial(
             torch.optim.AdamW, lr=self.lr, betas=(0.9, 0.95), weight_decay=0.0))
         losses = _LossLog()
-        trainer = L.Trainer(max_steps=self.steps, accelerator=self.accelerator, devices=1, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0, limit_val_batches=0, callbacks=[losses],
-                            default_root_dir=str(ctx.dir))
+        device = {"accelerator": self.accelerator} if self.accelerator else {}
+        # No gradient clipping: the stage was tuned without it.
+        trainer = stage_trainer(ctx, max_steps=self.steps, callbacks=[losses], limit_val_batches=0,
+                                gradient_clip_val=None, **device)
         trainer.fit(module, datamodule=dm)
         trainer.save_checkpoint(paths["checkpoint"], weights_only=True)
         model.cpu().eval()
@@ -323,11 +330,12 @@ class ToolUseStage(Stage):
         return transcript, rec
 
 
-def _registry():
-    """The tools of the chat turn and of the training chats: calculator and calendar (as ``mmllm chat``)."""
+def _registry(only: Sequence[str] | None = None):
+    """The tools of the chat turn and of the training chats: calculator and calendar (as ``mmllm
+    chat``), or just ``only`` (the ``chat`` stage must offer the same ones: same system prompt)."""
     from mmllm.tools.builtin import default_registry
 
-    return default_registry()
+    return default_registry(only=only)
 
 
 class _LossLog(L.Callback):

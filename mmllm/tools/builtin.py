@@ -125,7 +125,8 @@ def python_tool(*, timeout: float = 5.0, memory_mb: int = 512, isolation: str = 
 
 def default_registry(*, search=None, translator=None, python: bool = False,
                      clock: Callable[[], dt.date] = dt.date.today, timeout: float = 10.0,
-                     max_output_chars: int = 4000, max_workers: int = 4) -> ToolRegistry:
+                     max_output_chars: int = 4000, max_workers: int = 4,
+                     only: Sequence[str] | None = None) -> ToolRegistry:
     """A registry with the calculator and the calendar tools, plus the optional ones.
 
     Args:
@@ -134,6 +135,8 @@ def default_registry(*, search=None, translator=None, python: bool = False,
         python: register the sandboxed ``python`` tool.
         clock: today's date source.
         timeout, max_output_chars, max_workers: the :class:`ToolRegistry` limits.
+        only: keep just these tools, in this order (a small model's prompt lists fewer schemas);
+            a name the registry would not have is an error.
     """
     tools = [calculator_tool(), *calendar_tools(clock=clock)]
     if search is not None:
@@ -143,4 +146,10 @@ def default_registry(*, search=None, translator=None, python: bool = False,
         tools.append(translate_tool(translator))
     if python:
         tools.append(python_tool())
+    if only is not None:
+        by_name = {t.name: t for t in tools}
+        unknown = [n for n in only if n not in by_name]
+        if unknown:
+            raise ValueError(f"tools {unknown} are not available (the registry has {sorted(by_name)})")
+        tools = [by_name[n] for n in only]
     return ToolRegistry(tools=tools, timeout=timeout, max_output_chars=max_output_chars, max_workers=max_workers)

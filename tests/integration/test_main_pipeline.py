@@ -15,7 +15,7 @@ from mmllm.stages import Marker, StageError
 STAGES = ["tokenize", "pretrain", "export", "evaluate", "samples", "summary", "report"]
 # The later stages (their own tests run each at tiny scale); the end-to-end test runs them all.
 LATER = ["self_instruct", "sft", "reward_model", "ppo", "rlhf_round", "vision_pretrain", "vlm_stage1",
-         "vlm_stage2", "tools"]
+         "vlm_stage2", "tools", "chat"]
 
 
 def _tiny(data_dir: Path) -> list[str]:
@@ -74,8 +74,14 @@ def test_pipeline_end_to_end(tmp_path):
     assert summary["vision_pretrain"]["final_loss"] < summary["vision_pretrain"]["first_loss"]
     assert summary["vlm_stage2"]["final_loss"] < summary["vlm_stage2"]["first_loss"]
     assert (run / "stages" / "vlm_stage2" / "llava" / "config.json").is_file()
-    roles = [m["role"] for m in summary["transcript"]]
-    assert roles[0] == "user" and "tool" in roles and roles[-1] == "assistant"
+    # The tools stage's turn and the final turn (an image + a question): the model's own call or
+    # none (never a forced one), recorded with the transcript.
+    assert summary["tool_turn"]["call_source"] in ("model", "none")
+    chat = summary["chat"]
+    assert chat["call_source"] in ("model", "none") and Path(chat["image"]).is_file()
+    roles = [m["role"] for m in summary["chat/transcript"]]
+    assert "user" in roles and roles[-1] == "assistant"
+    assert ("tool" in roles) == (chat["call_source"] == "model")
     page = (run / "report.html").read_text()
     assert all(f'id="{s}"' in page for s in order) and "<img" in page
 

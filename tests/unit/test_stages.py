@@ -278,7 +278,7 @@ def test_the_configured_pipeline_builds_in_dependency_order(tmp_path):
     names = [p.name for p in stages]
     assert names == ["curate", "tokenize", "pretrain", "export", "evaluate", "samples",
                      "self_instruct", "sft", "reward_model", "ppo", "rlhf_round",
-                     "vision_pretrain", "vlm_stage1", "vlm_stage2", "tools", "summary", "report"]
+                     "vision_pretrain", "vlm_stage1", "vlm_stage2", "tools", "chat", "summary", "report"]
     deps = {p.name: p.deps for p in stages}
     assert deps["tokenize"] == ["curate"] and deps["pretrain"] == ["tokenize"]
     assert deps["vision_pretrain"] == []  # the ViT trains on images alone
@@ -286,6 +286,7 @@ def test_the_configured_pipeline_builds_in_dependency_order(tmp_path):
     assert {"sft", "reward_model"} <= set(deps["ppo"])
     assert {"vision_pretrain", "sft"} <= set(deps["vlm_stage1"]) and "vlm_stage1" in deps["vlm_stage2"]
     assert "sft" in deps["tools"]
+    assert {"vlm_stage2", "tools"} <= set(deps["chat"])  # the final turn: the VLM with the tools LM
     # every stage reads only stages before it; the summary reads every stage, the report also the summary
     for i, name in enumerate(names):
         assert set(deps[name]) <= set(names[:i]), name
