@@ -140,6 +140,14 @@ class ToolUseStage(Stage):
                 "checkpoint": d / "gorilla.ckpt", "transcript": d / "transcript.json",
                 "tool_chats": d / "tool_chats.jsonl"}
 
+    def clean(self, ctx: StageContext) -> None:
+        """Also drops the fine-tune's data cache: a rerun with other rows (options, tool chats)
+        must not meet a tokenizer/rendering cache stamped for the old ones."""
+        import shutil
+
+        super().clean(ctx)
+        shutil.rmtree(ctx.dir / "sft_cache", ignore_errors=True)
+
     # ------------------------------------------------------------------------------ the run
     def run(self, ctx: StageContext) -> None:
         from mmllm.tools.catalog import load_catalog
