@@ -195,7 +195,7 @@ class QFormerPretrainModule(L.LightningModule):
         if self.optimizer_factory is None:
             raise ValueError("QFormerPretrainModule needs an optimizer config (module.optimizer)")
         optimizer = self.optimizer_factory(self.param_groups())
-        return lightning_optimizers(self.trainer, optimizer, self.scheduler_factory)
+        return lightning_optimizers(self, optimizer, self.scheduler_factory)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["blip2_qformer"] = {"connector_config": self.net.qformer.config,

@@ -378,7 +378,7 @@ class CausalLMModule(L.LightningModule):
                 f"{type(optimizer).__name__} (bitsandbytes) updates plain tensors and cannot step the "
                 "DTensor shards of FSDP2/TP: use module/optimizer=adamw8bit with strategy=single or "
                 "ddp, or module/optimizer=adamw with fsdp2/fsdp2_tp")
-        return lightning_optimizers(self.trainer, optimizer, self.scheduler_factory)
+        return lightning_optimizers(self, optimizer, self.scheduler_factory)
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

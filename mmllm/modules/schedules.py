@@ -46,15 +46,18 @@ def constant(optimizer: Optimizer, total_steps: int, *, warmup_steps: int = 0) -
     return LambdaLR(optimizer, _WarmupCosine(warmup_steps, warmup_steps, 1.0))
 
 
-def lightning_optimizers(trainer, optimizer: Optimizer, scheduler_factory=None, *, steps_per_batch: int = 1):
+def lightning_optimizers(module, optimizer: Optimizer, scheduler_factory=None, *, steps_per_batch: int = 1):
     """What a LightningModule's ``configure_optimizers`` returns: ``optimizer`` alone, or with the
     schedule ``scheduler_factory(optimizer, total_steps)`` stepped every optimizer step.
 
-    ``total_steps`` is ``trainer.max_steps`` when set, else Lightning's estimate of the run's
-    batches, times ``steps_per_batch`` (optimizer steps per batch, e.g. PPO's epochs x minibatches).
+    ``total_steps`` is the module's ``trainer.max_steps`` when set, else Lightning's estimate of
+    the run's batches, times ``steps_per_batch`` (optimizer steps per batch, e.g. PPO's epochs x
+    minibatches). Without a schedule the trainer is not consulted (a module may build its
+    optimizer before it is attached to one).
     """
     if scheduler_factory is None:
         return optimizer
+    trainer = module.trainer
     batches = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 \
         else int(trainer.estimated_stepping_batches)
     scheduler = scheduler_factory(optimizer, batches * steps_per_batch)

@@ -166,7 +166,7 @@ class VisionLanguageModule(L.LightningModule):
         if self.optimizer_factory is None:
             raise ValueError("VisionLanguageModule needs an optimizer config (module.optimizer)")
         optimizer = self.optimizer_factory(self.param_groups())
-        return lightning_optimizers(self.trainer, optimizer, self.scheduler_factory)
+        return lightning_optimizers(self, optimizer, self.scheduler_factory)
 
     # -------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
