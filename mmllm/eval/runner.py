@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from mmllm.eval.perplexity import rolling_windows
 from mmllm.eval.scoring import score_requests
@@ -141,11 +142,15 @@ class ModelRunner:
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
         out: list[str] = [""] * len(prompts)
         with self._eval_mode():
-            for s in range(0, len(order), self.batch_size):
+            starts = range(0, len(order), self.batch_size)
+            one = self.progress and len(starts) == 1  # one batch: a bar over its tokens instead
+            for s in tqdm(starts, desc="generating", unit="batch", leave=False,
+                          disable=not self.progress or len(starts) < 2):
                 idx = order[s:s + self.batch_size]
                 texts = generate(self.model, self.tokenizer, [prompts[i] for i in idx],
                                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 stop=list(stop or []), seed=None if seed is None else seed + s)
+                                 stop=list(stop or []), seed=None if seed is None else seed + s,
+                                 progress=one)
                 for i, t in zip(idx, texts):
                     out[i] = t
         return out

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from mmllm.generation.progress import Progress, decode
 from mmllm.generation.sampling import SamplingParams
 from mmllm.generation.session import DecodeSession
 
@@ -17,7 +18,8 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
                  use_cache: bool = True, generator: torch.Generator | None = None,
                  stop_fn: Callable[[int, list[int]], bool] | None = None,
-                 stop: Sequence[str] | None = None, tokenizer=None) -> list[list[int]]:
+                 stop: Sequence[str] | None = None, tokenizer=None,
+                 progress: Progress = False) -> list[list[int]]:
     """Generates continuations of token-id prompts (all rows in one session).
 
     Args:
@@ -28,6 +30,8 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_
         stop_fn: ``stop_fn(row, new_ids) -> bool`` to end a row early.
         stop: strings that end a row, found incrementally (needs ``tokenizer``); the tokens of
             the stop string are kept.
+        progress: a tqdm bar over the token budget (True, or its name as a string); see
+            :mod:`mmllm.generation.progress`.
 
     Returns:
         The new token ids of every prompt (prompt excluded).
@@ -41,11 +45,13 @@ def generate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_
     rows = session.add_rows(prompts, max_new_tokens=max_new_tokens, stop=stop,
                             sampling=SamplingParams(temperature, top_k, top_p))
     index = {r: i for i, r in enumerate(rows)}
-    while new := session.step():
-        if stop_fn is not None:
-            for r in new:
-                if not session.rows[r].finished and stop_fn(index[r], session.rows[r].tokens):
-                    session.finish(r)
+
+    def check_stops(new: dict[int, int]) -> None:
+        for r in new:
+            if not session.rows[r].finished and stop_fn(index[r], session.rows[r].tokens):
+                session.finish(r)
+
+    decode(session, rows, progress=progress, on_step=check_stops if stop_fn is not None else None)
     return [session.rows[r].tokens for r in rows]
 
 
@@ -68,7 +74,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], *, chat: bool = False,
 def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              stop: Sequence[str] | None = None, seed: int | None = None, use_cache: bool = True,
-             chat: bool = False, add_bos: bool | None = None) -> list[str]:
+             chat: bool = False, add_bos: bool | None = None, progress: Progress = False) -> list[str]:
     """Generates text for a batch of string prompts.
 
     Args:
@@ -77,6 +83,7 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
         seed: seeds sampling for reproducible outputs.
         chat: wrap each prompt as a user turn with the tokenizer's chat template.
         add_bos: prepend BOS (default: the tokenizer's own setting).
+        progress: a tqdm bar over the token budget (True, or its name as a string).
 
     Returns:
         The generated continuation of every prompt (prompt excluded, stop strings cut).
@@ -90,6 +97,6 @@ def generate(model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tok
     new = generate_ids(model, encoded, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_k=top_k, top_p=top_p, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=pad, use_cache=use_cache, generator=generator,
-                       stop=stop or None, tokenizer=tokenizer)
+                       stop=stop or None, tokenizer=tokenizer, progress=progress)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
     return [_cut_at_stop(t, stop)[0] for t in texts]

@@ -161,18 +161,20 @@ class VisionLanguageModel(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], images: Sequence[torch.Tensor | None], *,
                  max_new_tokens: int = 32, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int = 0, sampling=None, generator: torch.Generator | None = None
-                 ) -> list[list[int]]:
+                 pad_token_id: int = 0, sampling=None, generator: torch.Generator | None = None,
+                 progress: bool | str = False) -> list[list[int]]:
         """Generates from prompts holding image spans: each row is prefilled from embeddings.
 
         Args:
             prompts: token ids per row (with ``<Img><ImageFeature>*M</Img>`` spans).
             images: per row, (k, 3, H, W) preprocessed images (k = its spans) or None.
             sampling: a :class:`mmllm.generation.SamplingParams` (default greedy).
+            progress: a tqdm bar over the token budget (True, or its name as a string).
 
         Returns:
             The new token ids of every row.
         """
+        from mmllm.generation.progress import decode
         from mmllm.generation.session import DecodeSession
 
         if len(prompts) != len(images):
@@ -184,8 +186,7 @@ class VisionLanguageModel(nn.Module):
                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                 generator=generator)
         rows = session.add_rows(inputs_embeds=embeds, max_new_tokens=max_new_tokens, sampling=sampling)
-        while session.step():
-            pass
+        decode(session, rows, progress=progress)
         return [session.rows[r].tokens for r in rows]
 
 

@@ -211,9 +211,15 @@ class PPOModule(L.LightningModule):
             responses = sample_responses(self.policy, prompts, max_new_tokens=self.max_new_tokens,
                                          sampling=SamplingParams() if greedy else self.sampling,
                                          eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
-                                         generator=self._generator)
+                                         generator=self._generator, progress=self._rollout_bar())
         self.model.train(was_training)
         return pad_rollout(prompts, responses, self.pad_token_id, self.device)
+
+    def _rollout_bar(self) -> str | bool:
+        """A bar over a rollout's decoding when the trainer shows its own bar (rank 0 only)."""
+        trainer = self._trainer
+        show = trainer is not None and trainer.progress_bar_callback is not None and trainer.is_global_zero
+        return f"rollout {self.rollouts + 1}" if show else False
 
     @torch.no_grad()
     def score(self, roll: Rollout) -> torch.Tensor:

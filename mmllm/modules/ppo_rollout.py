@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmllm.generation import DecodeSession, SamplingParams
+from mmllm.generation import DecodeSession, SamplingParams, decode
 
 
 class TokenFractionReward:
@@ -137,13 +137,13 @@ def response_end_ids(tokenizer) -> list[int]:
 @torch.no_grad()
 def sample_responses(policy: nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
                      sampling: SamplingParams, eos_token_id: int | list[int] | None, pad_token_id: int,
-                     generator: torch.Generator | None) -> list[list[int]]:
-    """One response per prompt (its eos included), all rows batched on one decode session."""
+                     generator: torch.Generator | None, progress: bool | str = False) -> list[list[int]]:
+    """One response per prompt (its eos included), all rows batched on one decode session
+    (``progress``: a tqdm bar over the token budget)."""
     session = DecodeSession(policy, max_rows=len(prompts), max_len=max(map(len, prompts)) + max_new_tokens + 1,
                             eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator)
     rows = session.add_rows(prompts, max_new_tokens=max_new_tokens, sampling=sampling)
-    while session.step():
-        pass
+    decode(session, rows, progress=progress)
     return [session.rows[r].tokens for r in rows]
 
 

@@ -69,7 +69,8 @@ class PolicySampler:
         for i in tqdm(batches, desc="sampling responses", unit="batch", disable=len(batches) < 2, leave=False):
             new = generate_ids(self.model, ids[i:i + self.batch_size], max_new_tokens=self.max_new_tokens,
                                temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                               eos_token_id=tok.eos_token_id, pad_token_id=pad, generator=gen)
+                               eos_token_id=tok.eos_token_id, pad_token_id=pad, generator=gen,
+                               progress="sampling responses" if len(batches) < 2 else False)
             texts += [tok.decode(x, skip_special_tokens=True).strip() for x in new]
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 

@@ -264,7 +264,8 @@ class SamplesStage(Stage):
 
         model, tok = trained_model(ctx)
         outs = generate(model, tok, self.prompts, max_new_tokens=self.max_new_tokens,
-                        temperature=self.temperature, top_k=self.top_k, seed=ctx.cfg.get("seed"))
+                        temperature=self.temperature, top_k=self.top_k, seed=ctx.cfg.get("seed"),
+                        progress="samples")
         ctx.record["samples"] = [{"prompt": p, "completion": o} for p, o in zip(self.prompts, outs)]
         for p, o in zip(self.prompts, outs):
             print(f"> {p}{o}")

@@ -241,7 +241,8 @@ class ToolUseStage(Stage):
         model.eval()
         with torch.no_grad():
             new = generate_ids(model, prompts, max_new_tokens=self.max_new_tokens, eos_token_id=eos,
-                               pad_token_id=tok.pad_token_id or 0, stop=["<<<api_provider>>>"], tokenizer=tok)
+                               pad_token_id=tok.pad_token_id or 0, stop=["<<<api_provider>>>"], tokenizer=tok,
+                               progress="gorilla eval")
         answers = [tok.decode(ids, skip_special_tokens=True) for ids in new]
         report = evaluate(answers, test, full).as_dict()
         return report, answers

@@ -371,7 +371,7 @@ class VLMStage2Stage(Stage):
 
         options = dict(self.judge_options)
         if self.judge is None:
-            teacher = LocalTeacher(checkpoint=str(_lm_checkpoint(ctx)), on_error="skip", progress=False)
+            teacher = LocalTeacher(checkpoint=str(_lm_checkpoint(ctx)), on_error="skip")
             options.setdefault("sampling", {"temperature": 0.0, "max_tokens": 24})
         else:
             teacher = instantiate(self.judge)
@@ -389,20 +389,24 @@ class VLMStage2Stage(Stage):
 
         question = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nDescribe the picture."}]
         prompt = collate.prompt_ids(question, 1)
-        stop = _stop_ids(tok)
-        out, seen = [], set()
+        picked, seen = [], set()
         for rec in skimage_records():  # distinct images (the records also hold flips and crops)
-            if len(out) >= self.num_captions:
+            if len(picked) >= self.num_captions:
                 break
-            if rec["caption"] in seen:
-                continue
-            seen.add(rec["caption"])
-            new = vlm.generate([prompt], [encoder.preprocess_images(rec["images"])], max_new_tokens=16,
-                               eos_token_id=stop, pad_token_id=collate.pad_id)[0]
-            image = out_dir / f"sample{len(out)}.png"  # shown beside its caption in the report
+            if rec["caption"] not in seen:
+                seen.add(rec["caption"])
+                picked.append(rec)
+        if not picked:
+            return []
+        new = vlm.generate([prompt] * len(picked), [encoder.preprocess_images(r["images"]) for r in picked],
+                           max_new_tokens=16, eos_token_id=_stop_ids(tok), pad_token_id=collate.pad_id,
+                           progress="captions")
+        out = []
+        for k, (rec, ids) in enumerate(zip(picked, new)):
+            image = out_dir / f"sample{k}.png"  # shown beside its caption in the report
             rec["images"][0].convert("RGB").save(image)
             out.append({"image": str(image), "reference": rec["caption"],
-                        "generated": tok.decode(new, skip_special_tokens=True)})
+                        "generated": tok.decode(ids, skip_special_tokens=True)})
         return out
 
 

@@ -102,7 +102,7 @@ def answer_items(vlm, tok, collate, encoder, items: Sequence[dict], *, stop: Seq
         with Image.open(it["image"]) as im:
             images.append(encoder.preprocess_images([im.convert("RGB")]))
     new = vlm.generate(prompts, images, max_new_tokens=max_new_tokens, eos_token_id=list(stop),
-                       pad_token_id=collate.pad_id)
+                       pad_token_id=collate.pad_id, progress="VLM answers")
     return [{**it, "answer": tok.decode(ids, skip_special_tokens=True).strip()} for it, ids in zip(items, new)]
 
 

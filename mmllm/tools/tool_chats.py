@@ -239,7 +239,8 @@ def first_call_scores(model, tokenizer, registry: ToolRegistry, chats: Sequence[
     prompts = [renderer.prompt(plain_chat(c[:2])) for c in chats]
     with torch.no_grad():
         new = generate_ids(model.eval(), prompts, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id or 0,
-                           eos_token_id=[i for i in (tokenizer.eos_token_id, end) if i is not None])
+                           eos_token_id=[i for i in (tokenizer.eos_token_id, end) if i is not None],
+                           progress="tool-call eval")
     called = tool = right = 0
     examples = []
     for chat, ids in zip(chats, new):

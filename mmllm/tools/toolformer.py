@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from mmllm.generation import DecodeSession, generate_ids
 from mmllm.generation.sampling import SamplingParams, sample_next_token
@@ -335,11 +336,15 @@ class ToolformerAnnotator:
         self.stats.kept += len(kept)
         return self.training_row(x, kept), kept
 
-    def annotate_many(self, texts: Iterable[str]) -> Iterator[dict]:
+    def annotate_many(self, texts: Iterable[str], *, progress: bool = True) -> Iterator[dict]:
         """Rows for a stream of texts, each with its kept calls (``calls``: position, call, result,
-        gain) for inspection; :attr:`stats` counts as it goes."""
-        for text in texts:
+        gain) for inspection; :attr:`stats` counts as it goes (``progress``: a tqdm bar over the
+        texts, with the calls kept so far)."""
+        total = len(texts) if isinstance(texts, Sized) else None
+        bar = tqdm(texts, desc="toolformer annotate", unit="text", total=total, leave=False, disable=not progress)
+        for text in bar:
             row, kept = self.annotate(text)
+            bar.set_postfix_str(f"kept {self.stats.kept}", refresh=False)
             yield row | {"calls": [{"position": c.position, "call": c.call, "result": c.result.content,
                                     "gain": c.gain} for c in kept]}
 

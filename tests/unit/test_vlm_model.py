@@ -219,3 +219,15 @@ def test_generate_with_images_matches_forward(tok, encoder):
         logits = vlm(torch.tensor([ids]), images=images).logits[0, -1]
         ids.append(int(logits.argmax()))
     assert new == ids[len(prompt):]
+
+
+def test_batched_generate_with_a_bar_equals_one_image_at_a_time(tok, encoder, capsys):
+    # The VLM stage captions its images in one batch (with a bar): same tokens as one by one.
+    vlm = _vlm(tok, encoder, CONNECTORS["mlp"]()).eval()
+    col = VLMCollator(tok, num_image_tokens=vlm.num_image_tokens, image_transform=encoder.preprocess)
+    prompt = col.image_ids + tok(" a photo", add_special_tokens=False)["input_ids"]
+    images = [encoder.preprocess_images([_img(k)]) for k in (1, 2, 3)]
+    alone = [vlm.generate([prompt], [im], max_new_tokens=5)[0] for im in images]
+    batched = vlm.generate([prompt] * 3, images, max_new_tokens=5, progress="captions")
+    assert batched == alone
+    assert "captions" in capsys.readouterr().err
