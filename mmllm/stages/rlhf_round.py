@@ -82,11 +82,12 @@ class RLHFRoundStage(Stage):
         ckpt = str(ctx.output("pretrain", "checkpoint"))
         run_dir = self.outputs(ctx)["rlhf"]
         seed = int(ctx.cfg.get("seed") or 0)
+        bar = _bar(ctx)
         overrides = [f"run_dir={run_dir}", f"policy={ckpt}", "labeller=ai", "round=0",
                      f"prompts_per_round={len(self.prompts)}", f"samples_per_prompt={self.samples_per_prompt}",
                      f"budget={self.budget}", f"require_preferences={str(self.require_preferences).lower()}",
                      f"sampler.max_new_tokens={self.max_new_tokens}", f"sampler.seed={seed}",
-                     "teacher=local", f"teacher.checkpoint={ckpt}", "teacher.progress=false",
+                     "teacher=local", f"teacher.checkpoint={ckpt}", f"teacher.progress={bar}",
                      f"teacher.cache_path={run_dir}/teacher_cache.sqlite", "teacher.on_error=skip",
                      f"teacher.sampling.max_tokens={self.judge_max_tokens}", "teacher.max_batch=8",
                      f"selection.seed={seed}", f"judge.scoring={self.judge_scoring}", *self.overrides]
@@ -94,28 +95,28 @@ class RLHFRoundStage(Stage):
         with open_dict(cfg):
             cfg.prompts = OmegaConf.create(self.prompts)  # a list: no quoting through overrides
             # Pipeline scale, before the config's own overrides so that those win.
-            cfg.reward_train.overrides = [*cfg.reward_train.overrides[:1], *self.reward_overrides(seed),
+            cfg.reward_train.overrides = [*cfg.reward_train.overrides[:1], *self.reward_overrides(seed, bar),
                                           *cfg.reward_train.overrides[1:]]
-            cfg.ppo_train.overrides = [*cfg.ppo_train.overrides[:1], *self.ppo_overrides(seed),
+            cfg.ppo_train.overrides = [*cfg.ppo_train.overrides[:1], *self.ppo_overrides(seed, bar),
                                        *cfg.ppo_train.overrides[1:]]
         return cfg
 
-    def reward_overrides(self, seed: int) -> list[str]:
+    def reward_overrides(self, seed: int, bar: str = "false") -> list[str]:
         """``mmllm train experiment=reward_model`` at pipeline scale: a few steps, no validation
         loop (the handful of pairs is all training data; the train accuracy is recorded) and so
         no reward normalisation (``normalize=data`` centres on held-out responses)."""
         return [f"trainer.max_steps={self.reward_steps}", f"data.batch_size={self.batch_size}",
                 "data.seq_len=128", "data.val_fraction=0.0", "trainer.limit_val_batches=0",
-                "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+                f"trainer.enable_progress_bar={bar}", "trainer.log_every_n_steps=1",
                 "module.normalize=null", "module.optimizer.lr=2.0e-4", "module.scheduler.warmup_steps=1",
                 f"callbacks.model_checkpoint.every_n_train_steps={self.reward_steps}", f"seed={seed}"]
 
-    def ppo_overrides(self, seed: int) -> list[str]:
+    def ppo_overrides(self, seed: int, bar: str = "false") -> list[str]:
         """``mmllm train experiment=ppo`` at pipeline scale on the round's prompts (samples.jsonl)."""
         return ["data.path={round_dir}/samples.jsonl", f"data.batch_size={self.batch_size}",
                 "data.probe_size=1", "data.chat=true", f"module.max_new_tokens={self.max_new_tokens}",
                 "module.ppo_epochs=1", "module.num_minibatches=1", "module.probe_every=1",
-                f"trainer.max_steps={self.ppo_rollouts}", "trainer.enable_progress_bar=false",
+                f"trainer.max_steps={self.ppo_rollouts}", f"trainer.enable_progress_bar={bar}",
                 "trainer.log_every_n_steps=1",
                 f"callbacks.model_checkpoint.every_n_train_steps={self.ppo_rollouts}", f"seed={seed}"]
 
@@ -145,3 +146,9 @@ class RLHFRoundStage(Stage):
         print(f"rlhf round {r['round']}: {r['judged']} comparisons judged ({self.judge_scoring}) "
               f"{r['judge']}, labels {r['labels']}, {r['preference_pairs']} preference pairs, trained: "
               f"{trained} (reward model train acc {r['reward_model_train_acc']}, PPO reward {r['ppo_reward_mean']})")
+
+
+def _bar(ctx: StageContext) -> str:
+    """The round's progress bars (judge, reward-model and PPO training) follow the pipeline's
+    ``stage_trainer.enable_progress_bar``, as an override value ("true"/"false")."""
+    return str(bool(OmegaConf.select(ctx.cfg, "stage_trainer.enable_progress_bar", default=False))).lower()

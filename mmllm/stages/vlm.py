@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
+from tqdm.auto import tqdm
 
 from mmllm.stages.base import Stage, StageContext
 from mmllm.stages.trainer import CONFIG_IGNORE as STAGE_TRAINER_IGNORE
@@ -134,7 +135,8 @@ class VisionPretrainStage(Stage):
         loss_fn, gen = ClipLoss(), torch.Generator().manual_seed(seed)
         losses, t0 = [], time.perf_counter()
         model.train()
-        for _ in range(self.steps):
+        bar = tqdm(range(self.steps), desc="vision pretrain", unit="step", leave=False)
+        for _ in bar:
             idx = _distinct_captions(torch.randperm(len(pairs), generator=gen), target, self.batch_size)
             images = torch.stack([train_tf(pairs[i]["images"][0]) for i in idx])  # augmented
             img_f, txt_f, scale = model(images, texts[target[idx]])
@@ -143,6 +145,7 @@ class VisionPretrainStage(Stage):
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            bar.set_postfix_str(f"loss {losses[-1]:.3f}", refresh=False)
         after = _retrieval_top1(model, eval_images, texts, target)
         paths = self.outputs(ctx)
         paths["checkpoint"].parent.mkdir(parents=True, exist_ok=True)
