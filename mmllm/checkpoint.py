@@ -155,7 +155,9 @@ def load_lightning_checkpoint(path: str | Path, *, dtype: torch.dtype | None = N
     if distributed:
         state = model_state_dict(file)  # gathers the shards of every rank into full tensors
     else:
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        state = ckpt["state_dict"]
+        if any(k.startswith("model.") for k in state):  # a LightningModule's: its model's entries
+            state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
     model.load_state_dict(state, strict=True)
     if meta.get("lora"):
         from mmllm.modules.lora import merged_model

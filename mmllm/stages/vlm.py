@@ -333,7 +333,12 @@ class VLMStage2Stage(Stage):
         module.merge_lora()
         vlm = module.model.eval()
         connector.save(paths["connector"])
-        torch.save({"model_config": vlm.config, "state_dict": vlm.state_dict()}, paths["checkpoint"])
+        # The layout load_vlm reads, plus the kit metadata load_model / `mmllm chat` / `mmllm serve`
+        # read (the tokenizer with the image tokens is vlm_stage1's, recorded relative to this file).
+        torch.save({"model_config": vlm.config, "state_dict": vlm.state_dict(),
+                    "mmllm": {"model_class": "mmllm.models.vlm.VisionLanguageModel",
+                              "model_config": vlm.config, "tokenizer": "../vlm_stage1/tokenizer"}},
+                   paths["checkpoint"])
         captions = self._captions(vlm, tok, collate, encoder, ctx.dir)
         rec = ctx.record["vlm_stage2"] = {
             **result, "conversations": len(records) + len(generated), "handwritten": len(records),

@@ -86,6 +86,15 @@ def test_vision_language_stages(stage1):
     assert set(r2["caption_metrics"]) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "CIDEr"}
     assert "judge" not in r2 and r2["conversations"] == r2["handwritten"]
     assert (s2.outputs(ctx2)["llava"] / "config.json").is_file()
+    # vlm.pt loads wherever a kit checkpoint does (`mmllm chat/serve checkpoint=...vlm.pt`).
+    from mmllm.checkpoint import load_model
+    from mmllm.data.vlm_collate import vlm_token_ids
+    from mmllm.models.vlm import VisionLanguageModel
+
+    model, tok = load_model(s2.outputs(ctx2)["checkpoint"])
+    saved = torch.load(s2.outputs(ctx2)["checkpoint"], weights_only=True)["state_dict"]
+    assert isinstance(model, VisionLanguageModel) and vlm_token_ids(tok)[1] == model.config["image_token_id"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
 
 def test_stage2_on_generated_instructions(stage1):
