@@ -47,7 +47,10 @@ def to_dtype(value: "str | torch.dtype | None") -> "torch.dtype | None":
     if value is None or isinstance(value, torch.dtype):
         return value
     if value not in DTYPES:
-        raise ValueError(f"unknown dtype {value!r}: expected one of {sorted(DTYPES)}")
+        from mmllm.errors import ConfigError  # a ValueError too
+
+        raise ConfigError(f"unknown dtype {value!r}: expected one of {sorted(DTYPES)}",
+                          fix="set the dtype option to float32 (fp32), bfloat16 (bf16) or float16 (fp16)")
     return DTYPES[value]
 
 

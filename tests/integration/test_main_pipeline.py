@@ -119,7 +119,8 @@ def test_failed_stage_resumes_and_a_changed_option_reruns_only_what_reads_it(tmp
     with pytest.raises(StageError) as err:
         _run(run, [*tiny, "pipeline.stages.export.dtype=bogus"])
     assert err.value.stage == "export"
-    assert str(err.value).startswith("stage 'export' failed: ValueError: unknown dtype 'bogus'")
+    assert str(err.value).startswith("stage 'export' failed: unknown dtype 'bogus'")
+    assert err.value.fix.startswith("set the dtype option to float32") and "to resume from 'export'" in err.value.fix
     assert Marker.read(run, "tokenize") and Marker.read(run, "pretrain")
     assert (run / "checkpoints" / "final.ckpt").is_file()
     assert not any(Marker.read(run, s) for s in ["export", "evaluate", "samples", "summary", "report"])
