@@ -14,6 +14,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mmllm.callbacks.progress import progress_bar_callbacks
 from mmllm.config import CONF_DIR, check_config, save_resolved, to_container
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule, L.
     model_factory = instantiate(cfg.model.lm, _partial_=True)
     module = instantiate(cfg.module, model=model_factory)
     module.run_config = to_container(cfg)
-    trainer = instantiate(cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")),
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks += progress_bar_callbacks(cfg.trainer.get("enable_progress_bar", True), callbacks)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks,
                           logger=_instantiate_all(cfg.get("logger")) or False,
                           strategy=build_strategy(cfg.get("strategy")))
     return module, datamodule, trainer

@@ -15,5 +15,5 @@ from mmllm.generation.sampling import SamplingParams, sample_next_token
 from mmllm.generation.session import DecodeSession, Row
 from mmllm.generation.stops import StopStrings
 
-__all__ = ["DecodeProgress", "DecodeSession", "Row", "decode", "SamplingParams", "StopStrings", "encode_prompts", "generate",
-           "generate_ids", "sample_next_token"]
+__all__ = ["DecodeProgress", "DecodeSession", "Row", "SamplingParams", "StopStrings", "decode",
+           "encode_prompts", "generate", "generate_ids", "sample_next_token"]

@@ -13,6 +13,7 @@ postfix counts the rows done. A disabled bar costs nothing per step.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Self
 
 from tqdm.auto import tqdm
 
@@ -74,7 +75,7 @@ class DecodeProgress:
             self.update()
             self.bar.close()
 
-    def __enter__(self) -> DecodeProgress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -92,7 +92,10 @@ def stage_trainer(ctx: StageContext, *, max_steps: int, phase: str | None = None
     kwargs.update(enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
                   default_root_dir=str(ctx.dir))
     kwargs.update(overrides)
+    from mmllm.callbacks.progress import progress_bar_callbacks
+
     kwargs["callbacks"] = [*_instantiate_nodes(section.get("callbacks")), *callbacks]
+    kwargs["callbacks"] += progress_bar_callbacks(kwargs.get("enable_progress_bar", True), kwargs["callbacks"])
     kwargs["logger"] = stage_loggers(ctx, section.get("loggers", _CSV), phase=phase) or False
     return L.Trainer(max_steps=max_steps, **kwargs)
 

@@ -42,7 +42,7 @@ def test_uncapped_rows_count_the_room_left_in_the_cache(model):
 
 def test_a_row_added_later_counts_only_its_own_tokens(model):
     session = DecodeSession(model, max_rows=2, max_len=40)
-    (a,) = session.add_rows([[5, 6]], max_new_tokens=20)
+    session.add_rows([[5, 6]], max_new_tokens=20)
     for _ in range(3):
         session.step()
     (b,) = session.add_rows([[7, 8]], max_new_tokens=4)

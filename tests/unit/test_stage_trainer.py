@@ -82,6 +82,29 @@ def test_section_defaults_overrides_and_bad_keys(tmp_path):
         stage_trainer(_ctx(tmp_path, {"stage_trainer": {"max_stepz": 3}}), max_steps=1)
 
 
+def test_the_bar_counts_steps_of_an_open_ended_run(tmp_path):
+    from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
+    from mmllm.callbacks.progress import StepRichProgressBar
+
+    ctx = _ctx(tmp_path, {"stage_trainer": {"enable_progress_bar": True, "loggers": None}})
+    trainer = stage_trainer(ctx, max_steps=6)
+    (bar,) = [c for c in trainer.callbacks if isinstance(c, ProgressBar)]
+    trainer.fit(_Regression(), train_dataloaders=_loader())
+    if isinstance(bar, StepRichProgressBar):  # Lightning's own says "Epoch 1/-2" here (max_epochs -1)
+        assert bar._get_train_description(1).strip() == "Epoch 1 · step 6/6"
+        bounded = stage_trainer(ctx, max_steps=-1, max_epochs=3)
+        bounded.fit(_Regression(), train_dataloaders=_loader())
+        assert bounded.progress_bar_callback._get_train_description(0).strip() == "Epoch 0/2"
+    # Off: no bar at all (a bar callback with enable_progress_bar=False is Lightning's error);
+    # the section's own bar is kept, not doubled.
+    assert stage_trainer(_ctx(tmp_path), max_steps=1).progress_bar_callback is None
+    own = {"_target_": "lightning.pytorch.callbacks.TQDMProgressBar"}
+    mine = stage_trainer(_ctx(tmp_path, {"stage_trainer": {"enable_progress_bar": True, "callbacks": [own]}}),
+                         max_steps=1)
+    assert [type(c) for c in mine.callbacks if isinstance(c, ProgressBar)] == [TQDMProgressBar]
+
+
 def test_pipeline_section_composes_with_the_run_as_group(tmp_path):
     run = tmp_path / "runs" / "2026-05-04_03-02-01"
     cfg = compose_config("pipeline", ["logger=[csv,tensorboard]"], output_dir=run)
