@@ -26,24 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mmllm.generation.logprobs import TokenLogprob, token_logprobs
 from mmllm.generation.sampling import SamplingParams, sample_next_token
 from mmllm.generation.stops import StopStrings
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A token's log-probability under the raw model distribution (log_softmax of the logits,
-    before temperature / top-k / top-p) and the most likely tokens at its position.
-
-    Attributes:
-        token: the token id.
-        logprob: its log-probability.
-        top: ``(id, logprob)`` of the k most likely tokens, most likely first.
-    """
-
-    token: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -331,7 +316,7 @@ class DecodeSession:
         for lo in range(0, len(ids) - 1, chunk):
             hi = min(lo + chunk, len(ids) - 1)
             logits = self.model.lm_head(hidden[lo:hi]).float()  # (n, V): predicts ids[lo+1 : hi+1]
-            out += _token_logprobs(logits, ids[lo + 1:hi + 1], [row.n_prompt_top] * (hi - lo))
+            out += token_logprobs(logits, ids[lo + 1:hi + 1], [row.n_prompt_top] * (hi - lo))
         return out
 
     def _static_step(self, row_ids: list[int]) -> None:
@@ -430,7 +415,7 @@ class DecodeSession:
             want = [i for i, r in enumerate(group) if self.rows[r].n_top is not None]
             if want:  # only the rows that asked pay for the log_softmax and top-k
                 pick = torch.tensor(want, device=self.device)
-                found = _token_logprobs(logits[pick], toks[pick], [self.rows[group[i]].n_top for i in want])
+                found = token_logprobs(logits[pick], toks[pick], [self.rows[group[i]].n_top for i in want])
                 tops.update(zip((group[i] for i in want), found))
         for r in running:
             self._record(r, new[r], logprobs.get(r), tops.get(r))
@@ -465,13 +450,3 @@ class DecodeSession:
                 or row.length >= self.max_len:
             row.finish_reason = "length"
 
-
-def _token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, ks: Sequence[int]) -> list[TokenLogprob]:
-    """Per row of (n, V) raw logits: the chosen token's log_softmax and the ``ks[i]`` most likely."""
-    lp = logits.float().log_softmax(-1)  # (n, V)
-    picked = lp.gather(-1, chosen[:, None].long()).squeeze(-1).tolist()
-    k = min(max(ks), lp.shape[-1])
-    values, ids = (lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long()))  # (n, k), sorted
-    values, ids = values.tolist(), ids.tolist()
-    return [TokenLogprob(int(t), p, tuple(zip(ids[i][:ks[i]], values[i][:ks[i]])))
-            for i, (t, p) in enumerate(zip(chosen.tolist(), picked))]

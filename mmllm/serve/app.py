@@ -224,8 +224,9 @@ async def _generate(request: web.Request, body: dict, prompts: list[list[int]], 
                 dones[i] = event
         finals = [dones[i] for i in range(len(reqs))]
         texts_of = [t for t in (prompt_texts or [None] * len(prompts)) for _ in range(n)]
-        texts, logprobs = await loop.run_in_executor(  # echoed prompts: O(T) decodes each
-            None, _choice_texts, s["names"], engine.tokenizer, finals, reqs, texts_of, chat, body.get("echo"))
+        args = (s["names"], engine.tokenizer, finals, reqs, texts_of, chat, body.get("echo"))
+        texts, logprobs = _choice_texts(*args) if reqs[0].logprobs is None and not body.get("echo") \
+            else await loop.run_in_executor(None, _choice_texts, *args)  # echo: O(T) decodes a prompt
         out = protocol.response(rid, s["model"], finals, chat=chat, n=n, texts=texts, logprobs=logprobs)
         return web.json_response(serve_tools.apply_tool_calls(out, tools) if tools else out)
     finally:

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from mmllm.generation import DecodeSession, SamplingParams
-from mmllm.generation.session import Row, TokenLogprob
+from mmllm.generation.logprobs import TokenLogprob
+from mmllm.generation.session import Row
 
 log = logging.getLogger(__name__)
 

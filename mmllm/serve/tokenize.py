@@ -50,11 +50,11 @@ async def tokenize(request: web.Request) -> web.Response:
             raise APIError(400, f"this model has no chat template: {renderer}", param="messages")
         messages = protocol.chat_messages(body)
 
-        def render() -> list[int]:
+        def render() -> list[int]:  # tokenised as the chat endpoint (and training) tokenise it
             with s["lock"]:  # the renderer's template-id cache is not thread-safe
-                ids = renderer.prompt(messages)
-            return ids if body.get("add_generation_prompt", True) else \
-                tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=False)
+                if body.get("add_generation_prompt", True):
+                    return renderer.prompt(messages)
+                return renderer(messages).input_ids
         work = render
     else:
         prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
@@ -65,9 +65,9 @@ async def tokenize(request: web.Request) -> web.Response:
         work = lambda: tok(prompt, add_special_tokens=special)["input_ids"]  # noqa: E731
     try:
         ids = await asyncio.get_running_loop().run_in_executor(None, work)
-    except ChatFormatError as e:
+    except (ChatFormatError, ValueError) as e:
         raise APIError(400, f"cannot render the conversation: {e}", param="messages") from e
-    ids = list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+    ids = list(ids)
     return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": engine.max_seq_len})
 
 

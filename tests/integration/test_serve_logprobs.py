@@ -15,9 +15,10 @@ openai = pytest.importorskip("openai")
 from mmllm.checkpoint import load_model
 from mmllm.data.chat import render_prompt
 from mmllm.data.tokenizer import train_bpe_tokenizer
-from mmllm.generation import generate_ids
+from mmllm.generation import DecodeSession, SamplingParams, generate_ids
 from mmllm.models.decoder_lm import DecoderLM
-from mmllm.serve import Engine, ServerThread, create_app
+from mmllm.serve import Engine, ServerThread, create_app, protocol
+from mmllm.serve.app import STATS
 
 KEY = "sk-logprobs"
 TEXT = ("Question: What is the capital of France?\nAnswer: Paris. The capital of Spain is Madrid. "
@@ -67,6 +68,43 @@ def full_logprobs(model, ids: list[int]) -> torch.Tensor:
     """(T, V) log_softmax of one full forward (no KV cache): row i predicts token i + 1."""
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_session_logprobs_are_raw_aligned_and_only_for_rows_that_ask(loaded, static):
+    model, tok = loaded
+    prompts = [tok(t)["input_ids"] for t in ("Once upon a time", "The capital of Spain", "Two plus")]
+    s = DecodeSession(model, max_rows=3, max_len=64, static_decode=static,
+                      generator=torch.Generator().manual_seed(0))
+    hot = SamplingParams(temperature=1.5, top_k=20)  # sampled: the logprobs stay the raw ones
+    a, b = s.add_rows(prompts[:2], max_new_tokens=6, top_logprobs=3, prompt_logprobs=2, sampling=hot)
+    (c,) = s.add_rows(prompts[2:], max_new_tokens=6)
+    while s.running:
+        s.step()
+    for r in (a, b):
+        row = s.rows[r]
+        ref, n = full_logprobs(model, row.prompt + row.tokens), len(row.prompt)
+        assert row.prompt_logprobs[0] is None and len(row.prompt_logprobs) == n
+        for i, e in enumerate(row.prompt_logprobs[1:], 1):
+            assert e.token == row.prompt[i] and e.logprob == pytest.approx(ref[i - 1, e.token].item(), abs=1e-4)
+            assert [t for t, _ in e.top] == ref[i - 1].topk(2).indices.tolist()
+        assert [e.token for e in row.token_logprobs] == row.tokens
+        assert [e.logprob for e in row.token_logprobs] == pytest.approx(
+            [ref[n - 1 + j, t].item() for j, t in enumerate(row.tokens)], abs=1e-4)
+        assert all(len(e.top) == 3 for e in row.token_logprobs)
+    assert s.rows[c].token_logprobs == [] and s.rows[c].prompt_logprobs == []  # it did not ask
+    s.append(a, [5, 6])  # appended tokens have no logprobs; truncation keeps the lists aligned
+    s.step()
+    row = s.rows[a]
+    assert row.token_logprobs[-3:-1] == [None, None] and len(row.token_logprobs) == len(row.tokens)
+    s.truncate(a, len(row.prompt) + 2)
+    assert len(row.token_logprobs) == 2 and len(row.logprobs) == 2
+    s.remove_rows([a, b, c])
+    (z,) = s.add_rows([prompts[0]], max_new_tokens=0, prompt_logprobs=0)  # score only
+    assert s.step() == {} and s.rows[z].finish_reason == "length" and s.rows[z].tokens == []
+    assert len(s.rows[z].prompt_logprobs) == len(prompts[0]) and s.rows[z].prompt_logprobs[1].top == ()
+    with pytest.raises(ValueError, match="token-id prompts"):
+        s.add_rows(inputs_embeds=[torch.zeros(2, 32)], prompt_logprobs=1)
 
 
 def test_chat_logprobs_equal_a_full_forward_and_stream_the_same(client, loaded):
@@ -124,6 +162,28 @@ def test_completion_echo_scores_batched_prompts_like_a_full_forward(client, load
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     alone = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=3, temperature=0)
     assert two.choices[0].text == "Once upon a time" + alone.choices[0].text
+
+
+def test_a_stop_string_cuts_the_logprobs_with_the_text(client, loaded):
+    special = set(loaded[1].all_special_tokens)  # named in "tokens", skipped in the text
+    joined = lambda tokens: "".join(t for t in tokens if t not in special)  # noqa: E731
+    kw = {"model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 24, "logprobs": 0}
+    full = client.completions.create(**kw).choices[0]
+    text = full.text
+    assert joined(full.logprobs.tokens) == text and full.logprobs.text_offset[0] == 0
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip(), "the random model's text needs a visible middle to stop at"
+    cut = client.completions.create(stop=[stop], **kw).choices[0]
+    n = len(cut.logprobs.tokens)
+    assert cut.text == text[:text.index(stop)] and 0 < n < len(full.logprobs.tokens)
+    assert cut.logprobs.tokens == full.logprobs.tokens[:n]  # the tokens behind the cut text only
+    assert cut.logprobs.token_logprobs == full.logprobs.token_logprobs[:n]
+    assert cut.logprobs.text_offset == full.logprobs.text_offset[:n]
+    assert joined(cut.logprobs.tokens).startswith(cut.text)
+    assert not joined(cut.logprobs.tokens[:-1]).startswith(cut.text)
+    streamed = [t for ch in client.completions.create(stop=[stop], stream=True, **kw)
+                if ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+    assert streamed == cut.logprobs.tokens
 
 
 def test_tokenizer_endpoints_behind_the_key(server, loaded):
@@ -186,7 +246,13 @@ def test_lm_eval_local_completions_equals_the_in_process_adapter(server, loaded,
     task_dir = write_lm_eval_task(tmp_path / "task")
     ours = run_lm_eval(MMLLMEvalLM(model=model, tokenizer=tok, batch_size=8), task_dir, limit=10)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)  # lm-eval's header for /v1/completions
-    base = f"{server.url}/completions"
+    base, batches, tokenized = f"{server.url}/completions", [], server.app[STATS]["/tokenize"]
+
+    def recorded(body, tokenizer, real=protocol.completion_prompts):
+        batches.append(len(body["prompt"]) if isinstance(body["prompt"][0], list) else 1)
+        return real(body, tokenizer)
+
+    monkeypatch.setattr(protocol, "completion_prompts", recorded)
     for backend, extra in (("remote", {}), ("huggingface", {"tokenizer": str(tiny_ckpt.parent / "tokenizer")})):
         lm = LocalCompletionsAPI(base_url=base, model="tiny", tokenizer_backend=backend, batch_size=4,
                                  num_concurrent=2, max_retries=1, max_length=256, auth_token=KEY, **extra)
@@ -195,6 +261,9 @@ def test_lm_eval_local_completions_equals_the_in_process_adapter(server, loaded,
         flat = [x for row in theirs["loglikelihoods"] for x in row]
         assert flat == pytest.approx([x for row in ours["loglikelihoods"] for x in row], abs=1e-3), backend
         assert len(flat) == 40 and len(set(round(x, 3) for x in flat)) > 10  # real, varied scores
+        assert max(batches) == 4 and sum(batches) == 40  # batches of token-id prompts
+        batches.clear()
+    assert server.app[STATS]["/tokenize"] > tokenized  # the remote backend used the server's tokenizer
 
 
 def test_openai_teacher_option_logprobs_agree_with_the_local_teacher(server, loaded, tiny_ckpt, monkeypatch):
