@@ -13,7 +13,9 @@ next tokens decide them.
 Log-probabilities (``GenRequest.logprobs`` / ``prompt_logprobs``) are the raw model
 distribution's (log_softmax of the logits, before temperature / top-k / top-p). A Delta carries
 those of the completion tokens its text completes; the final Done, those of every token behind
-the returned text: the tokens whose text lies wholly after a stop string and the eos are left out.
+the returned text: the tokens whose text lies wholly after a stop string are left out, and the
+eos unless ``GenRequest.eos_logprob`` (legacy completions report it, as OpenAI's do: lm-eval's
+echo scoring reads one logprob per token of prompt + completion).
 
 Seeds: the session has one random generator for all rows, so a sampled request with a ``seed``
 runs alone (admitted once the batch drains, nothing joins it) with the generator reseeded, which
@@ -102,6 +104,7 @@ class GenRequest:
         logprobs: report each completion token's raw log-probability and this many most likely
             alternatives (None: off).
         prompt_logprobs: the same for the prompt tokens (one forward, the prefill; None: off).
+        eos_logprob: also report the eos that ended the completion (its text is empty).
     """
 
     prompt: list[int]
@@ -115,6 +118,7 @@ class GenRequest:
     images: torch.Tensor | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    eos_logprob: bool = False
     sent_logprobs: list[TokenLogprob] = field(default_factory=list)  # reported so far
     sent_offsets: list[int] = field(default_factory=list)
     covered: str = ""  # the text of the tokens in sent_logprobs
@@ -330,7 +334,7 @@ class Engine:
         """
         if req.logprobs is None:
             return None, None
-        toks = row.tokens[:-1] if row.finish_reason == "eos" else row.tokens
+        toks = row.tokens[:-1] if row.finish_reason == "eos" and not req.eos_logprob else row.tokens
         n, prev, lps, offsets = len(req.sent_logprobs), req.covered, [], []
         while n < len(toks):
             nxt = self.tokenizer.decode(toks[:n + 1], skip_special_tokens=True,

@@ -130,7 +130,8 @@ def parse_generation(body: Mapping, prompt: list[int], limits: Limits, *, chat: 
     return GenRequest(prompt=prompt, max_tokens=max_tokens, stop=_stop(body, limits),
                       sampling=SamplingParams(temperature=temperature, top_k=top_k or None,
                                               top_p=None if top_p in (None, 1.0) else top_p),
-                      seed=seed, logprobs=logprobs, prompt_logprobs=logprobs if echo else None)
+                      seed=seed, logprobs=logprobs, prompt_logprobs=logprobs if echo else None,
+                      eos_logprob=not chat)
 
 
 def parse_logprobs(body: Mapping, *, chat: bool) -> tuple[int | None, bool]:

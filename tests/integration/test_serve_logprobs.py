@@ -164,6 +164,27 @@ def test_completion_echo_scores_batched_prompts_like_a_full_forward(client, load
     assert two.choices[0].text == "Once upon a time" + alone.choices[0].text
 
 
+def test_a_completion_ended_by_eos_still_scores_every_token(loaded):
+    """lm-eval reads ``token_logprobs[ctxlen:-1]`` of prompt + one token: that token must be
+    listed even when it is the eos (chat leaves the eos out, legacy completions keep it)."""
+    import copy
+
+    model, tok = loaded
+    ids = tok("The capital of Spain is")["input_ids"]
+    ref = full_logprobs(model, ids)
+    greedy = int(ref[-1].argmax())
+    eos_tok = copy.deepcopy(tok)  # the greedy next token made the eos
+    eos_tok.eos_token = tok.convert_ids_to_tokens(greedy)
+    assert eos_tok.eos_token_id == greedy
+    with ServerThread(create_app(Engine(model, eos_tok, max_batch=2, max_seq_len=64), model_name="e")) as s:
+        c = openai.OpenAI(base_url=s.url, api_key="unused", max_retries=0)
+        r = c.completions.create(model="e", prompt=[ids], max_tokens=1, echo=True, logprobs=1,
+                                 temperature=0).choices[0]
+        assert r.finish_reason == "stop" and len(r.logprobs.token_logprobs) == len(ids) + 1
+        assert r.logprobs.token_logprobs[-1] == pytest.approx(ref[-1, greedy].item(), abs=1e-4)
+        assert r.logprobs.top_logprobs[-1] == {tok.decode([greedy]): r.logprobs.token_logprobs[-1]}
+
+
 def test_a_stop_string_cuts_the_logprobs_with_the_text(client, loaded):
     special = set(loaded[1].all_special_tokens)  # named in "tokens", skipped in the text
     joined = lambda tokens: "".join(t for t in tokens if t not in special)  # noqa: E731
