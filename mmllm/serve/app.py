@@ -214,8 +214,10 @@ async def _generate(request: web.Request, body: dict, prompts: list[list[int]], 
     for req in reqs:
         engine.submit(req)
     try:
+        texts_of = [t for t in (prompt_texts or [None] * len(prompts)) for _ in range(n)]
         if body.get("stream"):
-            return await _stream(request, body, reqs, events, rid, chat=chat, n=n)
+            return await _stream(request, body, reqs, events, rid, chat=chat, n=n,
+                                 echo=texts_of if body.get("echo") else None)
         dones: dict[int, Done] = {}
         while len(dones) < len(reqs):
             i, event = await events.get()
@@ -223,7 +225,6 @@ async def _generate(request: web.Request, body: dict, prompts: list[list[int]], 
                 _check_final(event)
                 dones[i] = event
         finals = [dones[i] for i in range(len(reqs))]
-        texts_of = [t for t in (prompt_texts or [None] * len(prompts)) for _ in range(n)]
         args = (s["names"], engine.tokenizer, finals, reqs, texts_of, chat, body.get("echo"))
         texts, logprobs = _choice_texts(*args) if reqs[0].logprobs is None and not body.get("echo") \
             else await loop.run_in_executor(None, _choice_texts, *args)  # echo: O(T) decodes a prompt
@@ -252,12 +253,20 @@ def _choice_texts(names: lp.TokenText, tokenizer, dones: list[Done], reqs: list[
     return texts, logprobs
 
 
-def _delta_logprobs(names: lp.TokenText, event: Delta, chat: bool) -> dict | None:
-    """The ``logprobs`` of a streamed delta's tokens."""
+def _delta_logprobs(names: lp.TokenText, event: Delta, chat: bool, shift: int = 0) -> dict | None:
+    """The ``logprobs`` of a streamed delta's tokens (offsets ``shift`` on past an echoed prompt)."""
     if event.logprobs is None:
         return None
     return lp.chat_logprobs(event.logprobs, names) if chat else \
-        lp.completion_logprobs(event.logprobs, event.offsets, names)
+        lp.completion_logprobs(event.logprobs, [o + shift for o in event.offsets], names)
+
+
+def _echo_head(names: lp.TokenText, tokenizer, req: GenRequest, prompt_text: str | None,
+               event: Event) -> tuple[str, dict | None]:
+    """The first streamed chunk of an echoed choice: its prompt (and the prompt's logprobs)."""
+    empty = lp.completion_logprobs([], [], names) if req.logprobs is not None else None
+    return lp.echo_choice(tokenizer, names, req.prompt, prompt_text, "", empty,
+                          getattr(event, "prompt_logprobs", None))
 
 
 def _check_final(event: Done | Failed) -> None:
@@ -269,9 +278,15 @@ def _check_final(event: Done | Failed) -> None:
 
 
 async def _stream(request: web.Request, body: dict, reqs: list[GenRequest], events: asyncio.Queue,
-                  rid: str, *, chat: bool, n: int = 1) -> web.StreamResponse:
-    """Server-sent events in OpenAI's chunk format (choices interleaved), then ``data: [DONE]``."""
+                  rid: str, *, chat: bool, n: int = 1, echo: list[str | None] | None = None) -> web.StreamResponse:
+    """Server-sent events in OpenAI's chunk format (choices interleaved), then ``data: [DONE]``.
+
+    Args:
+        echo: per choice, its prompt string (None: token ids) when the prompts are echoed; each
+            choice's first chunk is then its prompt.
+    """
     model, names = request.app[SETTINGS]["model"], request.app[SETTINGS]["names"]
+    tokenizer, loop, heads = request.app[ENGINE].tokenizer, asyncio.get_running_loop(), {}
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -286,9 +301,13 @@ async def _stream(request: web.Request, body: dict, reqs: list[GenRequest], even
         dones: dict[int, Done] = {}
         while len(dones) < len(reqs):
             i, event = await events.get()
+            if echo is not None and i not in heads and not isinstance(event, Failed):
+                text, obj = await loop.run_in_executor(None, _echo_head, names, tokenizer, reqs[i], echo[i], event)
+                await send(protocol.chunk(rid, model, chat=chat, index=i, text=text, logprobs=obj))
+                heads[i] = len(text)  # later offsets count the echoed prompt
             if isinstance(event, Delta):
                 await send(protocol.chunk(rid, model, chat=chat, index=i, text=event.text,
-                                          logprobs=_delta_logprobs(names, event, chat)))
+                                          logprobs=_delta_logprobs(names, event, chat, heads.get(i, 0))))
                 continue
             try:
                 _check_final(event)

@@ -49,11 +49,14 @@ class Delta:
         text: the new text.
         logprobs: the completion tokens this text completes (requests with ``logprobs``).
         offsets: per entry of ``logprobs``, where its text starts in the completion (characters).
+        prompt_logprobs: on a request's first Delta (requests with ``prompt_logprobs``), the
+            prompt's (see :class:`Done`), so a stream can echo the prompt before the completion.
     """
 
     text: str
     logprobs: list[TokenLogprob] | None = None
     offsets: list[int] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -122,6 +125,7 @@ class GenRequest:
     sent_logprobs: list[TokenLogprob] = field(default_factory=list)  # reported so far
     sent_offsets: list[int] = field(default_factory=list)
     covered: str = ""  # the text of the tokens in sent_logprobs
+    prompt_reported: bool = False
 
     @property
     def exclusive(self) -> bool:
@@ -282,7 +286,7 @@ class Engine:
             self._waiting.popleft()
             if req.exclusive:
                 self.generator.manual_seed(req.seed)
-            req.sent_logprobs, req.sent_offsets, req.covered = [], [], ""
+            req.sent_logprobs, req.sent_offsets, req.covered, req.prompt_reported = [], [], "", False
             try:
                 (row_id,) = self.session.add_rows(**self._prompt(req), max_new_tokens=req.max_tokens,
                                                   stop=list(req.stop) or None, sampling=req.sampling,
@@ -311,9 +315,10 @@ class Engine:
                 self.session.finish(row_id, "cancelled")
             text = self.completion_text(row.tokens, req.stop, finished=row.finished)
             new, (lps, offsets) = text[len(req.sent):], self._new_logprobs(req, row, text)
-            if new or lps:
-                _emit(req, Delta(new, lps, offsets))
-                req.sent = text if new else req.sent
+            first = req.prompt_logprobs is not None and not req.prompt_reported
+            if new or lps or first:
+                _emit(req, Delta(new, lps, offsets, row.prompt_logprobs if first else None))
+                req.sent, req.prompt_reported = text if new else req.sent, True
             if row.finished:
                 done.append(row_id)
         for row_id, row in zip(done, self.session.remove_rows(done)):

@@ -157,9 +157,6 @@ def parse_logprobs(body: Mapping, *, chat: bool) -> tuple[int | None, bool]:
     echo = body.get("echo")
     if echo is not None and not isinstance(echo, bool):
         raise APIError(400, f"echo must be a boolean, got {echo!r}", param="echo")
-    if echo and body.get("stream"):
-        raise APIError(400, "echo with stream is not supported by this server; send stream=false",
-                       param="echo")
     return _integer(body, "logprobs", 0, MAX_LOGPROBS), bool(echo)
 
 
