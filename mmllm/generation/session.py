@@ -228,7 +228,8 @@ class DecodeSession:
         row.tokens += [int(t) for t in ids]
         row.sampled += [False] * len(ids)
         row.logprobs += [None] * len(ids)
-        row.token_logprobs += [None] * len(ids)
+        if row.n_top is not None:
+            row.token_logprobs += [None] * len(ids)
         row.finish_reason = None
         self._reset_stops(row)
 

@@ -62,7 +62,7 @@ async def tokenize(request: web.Request) -> web.Response:
             raise APIError(400, "prompt must be a string (or send messages)", param="prompt")
         if not isinstance(special, bool):
             raise APIError(400, "add_special_tokens must be a boolean", param="add_special_tokens")
-        work = lambda: tok(prompt, add_special_tokens=special)["input_ids"]  # noqa: E731
+        work = lambda: tok(prompt, add_special_tokens=special)["input_ids"]
     try:
         ids = await asyncio.get_running_loop().run_in_executor(None, work)
     except (ChatFormatError, ValueError) as e:

@@ -94,7 +94,9 @@ def test_session_logprobs_are_raw_aligned_and_only_for_rows_that_ask(loaded, sta
         assert all(len(e.top) == 3 for e in row.token_logprobs)
     assert s.rows[c].token_logprobs == [] and s.rows[c].prompt_logprobs == []  # it did not ask
     s.append(a, [5, 6])  # appended tokens have no logprobs; truncation keeps the lists aligned
+    s.append(c, [5])
     s.step()
+    assert s.rows[c].token_logprobs == []
     row = s.rows[a]
     assert row.token_logprobs[-3:-1] == [None, None] and len(row.token_logprobs) == len(row.tokens)
     s.truncate(a, len(row.prompt) + 2)
@@ -198,7 +200,7 @@ def test_a_completion_ended_by_eos_still_scores_every_token(loaded):
 
 def test_a_stop_string_cuts_the_logprobs_with_the_text(client, loaded):
     special = set(loaded[1].all_special_tokens)  # named in "tokens", skipped in the text
-    joined = lambda tokens: "".join(t for t in tokens if t not in special)  # noqa: E731
+    joined = lambda tokens: "".join(t for t in tokens if t not in special)
     kw = {"model": "tiny", "prompt": "Once upon a time", "temperature": 0, "max_tokens": 24, "logprobs": 0}
     full = client.completions.create(**kw).choices[0]
     text = full.text
@@ -291,7 +293,7 @@ def test_lm_eval_local_completions_equals_the_in_process_adapter(server, loaded,
         assert theirs["acc"] == ours["acc"] and theirs["acc_norm"] == ours["acc_norm"], backend
         flat = [x for row in theirs["loglikelihoods"] for x in row]
         assert flat == pytest.approx([x for row in ours["loglikelihoods"] for x in row], abs=1e-3), backend
-        assert len(flat) == 40 and len(set(round(x, 3) for x in flat)) > 10  # real, varied scores
+        assert len(flat) == 40 and len({round(x, 3) for x in flat}) > 10  # real, varied scores
         assert max(batches) == 4 and sum(batches) == 40  # batches of token-id prompts
         batches.clear()
     assert server.app[STATS]["/tokenize"] > tokenized  # the remote backend used the server's tokenizer
