@@ -286,9 +286,11 @@ def test_lm_eval_local_completions_equals_the_in_process_adapter(server, loaded,
         return real(body, tokenizer)
 
     monkeypatch.setattr(protocol, "completion_prompts", recorded)
-    for backend, extra in (("remote", {}), ("huggingface", {"tokenizer": str(tiny_ckpt.parent / "tokenizer")})):
+    # "auto" finds /tokenizer_info and /tokenize and picks the remote backend (the server's tokenizer).
+    for backend, extra in (("auto", {}), ("huggingface", {"tokenizer": str(tiny_ckpt.parent / "tokenizer")})):
         lm = LocalCompletionsAPI(base_url=base, model="tiny", tokenizer_backend=backend, batch_size=4,
                                  num_concurrent=2, max_retries=1, max_length=256, auth_token=KEY, **extra)
+        assert lm.tokenizer_backend == ("remote" if backend == "auto" else backend)
         theirs = run_lm_eval(lm, task_dir, limit=10)
         assert theirs["acc"] == ours["acc"] and theirs["acc_norm"] == ours["acc_norm"], backend
         flat = [x for row in theirs["loglikelihoods"] for x in row]
