@@ -36,10 +36,11 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, ks: Sequence[int]
     Returns:
         One :class:`TokenLogprob` per row (alternatives most likely first).
     """
-    lp = logits.float().log_softmax(-1)  # (n, V)
-    picked = lp.gather(-1, chosen[:, None].long()).squeeze(-1).tolist()
-    k = min(max(ks), lp.shape[-1])
-    values, ids = (lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long()))  # (n, k), sorted
-    values, ids = values.tolist(), ids.tolist()
+    logits = logits.float()
+    lse = logits.logsumexp(-1, keepdim=True)  # (n, 1): log_softmax = logits - lse, never materialised
+    picked = (logits.gather(-1, chosen[:, None].long()) - lse).squeeze(-1).tolist()
+    k = min(max(ks), logits.shape[-1])
+    values, ids = logits.topk(k, dim=-1) if k > 0 else (logits[:, :0], logits[:, :0].long())  # (n, k)
+    values, ids = (values - lse).tolist(), ids.tolist()
     return [TokenLogprob(int(t), p, tuple(zip(ids[i][:ks[i]], values[i][:ks[i]])))
             for i, (t, p) in enumerate(zip(chosen.tolist(), picked))]
