@@ -44,3 +44,26 @@ def token_logprobs(logits: torch.Tensor, chosen: torch.Tensor, ks: Sequence[int]
     values, ids = (values - lse).tolist(), ids.tolist()
     return [TokenLogprob(int(t), p, tuple(zip(ids[i][:ks[i]], values[i][:ks[i]])))
             for i, (t, p) in enumerate(zip(chosen.tolist(), picked))]
+
+
+def sequence_logprobs(lm_head, hidden, ids, k: int, chunk: int = 512) -> list[TokenLogprob | None]:
+    """Each token's log-probability given the ones before it, from one forward's hidden states.
+
+    Args:
+        lm_head: the model's output projection.
+        hidden: (T, C) final hidden states of a sequence fed from its first token (position i
+            predicts token i + 1; T may run past ``ids``).
+        ids: the sequence's token ids.
+        k: alternatives per position.
+        chunk: positions per LM-head call (caps the (chunk, V) logits held at once).
+
+    Returns:
+        One entry per token of ``ids``; the first is None (nothing predicts it).
+    """
+    ids = torch.as_tensor(list(ids), dtype=torch.long, device=hidden.device)
+    out: list[TokenLogprob | None] = [None]
+    for lo in range(0, len(ids) - 1, chunk):
+        hi = min(lo + chunk, len(ids) - 1)
+        logits = lm_head(hidden[lo:hi])  # (n, V): predicts ids[lo + 1 : hi + 1]
+        out += token_logprobs(logits, ids[lo + 1:hi + 1], [k] * (hi - lo))
+    return out

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mmllm.generation.logprobs import TokenLogprob, token_logprobs
+from mmllm.generation.logprobs import TokenLogprob, sequence_logprobs, token_logprobs
 from mmllm.generation.sampling import SamplingParams, sample_next_token
 from mmllm.generation.stops import StopStrings
 
@@ -294,7 +294,8 @@ class DecodeSession:
         by_slot = {s: i for i, s in enumerate(slots)}
         for row in rows:
             if row.n_prompt_top is not None and row.cached == 0 and not row.prompt_logprobs:
-                row.prompt_logprobs = self._prompt_logprobs(row, out.hidden[by_slot[row.slot]])
+                row.prompt_logprobs = sequence_logprobs(self.model.lm_head, out.hidden[by_slot[row.slot]],
+                                                        row.prompt, row.n_prompt_top)
         idx = torch.tensor([by_slot[r.slot] for r in rows], device=self.device)
         last = torch.tensor([n_new[by_slot[r.slot]] - 1 for r in rows], device=self.device)
         logits = self.model.lm_head(out.hidden[idx, last]).float()  # (n, V)
@@ -303,22 +304,6 @@ class DecodeSession:
         self._logits[torch.tensor([r.slot for r in rows], device=self.device)] = logits
         for row in rows:
             row.cached = row.length
-
-    def _prompt_logprobs(self, row: Row, hidden: torch.Tensor, chunk: int = 512) -> list[TokenLogprob | None]:
-        """Raw log-probabilities of a row's prompt tokens from the forward that fed it.
-
-        Args:
-            row: a row whose prompt was fed from position 0 in this forward.
-            hidden: (T, C) its final hidden states (position i predicts token i + 1).
-            chunk: positions per LM-head call (caps the (chunk, V) logits held at once).
-        """
-        ids = torch.as_tensor(row.prompt, dtype=torch.long, device=self.device)
-        out: list[TokenLogprob | None] = [None]  # nothing predicts the first token
-        for lo in range(0, len(ids) - 1, chunk):
-            hi = min(lo + chunk, len(ids) - 1)
-            logits = self.model.lm_head(hidden[lo:hi]).float()  # (n, V): predicts ids[lo+1 : hi+1]
-            out += token_logprobs(logits, ids[lo + 1:hi + 1], [row.n_prompt_top] * (hi - lo))
-        return out
 
     def _static_step(self, row_ids: list[int]) -> None:
         """One token for each of ``row_ids`` in a fixed-shape forward of every slot."""
