@@ -12,6 +12,10 @@ result, the token sampled last) go through the model at the next :meth:`DecodeSe
 :meth:`DecodeSession.prefill`. Rows with one pending token (decoding) share one forward; rows with
 more (prompts, tool results) share another, right-padded, so long prompts do not pad the decode
 batch. The token that ends a row is never fed, unless something is appended after it.
+
+Token log-probabilities (``add_rows(top_logprobs=k)``, ``add_rows(prompt_logprobs=k)``) are those
+of the raw model distribution, ``log_softmax(logits)`` before temperature / top-k / top-p (as
+OpenAI and vLLM report them), with the k most likely alternatives; only rows that ask pay for them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mmllm.generation.logprobs import TokenLogprob, sequence_logprobs, token_logprobs
 from mmllm.generation.sampling import SamplingParams, sample_next_token
 from mmllm.generation.stops import StopStrings
 
@@ -38,6 +43,12 @@ class Row:
         logprobs: per entry of ``tokens``, the log-probability it was sampled with under
             softmax(logits / temperature) (temperature 1 when greedy; before top-k/top-p), as
             PPO needs; None for appended tokens. Kept when the session has ``logprobs=True``.
+        n_top: alternatives kept per sampled token in :attr:`token_logprobs` (None: none kept).
+        token_logprobs: per entry of ``tokens``, its :class:`TokenLogprob` (None for appended
+            tokens); kept when ``n_top`` is set.
+        n_prompt_top: alternatives per prompt position in :attr:`prompt_logprobs` (None: off).
+        prompt_logprobs: per prompt token, its :class:`TokenLogprob` given the tokens before it
+            (the first is None), filled by the forward that feeds the prompt.
         cached: positions of the sequence in the KV cache (the rest is fed at the next forward).
         n_sampled: sampled entries of ``tokens``.
         max_new_tokens: cap on sampled tokens (None: until the cache is full).
@@ -56,6 +67,10 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     sampled: list[bool] = field(default_factory=list)
     logprobs: list[float | None] = field(default_factory=list)
+    n_top: int | None = None
+    token_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    n_prompt_top: int | None = None
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     cached: int = 0
     n_sampled: int = 0
     stops: StopStrings | None = None
@@ -125,16 +140,22 @@ class DecodeSession:
     def add_rows(self, prompts: Sequence[Sequence[int]] | None = None, *,
                  inputs_embeds: Sequence[torch.Tensor] | None = None,
                  max_new_tokens: int | None = None, stop: Sequence[str] | None = None,
-                 stop_ids: Sequence[int] = (), sampling: SamplingParams | None = None) -> list[int]:
+                 stop_ids: Sequence[int] = (), sampling: SamplingParams | None = None,
+                 top_logprobs: int | None = None, prompt_logprobs: int | None = None) -> list[int]:
         """Adds sequences (a running batch keeps decoding); their prompts are fed at the next forward.
 
         Args:
             prompts: token ids per new row.
             inputs_embeds: instead of ``prompts``, a (T, C) tensor of input embeddings per row.
-            max_new_tokens: cap on sampled tokens per row.
+            max_new_tokens: cap on sampled tokens per row (0: the prompt is only fed, e.g. to
+                score it with ``prompt_logprobs``; the row ends "length" without sampling).
             stop: strings that end a row (needs the session's tokenizer).
             stop_ids: ids that end a row besides the session's eos ids.
             sampling: how these rows sample (default: greedy).
+            top_logprobs: record every sampled token's raw log-probability and its ``k`` most
+                likely alternatives (:attr:`Row.token_logprobs`); None: off.
+            prompt_logprobs: record the prompt tokens' raw log-probabilities and ``k``
+                alternatives (:attr:`Row.prompt_logprobs`; needs token-id prompts); None: off.
 
         Returns:
             The ids of the new rows (keys of :attr:`rows`).
@@ -147,6 +168,13 @@ class DecodeSession:
         sampling = sampling or SamplingParams()
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need the session's tokenizer")
+        for name, k in (("top_logprobs", top_logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if k is not None and (isinstance(k, bool) or k < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {k}")
+        if prompt_logprobs is not None and inputs_embeds is not None:
+            raise ValueError("prompt_logprobs needs token-id prompts, not inputs_embeds")
+        if max_new_tokens is not None and max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         dim = self.model.embed_tokens.weight.shape[1]
         for p in items:
             if len(p) == 0 or len(p) >= self.max_len:
@@ -158,7 +186,7 @@ class DecodeSession:
             prompt = [int(t) for t in p] if prompts is not None else p.to(self.device)
             row = Row(slot=self._free.pop(0), prompt=prompt, max_new_tokens=max_new_tokens,
                       stop_ids=self.eos | frozenset(stop_ids), sampling=sampling,
-                      stop=tuple(stop or ()))
+                      stop=tuple(stop or ()), n_top=top_logprobs, n_prompt_top=prompt_logprobs)
             self._reset_stops(row)
             self.cache.reset_rows([row.slot])
             self.rows[self._next_id] = row
@@ -200,6 +228,8 @@ class DecodeSession:
         row.tokens += [int(t) for t in ids]
         row.sampled += [False] * len(ids)
         row.logprobs += [None] * len(ids)
+        if row.n_top is not None:
+            row.token_logprobs += [None] * len(ids)
         row.finish_reason = None
         self._reset_stops(row)
 
@@ -211,9 +241,10 @@ class DecodeSession:
         n_prompt = len(row.prompt)
         if length < n_prompt:
             row.prompt, row.tokens, row.sampled, row.logprobs = row.prompt[:length], [], [], []
+            row.token_logprobs, row.prompt_logprobs = [], row.prompt_logprobs[:length]
         else:
             cut = length - n_prompt
-            del row.tokens[cut:], row.sampled[cut:], row.logprobs[cut:]
+            del row.tokens[cut:], row.sampled[cut:], row.logprobs[cut:], row.token_logprobs[cut:]
         row.n_sampled = sum(row.sampled)
         # The last kept position is re-fed: its logits predict the next token.
         row.cached = min(row.cached, length - 1)
@@ -261,6 +292,10 @@ class DecodeSession:
         out = self.model(None if kwargs else x, kv_cache=self.cache, return_hidden=True,
                          return_logits=False, **kwargs)
         by_slot = {s: i for i, s in enumerate(slots)}
+        for row in rows:
+            if row.n_prompt_top is not None and row.cached == 0 and not row.prompt_logprobs:
+                row.prompt_logprobs = sequence_logprobs(self.model.lm_head, out.hidden[by_slot[row.slot]],
+                                                        row.prompt, row.n_prompt_top)
         idx = torch.tensor([by_slot[r.slot] for r in rows], device=self.device)
         last = torch.tensor([n_new[by_slot[r.slot]] - 1 for r in rows], device=self.device)
         logits = self.model.lm_head(out.hidden[idx, last]).float()  # (n, V)
@@ -346,8 +381,13 @@ class DecodeSession:
         if not running:
             return {}
         self.prefill(running)
+        for r in running:  # a zero budget: the prompt is fed (scored), nothing is sampled
+            if self.rows[r].max_new_tokens == 0:
+                self.rows[r].finish_reason = "length"
+        running = self.running
         new: dict[int, int] = {}
         logprobs: dict[int, float | None] = {}
+        tops: dict[int, TokenLogprob] = {}
         for params, group in self._sampling_groups(running).items():
             slots = torch.tensor([self.rows[r].slot for r in group], device=self.device)
             logits = self._logits[slots]  # (n, V)
@@ -358,8 +398,13 @@ class DecodeSession:
                 scaled = logits / params.temperature if params.temperature > 0 else logits
                 lp = scaled.log_softmax(-1).gather(-1, toks[:, None]).squeeze(-1)
                 logprobs.update(zip(group, lp.tolist()))
+            want = [i for i, r in enumerate(group) if self.rows[r].n_top is not None]
+            if want:  # only the rows that asked pay for the log_softmax and top-k
+                pick = torch.tensor(want, device=self.device)
+                found = token_logprobs(logits[pick], toks[pick], [self.rows[group[i]].n_top for i in want])
+                tops.update(zip((group[i] for i in want), found))
         for r in running:
-            self._record(r, new[r], logprobs.get(r))
+            self._record(r, new[r], logprobs.get(r), tops.get(r))
         return {r: new[r] for r in running}
 
     def _sampling_groups(self, running: list[int]) -> dict[SamplingParams, list[int]]:
@@ -375,11 +420,13 @@ class DecodeSession:
                 groups.setdefault(self.rows[r].sampling, []).append(r)
         return groups
 
-    def _record(self, row_id: int, token: int, logprob: float | None) -> None:
+    def _record(self, row_id: int, token: int, logprob: float | None, top: TokenLogprob | None) -> None:
         row = self.rows[row_id]
         row.tokens.append(token)
         row.sampled.append(True)
         row.logprobs.append(logprob)
+        if row.n_top is not None:
+            row.token_logprobs.append(top)
         row.n_sampled += 1
         if token in row.stop_ids:
             row.finish_reason = "eos"
@@ -388,3 +435,4 @@ class DecodeSession:
         elif (row.max_new_tokens is not None and row.n_sampled >= row.max_new_tokens) \
                 or row.length >= self.max_len:
             row.finish_reason = "length"
+

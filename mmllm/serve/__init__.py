@@ -3,7 +3,10 @@
 * :class:`~mmllm.serve.engine.Engine`: one thread owns one :class:`~mmllm.generation.DecodeSession`;
   concurrent requests join and leave its running batch (continuous batching).
 * :func:`~mmllm.serve.app.create_app`: the aiohttp app (/v1/chat/completions with SSE streaming,
-  /v1/completions, /v1/models; API key, limits, OpenAI's error JSON).
+  /v1/completions with batched prompts and ``echo``, /v1/models; token log-probabilities,
+  :mod:`mmllm.serve.logprobs`; vLLM's /tokenize, /detokenize, /tokenizer_info,
+  :mod:`mmllm.serve.tokenize`, so lm-eval's ``local-completions`` scores against it; API key,
+  limits, OpenAI's error JSON).
 * :class:`~mmllm.serve.server.ServerThread` / :func:`~mmllm.serve.server.serve_forever`: run it in a
   thread, or until SIGINT/SIGTERM (``mmllm serve``, :mod:`mmllm.serve.cli`).
 """

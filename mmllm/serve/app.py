@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server (aiohttp): /v1/chat/completions, /v1/completions, /v1/models.
+"""The OpenAI-compatible HTTP server (aiohttp): /v1/chat/completions, /v1/completions, /v1/models,
+and vLLM's /tokenize, /detokenize, /tokenizer_info (:mod:`mmllm.serve.tokenize`).
 
 Handlers parse and check a request (:mod:`mmllm.serve.protocol`), hand it to the
 :class:`~mmllm.serve.engine.Engine` and await its events, forwarded from the engine thread into
@@ -21,7 +22,9 @@ from aiohttp import web
 
 from mmllm.data.chat import ChatFormatError, ChatRenderer
 from mmllm.serve import images as vision
+from mmllm.serve import logprobs as lp
 from mmllm.serve import protocol
+from mmllm.serve import tokenize as tokenize_routes
 from mmllm.serve import tools as serve_tools
 from mmllm.serve.engine import Delta, Done, Engine, Event, Failed, GenRequest
 from mmllm.serve.protocol import APIError, Limits
@@ -61,12 +64,14 @@ def create_app(engine: Engine, *, model_name: str, api_key: str | None = None,
                      "max_pending": max_pending, "max_body_bytes": max_body_bytes,
                      "created": int(time.time()),
                      "renderer": _renderer(engine.tokenizer, chat_template),
-                     "lock": threading.Lock(), "image_limits": image_limits or vision.ImageLimits()}
+                     "lock": threading.Lock(), "image_limits": image_limits or vision.ImageLimits(),
+                     "names": lp.TokenText(engine.tokenizer), "chat_template": chat_template}
     app[STATS] = Counter()
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/health", health)
+    tokenize_routes.add_routes(app)
 
     async def start_engine(app: web.Application) -> None:
         app[ENGINE].start()
@@ -171,23 +176,33 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except ChatFormatError as e:
         raise APIError(400, f"cannot render the conversation: {e}", param="messages") from e
     pixels = await loop.run_in_executor(None, vision.preprocess, engine.model, images) if images else None
-    return await _generate(request, serve_tools.without_tools(body), prompt, chat=True, images=pixels,
+    return await _generate(request, serve_tools.without_tools(body), [prompt], chat=True, images=pixels,
                            tools=tools)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
-    prompt = protocol.completion_prompt(body, request.app[ENGINE].tokenizer)
-    return await _generate(request, body, prompt, chat=False)
+    tokenizer = request.app[ENGINE].tokenizer
+    prompts = await asyncio.get_running_loop().run_in_executor(
+        None, protocol.completion_prompts, body, tokenizer)  # long prompts take a while to tokenise
+    return await _generate(request, body, [ids for ids, _ in prompts], chat=False,
+                           prompt_texts=[text for _, text in prompts])
 
 
-async def _generate(request: web.Request, body: dict, prompt: list[int], *, chat: bool, images=None,
-                    tools: serve_tools.ToolSpec | None = None):
-    """Runs one request (its ``n`` choices) through the engine: one JSON response, or server-sent events."""
+async def _generate(request: web.Request, body: dict, prompts: list[list[int]], *, chat: bool,
+                    images=None, tools: serve_tools.ToolSpec | None = None,
+                    prompt_texts: list[str | None] | None = None):
+    """Runs one request (``n`` choices per prompt, prompt-major as OpenAI orders them) through
+    the engine: one JSON response, or server-sent events."""
     engine, s = request.app[ENGINE], request.app[SETTINGS]
-    reqs = protocol.choices(protocol.parse_generation(body, prompt, s["limits"]), body.get("n") or 1)
+    n = body.get("n") or 1
+    reqs = [r for p in prompts for r in protocol.choices(
+        protocol.parse_generation(body, p, s["limits"], chat=chat), n)]
     for req in reqs:
         req.images = images
+    if len(reqs) > max(s["max_pending"], 1):  # could never be admitted: retrying would not help
+        raise APIError(400, f"{len(prompts)} prompts x n={n} choices exceed the {s['max_pending']} "
+                       "requests this server takes at once", param="prompt")
     if engine.pending + len(reqs) > s["max_pending"]:
         raise APIError(429, f"the server is busy ({engine.pending} requests in flight); retry later",
                        type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
@@ -199,19 +214,59 @@ async def _generate(request: web.Request, body: dict, prompt: list[int], *, chat
     for req in reqs:
         engine.submit(req)
     try:
+        texts_of = [t for t in (prompt_texts or [None] * len(prompts)) for _ in range(n)]
         if body.get("stream"):
-            return await _stream(request, body, reqs, events, rid, chat=chat)
+            return await _stream(request, body, reqs, events, rid, chat=chat, n=n,
+                                 echo=texts_of if body.get("echo") else None)
         dones: dict[int, Done] = {}
         while len(dones) < len(reqs):
             i, event = await events.get()
             if isinstance(event, Done | Failed):
                 _check_final(event)
                 dones[i] = event
-        out = protocol.response(rid, s["model"], [dones[i] for i in range(len(reqs))], chat=chat)
+        finals = [dones[i] for i in range(len(reqs))]
+        args = (s["names"], engine.tokenizer, finals, reqs, texts_of, chat, body.get("echo"))
+        texts, logprobs = _choice_texts(*args) if reqs[0].logprobs is None and not body.get("echo") \
+            else await loop.run_in_executor(None, _choice_texts, *args)  # echo: O(T) decodes a prompt
+        out = protocol.response(rid, s["model"], finals, chat=chat, n=n, texts=texts, logprobs=logprobs)
         return web.json_response(serve_tools.apply_tool_calls(out, tools) if tools else out)
     finally:
         for req in reqs:
             req.cancelled.set()  # a client gone mid-generation frees its rows at the next step
+
+
+def _choice_texts(names: lp.TokenText, tokenizer, dones: list[Done], reqs: list[GenRequest],
+                  prompt_texts: list[str | None], chat: bool, echo: bool) -> tuple[list[str], list]:
+    """Per choice: its text (the prompt first when echoed) and its ``logprobs`` object."""
+    texts, logprobs = [], []
+    for d, req, prompt_text in zip(dones, reqs, prompt_texts):
+        obj = None
+        if d.logprobs is not None:
+            obj = lp.chat_logprobs(d.logprobs, names) if chat else \
+                lp.completion_logprobs(d.logprobs, d.offsets, names)
+        text = d.text
+        if echo:
+            text, obj = lp.echo_choice(tokenizer, names, req.prompt, prompt_text, d.text, obj,
+                                       d.prompt_logprobs)
+        texts.append(text)
+        logprobs.append(obj)
+    return texts, logprobs
+
+
+def _delta_logprobs(names: lp.TokenText, event: Delta, chat: bool, shift: int = 0) -> dict | None:
+    """The ``logprobs`` of a streamed delta's tokens (offsets ``shift`` on past an echoed prompt)."""
+    if event.logprobs is None:
+        return None
+    return lp.chat_logprobs(event.logprobs, names) if chat else \
+        lp.completion_logprobs(event.logprobs, [o + shift for o in event.offsets], names)
+
+
+def _echo_head(names: lp.TokenText, tokenizer, req: GenRequest, prompt_text: str | None,
+               event: Event) -> tuple[str, dict | None]:
+    """The first streamed chunk of an echoed choice: its prompt (and the prompt's logprobs)."""
+    empty = lp.completion_logprobs([], [], names) if req.logprobs is not None else None
+    return lp.echo_choice(tokenizer, names, req.prompt, prompt_text, "", empty,
+                          getattr(event, "prompt_logprobs", None))
 
 
 def _check_final(event: Done | Failed) -> None:
@@ -223,9 +278,15 @@ def _check_final(event: Done | Failed) -> None:
 
 
 async def _stream(request: web.Request, body: dict, reqs: list[GenRequest], events: asyncio.Queue,
-                  rid: str, *, chat: bool) -> web.StreamResponse:
-    """Server-sent events in OpenAI's chunk format (choices interleaved), then ``data: [DONE]``."""
-    model = request.app[SETTINGS]["model"]
+                  rid: str, *, chat: bool, n: int = 1, echo: list[str | None] | None = None) -> web.StreamResponse:
+    """Server-sent events in OpenAI's chunk format (choices interleaved), then ``data: [DONE]``.
+
+    Args:
+        echo: per choice, its prompt string (None: token ids) when the prompts are echoed; each
+            choice's first chunk is then its prompt.
+    """
+    model, names = request.app[SETTINGS]["model"], request.app[SETTINGS]["names"]
+    tokenizer, loop, heads = request.app[ENGINE].tokenizer, asyncio.get_running_loop(), {}
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -240,8 +301,13 @@ async def _stream(request: web.Request, body: dict, reqs: list[GenRequest], even
         dones: dict[int, Done] = {}
         while len(dones) < len(reqs):
             i, event = await events.get()
+            if echo is not None and i not in heads and not isinstance(event, Failed):
+                text, obj = await loop.run_in_executor(None, _echo_head, names, tokenizer, reqs[i], echo[i], event)
+                await send(protocol.chunk(rid, model, chat=chat, index=i, text=text, logprobs=obj))
+                heads[i] = len(text)  # later offsets count the echoed prompt
             if isinstance(event, Delta):
-                await send(protocol.chunk(rid, model, chat=chat, index=i, text=event.text))
+                await send(protocol.chunk(rid, model, chat=chat, index=i, text=event.text,
+                                          logprobs=_delta_logprobs(names, event, chat, heads.get(i, 0))))
                 continue
             try:
                 _check_final(event)
@@ -252,7 +318,7 @@ async def _stream(request: web.Request, body: dict, reqs: list[GenRequest], even
             await send(protocol.chunk(rid, model, chat=chat, index=i, done=event))
         options = body.get("stream_options")
         if len(dones) == len(reqs) and isinstance(options, dict) and options.get("include_usage"):
-            await send(protocol.usage_chunk(rid, model, chat=chat, dones=[dones[i] for i in sorted(dones)]))
+            await send(protocol.usage_chunk(rid, model, chat=chat, dones=[dones[i] for i in sorted(dones)], n=n))
         await send("[DONE]")
         await resp.write_eof()
     except ConnectionResetError:  # the client left: nothing to answer; its rows are cancelled

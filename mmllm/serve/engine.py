@@ -10,6 +10,13 @@ The streamed text is always a prefix of the final text: trailing bytes that do n
 whole character, and any tail that could be the start of a stop string, are held back until the
 next tokens decide them.
 
+Log-probabilities (``GenRequest.logprobs`` / ``prompt_logprobs``) are the raw model
+distribution's (log_softmax of the logits, before temperature / top-k / top-p). A Delta carries
+those of the completion tokens its text completes; the final Done, those of every token behind
+the returned text: the tokens whose text lies wholly after a stop string are left out, and the
+eos unless ``GenRequest.eos_logprob`` (legacy completions report it, as OpenAI's do: lm-eval's
+echo scoring reads one logprob per token of prompt + completion).
+
 Seeds: the session has one random generator for all rows, so a sampled request with a ``seed``
 runs alone (admitted once the batch drains, nothing joins it) with the generator reseeded, which
 makes it reproducible whatever else the server is doing. Greedy requests and unseeded ones batch.
@@ -28,15 +35,28 @@ import torch
 from torch import nn
 
 from mmllm.generation import DecodeSession, SamplingParams
+from mmllm.generation.logprobs import TokenLogprob
+from mmllm.generation.session import Row
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Delta:
-    """New text of a request (a streamed chunk)."""
+    """New text of a request (a streamed chunk).
+
+    Attributes:
+        text: the new text.
+        logprobs: the completion tokens this text completes (requests with ``logprobs``).
+        offsets: per entry of ``logprobs``, where its text starts in the completion (characters).
+        prompt_logprobs: on a request's first Delta (requests with ``prompt_logprobs``), the
+            prompt's (see :class:`Done`), so a stream can echo the prompt before the completion.
+    """
 
     text: str
+    logprobs: list[TokenLogprob] | None = None
+    offsets: list[int] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -47,12 +67,19 @@ class Done:
         text: the whole completion (stop string and eos excluded).
         finish_reason: "stop" (eos or a stop string), "length" or "cancelled".
         prompt_tokens, completion_tokens: token counts for ``usage``.
+        logprobs: the tokens behind ``text`` (requests with ``logprobs``; see the module doc).
+        offsets: per entry of ``logprobs``, where its text starts in ``text`` (characters).
+        prompt_logprobs: per prompt token, its log-probability given the ones before (the first
+            is None; requests with ``prompt_logprobs``).
     """
 
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    offsets: list[int] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -71,12 +98,16 @@ class GenRequest:
 
     Attributes:
         prompt: token ids (non-empty).
-        max_tokens: cap on sampled tokens.
+        max_tokens: cap on sampled tokens (0: score the prompt only).
         sampling: temperature / top-k / top-p.
         stop: strings that end the completion (excluded from the text).
         seed: makes a sampled request reproducible (it then runs alone, see the module doc).
         on_event: called with each :data:`Event`, on the engine thread; must not block.
         images: (n, 3, H, W) preprocessed images of a VLM prompt (its image spans, in order).
+        logprobs: report each completion token's raw log-probability and this many most likely
+            alternatives (None: off).
+        prompt_logprobs: the same for the prompt tokens (one forward, the prefill; None: off).
+        eos_logprob: also report the eos that ended the completion (its text is empty).
     """
 
     prompt: list[int]
@@ -88,6 +119,13 @@ class GenRequest:
     cancelled: threading.Event = field(default_factory=threading.Event)
     sent: str = ""  # text already reported by Delta events
     images: torch.Tensor | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    eos_logprob: bool = False
+    sent_logprobs: list[TokenLogprob] = field(default_factory=list)  # reported so far
+    sent_offsets: list[int] = field(default_factory=list)
+    covered: str = ""  # the text of the tokens in sent_logprobs
+    prompt_reported: bool = False
 
     @property
     def exclusive(self) -> bool:
@@ -248,9 +286,12 @@ class Engine:
             self._waiting.popleft()
             if req.exclusive:
                 self.generator.manual_seed(req.seed)
+            req.sent_logprobs, req.sent_offsets, req.covered, req.prompt_reported = [], [], "", False
             try:
                 (row_id,) = self.session.add_rows(**self._prompt(req), max_new_tokens=req.max_tokens,
-                                                  stop=list(req.stop) or None, sampling=req.sampling)
+                                                  stop=list(req.stop) or None, sampling=req.sampling,
+                                                  top_logprobs=req.logprobs,
+                                                  prompt_logprobs=req.prompt_logprobs)
             except Exception as e:  # noqa: BLE001 - a bad prompt or image fails its request only
                 _emit(req, Failed(str(e)))
                 continue
@@ -273,15 +314,45 @@ class Engine:
             if req.cancelled.is_set() and not row.finished:
                 self.session.finish(row_id, "cancelled")
             text = self.completion_text(row.tokens, req.stop, finished=row.finished)
-            if len(text) > len(req.sent):
-                _emit(req, Delta(text[len(req.sent):]))
-                req.sent = text
+            new, (lps, offsets) = text[len(req.sent):], self._new_logprobs(req, row, text)
+            first = req.prompt_logprobs is not None and not req.prompt_reported
+            if new or lps or first:
+                _emit(req, Delta(new, lps, offsets, row.prompt_logprobs if first else None))
+                req.sent, req.prompt_reported = text if new else req.sent, True
             if row.finished:
                 done.append(row_id)
         for row_id, row in zip(done, self.session.remove_rows(done)):
             req = self._live.pop(row_id)
             reason = "stop" if row.finish_reason == "eos" else row.finish_reason
-            _emit(req, Done(req.sent, reason, len(req.prompt), row.n_sampled))
+            want = req.logprobs is not None
+            _emit(req, Done(req.sent, reason, len(req.prompt), row.n_sampled,
+                            logprobs=req.sent_logprobs if want else None,
+                            offsets=req.sent_offsets if want else None,
+                            prompt_logprobs=row.prompt_logprobs if req.prompt_logprobs is not None else None))
+
+    def _new_logprobs(self, req: GenRequest, row: Row, text: str) -> tuple[list | None, list | None]:
+        """The completion tokens the text now covers that were not reported yet, and their offsets.
+
+        While the row runs, a token is reported once its text is wholly in ``text``; when it has
+        finished, also the tokens needed to cover ``text`` (one cut by a stop string), never the
+        eos nor tokens wholly past a stop string. Updates the request's reported state.
+        """
+        if req.logprobs is None:
+            return None, None
+        toks = row.tokens[:-1] if row.finish_reason == "eos" and not req.eos_logprob else row.tokens
+        n, prev, lps, offsets = len(req.sent_logprobs), req.covered, [], []
+        while n < len(toks):
+            nxt = self.tokenizer.decode(toks[:n + 1], skip_special_tokens=True,
+                                        clean_up_tokenization_spaces=False)
+            if not (text.startswith(nxt) or (row.finished and not prev.startswith(text))):
+                break
+            lps.append(row.token_logprobs[n])
+            offsets.append(len(prev))
+            n, prev = n + 1, nxt
+        req.sent_logprobs += lps
+        req.sent_offsets += offsets
+        req.covered = prev
+        return lps, offsets
 
     def completion_text(self, tokens: Sequence[int], stop: Sequence[str], *, finished: bool) -> str:
         """The text of sampled tokens: cut before the first stop string; while the row runs,

@@ -60,6 +60,9 @@ class Limits:
     max_n: int = 8
 
 
+MAX_LOGPROBS = 20  # most alternatives per token (OpenAI's chat limit; its completions allow 5)
+
+
 def _number(body: Mapping, name: str, lo: float, hi: float, default: float | None) -> float | None:
     value = body.get(name)
     if value is None:
@@ -91,24 +94,27 @@ def _stop(body: Mapping, limits: Limits) -> tuple[str, ...]:
     return tuple(s for s in stop if s)
 
 
-def parse_generation(body: Mapping, prompt: list[int], limits: Limits) -> GenRequest:
+def parse_generation(body: Mapping, prompt: list[int], limits: Limits, *, chat: bool = True) -> GenRequest:
     """The :class:`GenRequest` of a (chat) completion body whose prompt is already tokenised.
+
+    Args:
+        chat: a /v1/chat/completions body (else /v1/completions: ``logprobs`` is a count,
+            ``echo`` and ``max_tokens: 0`` with it are allowed).
 
     Raises:
         APIError: a bad or unsupported parameter, or a prompt / max_tokens over the limits.
     """
-    for name in ("logprobs", "top_logprobs", "tools", "functions", "suffix"):
+    for name in ("tools", "functions", "suffix"):
         if body.get(name) not in (None, False, [], 0):
             raise APIError(400, f"{name} is not supported by this server", param=name)
-    if body.get("echo"):
-        raise APIError(400, "echo is not supported by this server", param="echo")
+    logprobs, echo = parse_logprobs(body, chat=chat)
     _integer(body, "n", 1, limits.max_n)  # checked here, expanded by :func:`choices`
     if len(prompt) > limits.max_prompt_tokens:
         raise APIError(400, f"the prompt has {len(prompt)} tokens; this server accepts at most "
                        f"{limits.max_prompt_tokens}", param="messages", code="context_length_exceeded")
     room = limits.max_seq_len - len(prompt)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, name, 1, limits.max_tokens)
+    max_tokens = _integer(body, name, 0 if echo else 1, limits.max_tokens)  # echo: 0 scores only
     if max_tokens is None:
         max_tokens = min(limits.max_tokens, room)
     if max_tokens > room or room < 1:
@@ -124,7 +130,34 @@ def parse_generation(body: Mapping, prompt: list[int], limits: Limits) -> GenReq
     return GenRequest(prompt=prompt, max_tokens=max_tokens, stop=_stop(body, limits),
                       sampling=SamplingParams(temperature=temperature, top_k=top_k or None,
                                               top_p=None if top_p in (None, 1.0) else top_p),
-                      seed=seed)
+                      seed=seed, logprobs=logprobs, prompt_logprobs=logprobs if echo else None,
+                      eos_logprob=not chat)
+
+
+def parse_logprobs(body: Mapping, *, chat: bool) -> tuple[int | None, bool]:
+    """``(alternatives per token or None, echo)`` of a request, checked as OpenAI checks them.
+
+    Chat: ``logprobs: true`` turns them on, ``top_logprobs`` (0..20, needs ``logprobs``) counts
+    the alternatives. Completions: ``logprobs`` is the count (0..20; OpenAI allows 5), ``echo``
+    returns the prompt (with its logprobs when ``logprobs`` is set).
+    """
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if chat:
+        if body.get("echo") not in (None, False):
+            raise APIError(400, "echo is only supported by /v1/completions", param="echo")
+        if logprobs is not None and not isinstance(logprobs, bool):
+            raise APIError(400, f"logprobs must be a boolean, got {logprobs!r}", param="logprobs")
+        k = _integer(body, "top_logprobs", 0, MAX_LOGPROBS)
+        if k is not None and not logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (k or 0) if logprobs else None, False
+    if top is not None:
+        raise APIError(400, "top_logprobs is a chat completions parameter; /v1/completions takes "
+                       "logprobs: <count>", param="top_logprobs")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise APIError(400, f"echo must be a boolean, got {echo!r}", param="echo")
+    return _integer(body, "logprobs", 0, MAX_LOGPROBS), bool(echo)
 
 
 def chat_messages(body: Mapping) -> list[dict]:
@@ -149,25 +182,32 @@ def chat_messages(body: Mapping) -> list[dict]:
     return out
 
 
-def completion_prompt(body: Mapping, tokenizer) -> list[int]:
-    """Token ids of a /v1/completions ``prompt``: a string, token ids, or a list of one of them."""
+def completion_prompts(body: Mapping, tokenizer) -> list[tuple[list[int], str | None]]:
+    """The prompts of a /v1/completions body: a string, token ids, or a list of either.
+
+    Returns:
+        Per prompt, ``(token ids, the prompt string or None when ids were given)``.
+    """
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                     for t in prompt):
-        vocab = len(tokenizer)
-        if any(not 0 <= t < vocab for t in prompt):
-            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
-        ids = list(prompt)
-    else:
-        raise APIError(400, "prompt must be a string or a list of token ids (batches of prompts: "
-                       "send one request each)", param="prompt")
-    if not ids:
-        raise APIError(400, "the prompt is empty", param="prompt")
-    return ids
+    batch = prompt if isinstance(prompt, list) and prompt and all(
+        isinstance(p, (str, list)) for p in prompt) else [prompt]
+    out = []
+    for i, p in enumerate(batch):
+        where = f"prompt[{i}]" if batch is not prompt and len(batch) > 1 else "prompt"
+        if isinstance(p, str):
+            ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            vocab = len(tokenizer)
+            if any(not 0 <= t < vocab for t in p):
+                raise APIError(400, f"{where}: token ids must be in [0, {vocab})", param="prompt")
+            ids = list(p)
+        else:
+            raise APIError(400, "prompt must be a string, a list of token ids, or a non-empty list "
+                           "of strings or of token-id lists", param="prompt")
+        if not ids:
+            raise APIError(400, f"{where} is empty", param="prompt")
+        out.append((ids, p if isinstance(p, str) else None))
+    return out
 
 
 # ------------------------------------------------------------------------------- responses
@@ -181,9 +221,13 @@ def choices(req: GenRequest, n: int) -> list[GenRequest]:
             for i in range(n)]
 
 
-def usage(dones: list[Done]) -> dict:
-    """Token counts of a request: its prompt once, the completions of every choice."""
-    prompt, completion = dones[0].prompt_tokens, sum(d.completion_tokens for d in dones)
+def usage(dones: list[Done], n: int = 1) -> dict:
+    """Token counts of a request: each prompt once, the completions of every choice.
+
+    Args:
+        dones: the choices, prompt-major (``n`` per prompt).
+    """
+    prompt, completion = sum(d.prompt_tokens for d in dones[::n]), sum(d.completion_tokens for d in dones)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
 
@@ -192,33 +236,41 @@ def finish_reason(done: Done) -> str:
     return "length" if done.finish_reason == "length" else "stop"
 
 
-def response(rid: str, model: str, dones: list[Done], *, chat: bool) -> dict:
-    """A whole (chat) completion: one choice per entry of ``dones``."""
+def response(rid: str, model: str, dones: list[Done], *, chat: bool, n: int = 1,
+             texts: list[str] | None = None, logprobs: list[dict | None] | None = None) -> dict:
+    """A whole (chat) completion: one choice per entry of ``dones`` (prompt-major, ``n`` each).
+
+    Args:
+        texts: per choice, the text to return instead of the completion's (echo).
+        logprobs: per choice, its ``logprobs`` object (:mod:`mmllm.serve.logprobs`).
+    """
+    texts = texts or [d.text for d in dones]
+    logprobs = logprobs or [None] * len(dones)
     if chat:
-        items = [{"index": i, "message": {"role": "assistant", "content": d.text}, "logprobs": None,
-                  "finish_reason": finish_reason(d)} for i, d in enumerate(dones)]
+        items = [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": lp,
+                  "finish_reason": finish_reason(d)} for i, (d, t, lp) in enumerate(zip(dones, texts, logprobs))]
     else:
-        items = [{"index": i, "text": d.text, "logprobs": None, "finish_reason": finish_reason(d)}
-                 for i, d in enumerate(dones)]
+        items = [{"index": i, "text": t, "logprobs": lp, "finish_reason": finish_reason(d)}
+                 for i, (d, t, lp) in enumerate(zip(dones, texts, logprobs))]
     return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": items, "usage": usage(dones)}
+            "created": int(time.time()), "model": model, "choices": items, "usage": usage(dones, n)}
 
 
 def chunk(rid: str, model: str, *, chat: bool, index: int = 0, text: str | None = None,
-          role: bool = False, done: Done | None = None) -> dict:
-    """One streamed chunk of choice ``index``: a text delta, the opening role delta (chat) or
-    the final one (``done``)."""
+          role: bool = False, done: Done | None = None, logprobs: dict | None = None) -> dict:
+    """One streamed chunk of choice ``index``: a text delta (with the ``logprobs`` of its
+    tokens), the opening role delta (chat) or the final one (``done``)."""
     reason = finish_reason(done) if done is not None else None
     if chat:
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}
 
 
-def usage_chunk(rid: str, model: str, *, chat: bool, dones: list[Done]) -> dict:
+def usage_chunk(rid: str, model: str, *, chat: bool, dones: list[Done], n: int = 1) -> dict:
     """The last chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
     return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": int(time.time()), "model": model, "choices": [], "usage": usage(dones)}
+            "created": int(time.time()), "model": model, "choices": [], "usage": usage(dones, n)}
