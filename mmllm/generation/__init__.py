@@ -10,10 +10,11 @@
 """
 
 from mmllm.generation.api import encode_prompts, generate, generate_ids
+from mmllm.generation.logprobs import TokenLogprob
 from mmllm.generation.progress import DecodeProgress, decode
 from mmllm.generation.sampling import SamplingParams, sample_next_token
 from mmllm.generation.session import DecodeSession, Row
 from mmllm.generation.stops import StopStrings
 
-__all__ = ["DecodeProgress", "DecodeSession", "Row", "SamplingParams", "StopStrings", "decode",
-           "encode_prompts", "generate", "generate_ids", "sample_next_token"]
+__all__ = ["DecodeProgress", "DecodeSession", "Row", "SamplingParams", "StopStrings", "TokenLogprob",
+           "decode", "encode_prompts", "generate", "generate_ids", "sample_next_token"]

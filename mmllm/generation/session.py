@@ -435,4 +435,3 @@ class DecodeSession:
         elif (row.max_new_tokens is not None and row.n_sampled >= row.max_new_tokens) \
                 or row.length >= self.max_len:
             row.finish_reason = "length"
-

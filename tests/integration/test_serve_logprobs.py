@@ -14,9 +14,7 @@ openai = pytest.importorskip("openai")
 
 from mmllm.checkpoint import load_model
 from mmllm.data.chat import render_prompt
-from mmllm.data.tokenizer import train_bpe_tokenizer
 from mmllm.generation import DecodeSession, SamplingParams, generate_ids
-from mmllm.models.decoder_lm import DecoderLM
 from mmllm.serve import Engine, ServerThread, create_app, protocol
 from mmllm.serve.app import STATS
 
@@ -28,21 +26,9 @@ HELLO = [{"role": "user", "content": "Hello there, what is two plus two?"}]
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
+def tiny_ckpt(tmp_path_factory, write_tiny_checkpoint):
     """A random tiny DecoderLM saved as a kit checkpoint (a sharp head: varied logprobs)."""
-    root = tmp_path_factory.mktemp("tiny_lp")
-    tok = train_bpe_tokenizer([TEXT], vocab_size=400, show_progress=False)
-    tok.save_pretrained(root / "tokenizer")
-    config = {"vocab_size": len(tok), "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-              "hidden_dim": 64, "max_seq_len": 256}
-    torch.manual_seed(0)
-    model = DecoderLM(**config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "mmllm": {"model_class": "mmllm.models.decoder_lm.DecoderLM", "model_config": config,
-                          "tokenizer": str(root / "tokenizer")}}, root / "last.ckpt")
-    return root / "last.ckpt"
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_lp"), TEXT, head_scale=20.0)
 
 
 @pytest.fixture(scope="module")
