@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
@@ -92,22 +91,22 @@ def test_selection_ranks_by_bm25_and_falls_back():
 
 
 def test_plan_runs_in_dependency_order_with_parallel_tasks():
-    spans, lock = {}, threading.Lock()
+    # The two independent tasks meet at a barrier before either returns: run one after the other,
+    # the first would wait for the second forever (a broken barrier after 30 s fails the task).
+    both = threading.Barrier(2, timeout=30)
+    met = []
 
-    def timed(name, fn):
+    def together(name, fn):
         def run(args):
-            start = time.perf_counter()
-            time.sleep(0.3)
-            out = fn(args)
-            with lock:
-                spans[name] = (start, time.perf_counter())
-            return out
+            both.wait()
+            met.append(name)
+            return fn(args)
         return run
 
     with default_registry() as reg:
         tools = tool_experts(reg)
         seen_prompt = []
-        experts = {"calculator": timed("calc", tools["calculator"]), "weekday": timed("weekday", tools["weekday"]),
+        experts = {"calculator": together("calc", tools["calculator"]), "weekday": together("weekday", tools["weekday"]),
                    "lm": text_expert(lambda p: seen_prompt.append(p) or "LM says " + p)}
         llm = ScriptedLLM([json.dumps(PLAN), "The answer is 425 on Monday."])
         hg = HuggingGPT(llm=llm, experts=experts)
@@ -115,8 +114,7 @@ def test_plan_runs_in_dependency_order_with_parallel_tasks():
     res = out["results"]
     assert res[0].output == "425" and res[1].output == "Monday" and res[1].model == "weekday"
     assert seen_prompt == ["sum 425 on Monday"] and res[2].output == "LM says sum 425 on Monday"
-    (a0, a1), (b0, b1) = spans["calc"], spans["weekday"]
-    assert a0 < b1 and b0 < a1  # the independent tasks overlapped
+    assert sorted(met) == ["calc", "weekday"] and not both.broken  # the independent tasks overlapped
     assert res[2].start >= max(res[0].end, res[1].end)  # the dependant started after both
     assert out["answer"] == "The answer is 425 on Monday."
     assert '"output": "425"' in llm.seen[-1][0]["content"]
