@@ -27,6 +27,9 @@ class PPOStage(Stage):
 
     Args:
         prompts: generation prompts (plain text; ``chat`` renders them as user turns).
+        path: a prompt file instead (JSONL/Parquet, a glob or a list; rows ``prompt`` or
+            ``messages``, as ``data=prompts`` of ``mmllm train experiment=ppo`` reads).
+        on_bad_row: "error" or "skip" (counted in the record) for malformed rows of ``path``.
         chat: render prompts with the chat template (None: when the policy comes from ``sft``).
         rollouts: PPO iterations (batches of prompts).
         batch_size: prompts per rollout; probe_size: prompts held out for the probe scores.
@@ -45,16 +48,18 @@ class PPOStage(Stage):
     config_keys = ("seed", "data", "stage_trainer")
     config_ignore = STAGE_TRAINER_IGNORE
 
-    def __init__(self, *, prompts: list[str] = DEFAULT_PROMPTS, chat: bool | None = None,
+    def __init__(self, *, prompts: list[str] = DEFAULT_PROMPTS, path: str | list[str] | None = None,
+                 on_bad_row: str = "error", chat: bool | None = None,
                  rollouts: int = 3, batch_size: int = 8, probe_size: int = 4,
                  max_new_tokens: int = 12, ppo_epochs: int = 2, num_minibatches: int = 2,
                  lr: float = 1e-4, kl_coef: float = 0.05, kl_target: float | None = 2.0,
                  ptx_coef: float = 0.5, ptx_rows: int = 4, reward_strings: list[str] = (" the",),
                  policy_output: str = "checkpoint", reward_output: str = "checkpoint") -> None:
-        if rollouts < 1 or len(prompts) < batch_size + probe_size:
+        if rollouts < 1 or (path is None and len(prompts) < batch_size + probe_size):
             raise ValueError(f"the ppo stage needs rollouts >= 1 and at least batch_size + probe_size "
                              f"({batch_size + probe_size}) prompts, got {rollouts} and {len(prompts)}")
         self.prompts, self.chat, self.rollouts = list(prompts), chat, rollouts
+        self.path, self.on_bad_row = path, on_bad_row
         self.batch_size, self.probe_size, self.max_new_tokens = batch_size, probe_size, max_new_tokens
         self.ppo_epochs, self.num_minibatches, self.lr = ppo_epochs, num_minibatches, lr
         self.kl_coef, self.kl_target, self.ptx_coef = kl_coef, kl_target, ptx_coef
@@ -101,7 +106,8 @@ class PPOStage(Stage):
         policy, policy_stage, rm = self._sources(ctx)
         tok_dir = self._tokenizer_dir(ctx, policy)
         chat = self.chat if self.chat is not None else policy_stage == "sft"
-        data = PromptDataModule(prompts=self.prompts, tokenizer=tok_dir, chat=chat,
+        data = PromptDataModule(path=self.path, prompts=None if self.path else self.prompts,
+                                tokenizer=tok_dir, chat=chat, on_bad_row=self.on_bad_row,
                                 batch_size=self.batch_size, probe_size=self.probe_size,
                                 seed=int(ctx.cfg.get("seed") or 0))
         ptx = self._ptx_data(ctx)
@@ -126,6 +132,7 @@ class PPOStage(Stage):
         out.parent.mkdir(parents=True, exist_ok=True)
         module.save_policy(out)
         self._record(ctx, module, policy, reward, ptx is not None, seconds, out)
+        ctx.record["ppo"]["prompts"] = {"source": str(self.path) if self.path else "inline", **data.counts}
 
     @staticmethod
     def _record(ctx: StageContext, module, policy: Path, reward: str, ptx: bool, seconds: float,

@@ -275,3 +275,15 @@ def test_ppo_stage(tmp_path, policy_run):
     assert "rule reward" in r["reward"] and len(r["ptx_loss"]) == 2 and r["probe"]
     policy, _ = load_model(stage.outputs(ctx)["checkpoint"])
     assert isinstance(policy, DecoderLM) and policy.vocab_size == len(tok)
+    assert r["prompts"] == {"source": "inline", "train": 14, "probe": 2}
+
+    # A prompt file (a user's own data) instead of the built-in prompts; a bad row is counted.
+    rows = [{"prompt": t[:20]} for t in TEXTS[:6]] + [{"messages": [{"role": "user", "content": "Hi"}]}, {"nope": 1}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(r) for r in rows))
+    ctx = StageContext(name="ppo", run_dir=tmp_path / "file", cfg=cfg, markers={"pretrain": marker})
+    PPOStage(path=str(prompts), on_bad_row="skip", rollouts=1, batch_size=4, probe_size=2,
+             max_new_tokens=4, ptx_coef=0.0).run(ctx)
+    counts = ctx.record["ppo"]["prompts"]
+    assert counts["source"] == str(prompts) and counts["train"] == 5 and counts["probe"] == 2
+    assert sum(v for k, v in counts.items() if k not in ("source", "train", "probe")) == 1  # the bad row
