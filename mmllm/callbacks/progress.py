@@ -30,6 +30,13 @@ class StepRichProgressBar(RichProgressBar):
             text = f"{text:{len(self.validation_description)}}"
         return text
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Lightning names the bar once per epoch; the step count moves with every batch.
+        if not self.is_disabled and self.progress is not None and self.train_progress_bar_id is not None:
+            self.progress.update(self.train_progress_bar_id,
+                                 description=self._get_train_description(trainer.current_epoch))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
 
 def progress_bar_callbacks(enabled: bool, callbacks: Sequence[Any] = ()) -> list:
     """The bar to add to ``callbacks``: none when disabled or one is already there."""
