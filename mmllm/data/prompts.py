@@ -71,7 +71,8 @@ class PromptDataModule(L.LightningDataModule):
     """Batches of generation prompts (token ids) for PPO, and a held-out probe set.
 
     Args:
-        path: JSONL/Parquet file, glob or list of them (rows: ``prompt`` or ``messages``).
+        path: JSONL/Parquet file, glob or list of them (rows: ``prompt`` or ``messages``; a
+            ``messages`` row's trailing assistant reply is dropped, so SFT files work too).
         prompts: inline prompt strings (instead of, or besides, ``path``).
         tokenizer: the policy's tokenizer (any source of :func:`load_policy_tokenizer`).
         chat: render ``prompt`` strings as a user turn of the chat template (``messages`` rows
@@ -139,7 +140,7 @@ class PromptDataModule(L.LightningDataModule):
         if not isinstance(row, Mapping) or not ("prompt" in row or "messages" in row):
             raise BadRowError("a prompt row needs a 'prompt' string or a 'messages' list")
         if "messages" in row:
-            return renderer.prompt(row["messages"])
+            return renderer.prompt(_prompt_turns(row["messages"]))
         if not isinstance(row["prompt"], str) or not row["prompt"]:
             raise BadRowError("'prompt' must be a non-empty string")
         if self.chat:
@@ -206,3 +207,16 @@ class PromptDataModule(L.LightningDataModule):
         # drop_last: every rank runs the same number of full rollouts (collectives stay in step).
         return DataLoader(_Prompts(self._train), batch_size=self.batch_size, shuffle=True,
                           drop_last=True, collate_fn=_collate, num_workers=self.num_workers)
+
+
+def _prompt_turns(messages) -> list:
+    """The conversation a response is generated for: an SFT row's trailing assistant reply (its
+    answer) is dropped, so SFT / self-instruct files serve as prompt files."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRowError("'messages' must be a non-empty list")
+    turns = list(messages)
+    while turns and isinstance(turns[-1], Mapping) and turns[-1].get("role") == "assistant":
+        turns.pop()
+    if not turns:
+        raise BadRowError("'messages' has no turn before the assistant's reply")
+    return turns

@@ -30,6 +30,8 @@ class PPOStage(Stage):
         path: a prompt file instead (JSONL/Parquet, a glob or a list; rows ``prompt`` or
             ``messages``, as ``data=prompts`` of ``mmllm train experiment=ppo`` reads).
         on_bad_row: "error" or "skip" (counted in the record) for malformed rows of ``path``.
+        self_instruct: also prompt with the ``self_instruct`` stage's instructions (its
+            ``sft.jsonl``, the answers dropped), when that stage ran and kept any.
         chat: render prompts with the chat template (None: when the policy comes from ``sft``).
         rollouts: PPO iterations (batches of prompts).
         batch_size: prompts per rollout; probe_size: prompts held out for the probe scores.
@@ -44,22 +46,22 @@ class PPOStage(Stage):
         policy_output, reward_output: the output names of the sft/pretrain and reward_model stages.
     """
 
-    optional_inputs = ("tokenize", "pretrain", "sft", "reward_model")
+    optional_inputs = ("tokenize", "pretrain", "self_instruct", "sft", "reward_model")
     config_keys = ("seed", "data", "stage_trainer")
     config_ignore = STAGE_TRAINER_IGNORE
 
     def __init__(self, *, prompts: list[str] = DEFAULT_PROMPTS, path: str | list[str] | None = None,
-                 on_bad_row: str = "error", chat: bool | None = None,
+                 on_bad_row: str = "error", self_instruct: bool = False, chat: bool | None = None,
                  rollouts: int = 3, batch_size: int = 8, probe_size: int = 4,
                  max_new_tokens: int = 12, ppo_epochs: int = 2, num_minibatches: int = 2,
                  lr: float = 1e-4, kl_coef: float = 0.05, kl_target: float | None = 2.0,
                  ptx_coef: float = 0.5, ptx_rows: int = 4, reward_strings: list[str] = (" the",),
                  policy_output: str = "checkpoint", reward_output: str = "checkpoint") -> None:
-        if rollouts < 1 or (path is None and len(prompts) < batch_size + probe_size):
+        if rollouts < 1 or (path is None and not self_instruct and len(prompts) < batch_size + probe_size):
             raise ValueError(f"the ppo stage needs rollouts >= 1 and at least batch_size + probe_size "
                              f"({batch_size + probe_size}) prompts, got {rollouts} and {len(prompts)}")
         self.prompts, self.chat, self.rollouts = list(prompts), chat, rollouts
-        self.path, self.on_bad_row = path, on_bad_row
+        self.path, self.on_bad_row, self.self_instruct = path, on_bad_row, self_instruct
         self.batch_size, self.probe_size, self.max_new_tokens = batch_size, probe_size, max_new_tokens
         self.ppo_epochs, self.num_minibatches, self.lr = ppo_epochs, num_minibatches, lr
         self.kl_coef, self.kl_target, self.ptx_coef = kl_coef, kl_target, ptx_coef
@@ -86,6 +88,17 @@ class PPOStage(Stage):
             return str(ctx.output("tokenize", "tokenizer"))
         return str(policy)  # load_policy_tokenizer reads the tokenizer recorded in the checkpoint
 
+    def _prompt_files(self, ctx: StageContext) -> list[str]:
+        """``path`` (one or a list) and, with ``self_instruct``, that stage's ``sft.jsonl`` if it kept rows."""
+        files = [] if self.path is None else [self.path] if isinstance(self.path, str) else list(self.path)
+        if self.self_instruct and ctx.has("self_instruct"):
+            made = ctx.output("self_instruct", "sft")
+            if made.is_file() and made.stat().st_size > 0:
+                files.append(str(made))
+            else:
+                print(f"ppo: the self_instruct stage kept no instructions ({made}): not used")
+        return files
+
     def _ptx_data(self, ctx: StageContext):
         from hydra.utils import instantiate
 
@@ -106,7 +119,8 @@ class PPOStage(Stage):
         policy, policy_stage, rm = self._sources(ctx)
         tok_dir = self._tokenizer_dir(ctx, policy)
         chat = self.chat if self.chat is not None else policy_stage == "sft"
-        data = PromptDataModule(path=self.path, prompts=None if self.path else self.prompts,
+        files = self._prompt_files(ctx)
+        data = PromptDataModule(path=files or None, prompts=None if self.path else self.prompts,
                                 tokenizer=tok_dir, chat=chat, on_bad_row=self.on_bad_row,
                                 batch_size=self.batch_size, probe_size=self.probe_size,
                                 seed=int(ctx.cfg.get("seed") or 0))
@@ -132,7 +146,8 @@ class PPOStage(Stage):
         out.parent.mkdir(parents=True, exist_ok=True)
         module.save_policy(out)
         self._record(ctx, module, policy, reward, ptx is not None, seconds, out)
-        ctx.record["ppo"]["prompts"] = {"source": str(self.path) if self.path else "inline", **data.counts}
+        ctx.record["ppo"]["prompts"] = {"files": files, "inline": 0 if self.path else len(self.prompts),
+                                        **data.counts}
 
     @staticmethod
     def _record(ctx: StageContext, module, policy: Path, reward: str, ptx: bool, seconds: float,

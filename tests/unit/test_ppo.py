@@ -208,8 +208,8 @@ def test_prompt_datamodule(tmp_path, policy_run):
 
     run, tok = policy_run
     rows = [{"prompt": f"the cat {i}"} for i in range(6)]
-    rows += [{"messages": [{"role": "user", "content": "the dog"}]}, {"bad": 1},
-             {"prompt": "the " * 50}]
+    rows += [{"messages": [{"role": "user", "content": "the dog"}, {"role": "assistant", "content": "woof"}]},
+             {"bad": 1}, {"prompt": "the " * 50}]
     f = tmp_path / "p.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
     with pytest.raises(ValueError, match="p.jsonl:8"):
@@ -220,7 +220,7 @@ def test_prompt_datamodule(tmp_path, policy_run):
     assert dict(dm.counts) == {"bad_row": 2, "overlong_truncate": 1, "train": 6, "probe": 2}
     everything = dm.encode_all()
     assert everything[0] == [tok.bos_token_id] + tok("the cat 0", add_special_tokens=False)["input_ids"]
-    assert everything[6] == render_prompt([{"role": "user", "content": "the dog"}], tok)
+    assert everything[6] == render_prompt([{"role": "user", "content": "the dog"}], tok)  # the answer dropped
     assert len(everything[7]) == 24  # truncated on the left
     assert sorted(map(tuple, dm.probe_prompts + dm._train)) == sorted(map(tuple, everything))
     batch = next(iter(dm.train_dataloader()))
@@ -275,7 +275,7 @@ def test_ppo_stage(tmp_path, policy_run):
     assert "rule reward" in r["reward"] and len(r["ptx_loss"]) == 2 and r["probe"]
     policy, _ = load_model(stage.outputs(ctx)["checkpoint"])
     assert isinstance(policy, DecoderLM) and policy.vocab_size == len(tok)
-    assert r["prompts"] == {"source": "inline", "train": 14, "probe": 2}
+    assert r["prompts"] == {"files": [], "inline": 16, "train": 14, "probe": 2}
 
     # A prompt file (a user's own data) instead of the built-in prompts; a bad row is counted.
     rows = [{"prompt": t[:20]} for t in TEXTS[:6]] + [{"messages": [{"role": "user", "content": "Hi"}]}, {"nope": 1}]
@@ -285,5 +285,17 @@ def test_ppo_stage(tmp_path, policy_run):
     PPOStage(path=str(prompts), on_bad_row="skip", rollouts=1, batch_size=4, probe_size=2,
              max_new_tokens=4, ptx_coef=0.0).run(ctx)
     counts = ctx.record["ppo"]["prompts"]
-    assert counts["source"] == str(prompts) and counts["train"] == 5 and counts["probe"] == 2
-    assert sum(v for k, v in counts.items() if k not in ("source", "train", "probe")) == 1  # the bad row
+    assert counts == {"files": [str(prompts)], "inline": 0, "bad_row": 1, "train": 5, "probe": 2}
+
+    # The self_instruct stage's instructions (SFT rows: the answers are dropped) as the prompts.
+    made = tmp_path / "si" / "sft.jsonl"
+    made.parent.mkdir()
+    made.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": t[:15]},
+                                                       {"role": "assistant", "content": "ok"}]}) for t in TEXTS[:7]))
+    si = Marker(stage="self_instruct", target="x", fingerprint="f", run_id="r", started_at="", finished_at="",
+                seconds=0.0, outputs={"sft": str(made)}, record={}, config_updates={}, config={})
+    ctx = StageContext(name="ppo", run_dir=tmp_path / "si_run", cfg=cfg,
+                       markers={"pretrain": marker, "self_instruct": si})
+    PPOStage(prompts=[], self_instruct=True, rollouts=1, batch_size=4, probe_size=2,
+             max_new_tokens=4, ptx_coef=0.0).run(ctx)
+    assert ctx.record["ppo"]["prompts"] == {"files": [str(made)], "inline": 0, "train": 5, "probe": 2}
