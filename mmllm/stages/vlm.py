@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,6 +67,37 @@ def _encoder(ctx: StageContext, vision: dict):
         meta = json.loads(ctx.output("vision_pretrain", "config").read_text())
         kwargs.update(model_cfg=meta["model_cfg"], pretrained=str(ctx.output("vision_pretrain", "checkpoint")))
     return VisionEncoder(**kwargs)
+
+
+def _built(node):
+    """The object of a ``_target_`` node; an object already built (Hydra instantiates the nodes
+    nested in a stage's options, ``_recursive_`` being on by default) as it is."""
+    from collections.abc import Mapping
+
+    from omegaconf import DictConfig
+
+    return instantiate(node) if isinstance(node, (Mapping, DictConfig)) else node
+
+
+def _plain(node):
+    """A config node (DictConfig / dict / None) as plain JSON-able Python."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _source_records(source: dict | None, default) -> tuple:
+    """``(records, read)``: the records of a :mod:`mmllm.data.vlm_data` source node (lazily, bad
+    samples counted), else ``default()``; ``read()`` describes what was read, for the record."""
+    if source is None:
+        return default(), lambda: "scikit-image"
+    from mmllm.data.vlm_data import ReadStats, iter_records
+
+    stats = ReadStats()
+    src = _built(source)
+    name = f"{type(src).__module__}.{type(src).__name__}"
+    return iter_records(src, stats), lambda: {"source": name, **stats.counts,
+                                              "first_skipped": [list(e) for e in stats.examples[:5]]}
 
 
 def _train(ctx: StageContext, module, loader, steps: int, lr: float, *, phase: str | None = None) -> dict:
@@ -190,6 +222,9 @@ class VLMStage1Stage(Stage):
         vision: VisionEncoder options (architecture/weights come from vision_pretrain when run).
         steps, batch_size, lr: training.
         instruction_prob: share of captions preceded by a sampled instruction.
+        source: image-caption records of your own instead of scikit-image's: a source node of
+            :mod:`mmllm.data.vlm_data` (``WebDatasetSource`` for LAION/CC-style shards,
+            ``CocoCaptionsSource``, ...), read once into the feature cache (bad samples counted).
     """
 
     optional_inputs = ("vision_pretrain", "sft", "pretrain", "tokenize")
@@ -197,7 +232,9 @@ class VLMStage1Stage(Stage):
     config_ignore = STAGE_TRAINER_IGNORE
 
     def __init__(self, *, connector: dict | None = None, vision: dict | None = None, steps: int = 40,
-                 batch_size: int = 8, lr: float = 2e-3, instruction_prob: float = 0.5) -> None:
+                 batch_size: int = 8, lr: float = 2e-3, instruction_prob: float = 0.5,
+                 source: dict | None = None) -> None:
+        self.source = source
         self.connector = dict(connector or {"_target_": "mmllm.nn.connectors.MLPConnector"})
         self.vision = dict(vision or {"feature_layer": -2, "keep_cls": False})
         self.steps, self.batch_size, self.lr = steps, batch_size, lr
@@ -228,7 +265,12 @@ class VLMStage1Stage(Stage):
         connector = instantiate(self.connector, in_dim=encoder.width, out_dim=lm.dim)
         vlm = build_vlm(connector=connector, image_token_id=vlm_token_ids(tok)[1],
                         vocab_size=len(tok), lm=lm, vision=encoder)
-        build_feature_cache(encoder, skimage_records(), paths["feature_cache"])
+        records, read = _source_records(self.source, skimage_records)
+        # A cache of the same encoder is reused (a rerun after a crash) only if it holds the same records.
+        stamp, source = paths["feature_cache"] / "source.json", json.dumps(_plain(self.source), sort_keys=True)
+        same = stamp.is_file() and stamp.read_text() == source
+        build_feature_cache(encoder, records, paths["feature_cache"], overwrite=not same)
+        stamp.write_text(source)
         cache = FeatureCache(paths["feature_cache"], encoder_fingerprint=encoder.fingerprint())
         collate = VLMCollator(tok, num_image_tokens=vlm.num_image_tokens,
                               instruction_prob=self.instruction_prob, seed=ctx.cfg.get("seed") or 0)
@@ -240,6 +282,7 @@ class VLMStage1Stage(Stage):
         tok.save_pretrained(str(paths["tokenizer"]))
         ctx.record["vlm_stage1"] = {**result, "connector": type(connector).__name__,
                                     "image_tokens": vlm.num_image_tokens, "records": len(cache),
+                                    "source": read(),
                                     "trainable_params": sum(p.numel() for p in module.trainable_parameters().values())}
         print(f"vlm_stage1 ({type(connector).__name__}): loss {result['first_loss']} -> "
               f"{result['final_loss']} in {result['steps']} steps")
@@ -271,6 +314,10 @@ class VLMStage2Stage(Stage):
         answer_tokens: most new tokens of the model's answers to the held-out questions.
         caption_tokenizer: :func:`~mmllm.eval.vlm_judge.caption_metrics` tokenizer ("simple",
             "ptb" needs Java, "auto").
+        source: conversation records of your own instead of the hand-written ones: a source node
+            of :mod:`mmllm.data.vlm_data` (``LlavaInstructSource`` for LLaVA-Instruct JSON, or a
+            caption source), read into memory (bad samples counted). For LLaVA-665K scale use
+            ``mmllm train experiment=vlm_stage2``, which streams.
     """
 
     inputs = ("vlm_stage1",)
@@ -283,7 +330,9 @@ class VLMStage2Stage(Stage):
                  lora: dict | None = None, chat_template: str | None = None,
                  num_captions: int = 3, export_llava: bool = True, instructions: dict | None = None,
                  judge: dict | None = None, judge_options: dict | None = None,
-                 answer_tokens: int = 32, caption_tokenizer: str = "simple") -> None:
+                 answer_tokens: int = 32, caption_tokenizer: str = "simple",
+                 source: dict | None = None) -> None:
+        self.source = source
         self.steps, self.batch_size, self.lr, self.lora = steps, batch_size, lr, lora
         self.chat_template, self.num_captions, self.export = chat_template, num_captions, export_llava
         if instructions is not None:
@@ -321,7 +370,8 @@ class VLMStage2Stage(Stage):
         connector = load_connector(ctx.output("vlm_stage1", "connector"))
         vlm = build_vlm(connector=connector, image_token_id=vlm_token_ids(tok)[1],
                         vocab_size=len(tok), lm=lm, vision=encoder)
-        records = skimage_records(chat=True)
+        records, read = _source_records(self.source, partial(skimage_records, chat=True))
+        records = list(records)
         generated, items, gen_record = self._generated(ctx)
         collate = VLMCollator(tok, num_image_tokens=vlm.num_image_tokens,
                               image_transform=encoder.preprocess, chat_template=self.chat_template)
@@ -342,6 +392,7 @@ class VLMStage2Stage(Stage):
         captions = self._captions(vlm, tok, collate, encoder, ctx.dir)
         rec = ctx.record["vlm_stage2"] = {
             **result, "conversations": len(records) + len(generated), "handwritten": len(records),
+            "source": read(),
             "lora": bool(self.lora), "captions": captions,
             "stage1_loss": stage1.record.get("vlm_stage1", {}).get("final_loss"),
             "caption_metrics": caption_scores(captions, tokenizer=self.caption_tokenizer)}
@@ -363,7 +414,7 @@ class VLMStage2Stage(Stage):
         from mmllm.data.visual_template_teacher import VisualTemplateTeacher
 
         node = self.instructions.get("teacher")
-        teacher = instantiate(node) if node is not None else VisualTemplateTeacher()
+        teacher = _built(node) if node is not None else VisualTemplateTeacher()
         try:
             records, items, record = generate_instructions(
                 ctx.dir, teacher=teacher, kinds=list(self.instructions.get("kinds") or KINDS),
@@ -382,7 +433,7 @@ class VLMStage2Stage(Stage):
             teacher = LocalTeacher(checkpoint=str(_lm_checkpoint(ctx)), on_error="skip")
             options.setdefault("sampling", {"temperature": 0.0, "max_tokens": 24})
         else:
-            teacher = instantiate(self.judge)
+            teacher = _built(self.judge)
         answered = answer_items(vlm, tok, collate, encoder, items, stop=_stop_ids(tok),
                                 max_new_tokens=self.answer_tokens)
         try:

@@ -104,8 +104,13 @@ def test_stage2_on_generated_instructions(stage1):
     run_dir, markers, *_ = stage1
     teacher = {"_target_": "mmllm.data.visual_template_teacher.VisualTemplateTeacher",
                "malformed_fraction": 0.3}
-    s2 = VLMStage2Stage(steps=8, batch_size=4, lr=5e-3, num_captions=1, export_llava=False,
-                        instructions={"teacher": teacher, "eval_items": 3}, answer_tokens=8)
+    # Built as the pipeline builds its stages (Hydra instantiates the nested teacher node first).
+    from hydra.utils import instantiate
+
+    s2 = instantiate({"_target_": "mmllm.stages.vlm.VLMStage2Stage", "steps": 8, "batch_size": 4, "lr": 5e-3,
+                      "num_captions": 1, "export_llava": False, "answer_tokens": 8,
+                      "instructions": {"teacher": teacher, "eval_items": 3}}, _convert_="all")
+    assert not isinstance(s2.instructions["teacher"], dict)
     s2.name = "vlm_stage2_generated"
     ctx = _ctx(run_dir, s2.name, markers)
     s2.run(ctx)
@@ -130,3 +135,44 @@ def test_stage2_on_generated_instructions(stage1):
     judged = json.loads(s2.outputs(ctx)["judged"].read_text())
     assert [j["id"] for j in judged] == [e["id"] for e in held]
     assert all(isinstance(j["answer"], str) and j["reference"] for j in judged)
+
+
+def test_stages_on_a_users_own_records(stage1, tmp_path):
+    """Both VLM stages read a user's own data through a vlm_data source node (COCO captions for
+    stage 1, LLaVA-Instruct JSON for stage 2) in place of scikit-image's; bad samples are counted."""
+    from mmllm.data.vlm_collate import skimage_records
+
+    run_dir, markers, *_ = stage1
+    images = tmp_path / "images"
+    images.mkdir()
+    recs = skimage_records()[:4]
+    for k, r in enumerate(recs):
+        r["images"][0].convert("RGB").save(images / f"{k}.png")
+    coco = {"images": [{"id": k, "file_name": f"{k}.png"} for k in range(5)],  # 4.png does not exist
+            "annotations": [{"image_id": k, "caption": recs[k % 4]["caption"]} for k in range(5)]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    source = {"_target_": "mmllm.data.vlm_data.CocoCaptionsSource", "annotations": str(tmp_path / "captions.json"),
+              "image_dir": str(images)}
+    s1 = VLMStage1Stage(connector={"_target_": "mmllm.nn.connectors.MLPConnector"}, steps=3, batch_size=2,
+                        lr=5e-3, source=source)
+    s1.name = "vlm_stage1"
+    own = dict(markers)
+    ctx1 = _ctx(tmp_path / "run", "vlm_stage1", {k: v for k, v in own.items() if k != "vlm_stage1"})
+    s1.run(ctx1)
+    r1 = ctx1.record["vlm_stage1"]
+    assert r1["records"] == 4 and r1["source"]["records"] == 4 and r1["source"]["missing_image"] == 1
+    assert r1["source"]["first_skipped"][0][0] == "missing_image"
+
+    llava = [{"id": f"q{k}", "image": f"{k}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": recs[k]["caption"]}]}
+        for k in range(4)] + [{"id": "bad", "conversations": "not a list"}]
+    (tmp_path / "llava.json").write_text(json.dumps(llava))
+    own["vlm_stage1"] = _marker("vlm_stage1", s1.outputs(ctx1), ctx1.record)
+    s2 = VLMStage2Stage(steps=3, batch_size=2, lr=5e-3, num_captions=1, export_llava=False,
+                        source={"_target_": "mmllm.data.vlm_data.LlavaInstructSource",
+                                "path": str(tmp_path / "llava.json"), "image_dir": str(images)})
+    s2.name = "vlm_stage2"
+    ctx2 = _ctx(tmp_path / "run", "vlm_stage2", own)
+    s2.run(ctx2)
+    r2 = ctx2.record["vlm_stage2"]
+    assert r2["handwritten"] == 4 and r2["source"]["records"] == 4 and r2["source"]["bad_conversation"] == 1
