@@ -98,6 +98,23 @@ def _row(values: tuple) -> Comparison:
     return Comparison(**row)
 
 
+def _retry_locked(fn, timeout: float):
+    """``fn()``, retried while SQLite says "database is locked", for up to ``timeout`` seconds.
+
+    Switching a new file to WAL needs an exclusive lock and SQLite does not wait on the busy
+    handler for it: two processes opening a fresh store at once (the round and a labeller) could
+    fail at once without this.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class LabelStore:
     """Comparisons and labels in ``path`` (one connection per instance; safe across threads).
 
@@ -117,12 +134,12 @@ class LabelStore:
         self._db = sqlite3.connect(self.path, timeout=timeout, check_same_thread=False,
                                    isolation_level=None)
         with self._lock:
-            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = _retry_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0], timeout)
             if mode.lower() != "wal":
                 raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode!r}); "
                                    "the label store needs a local filesystem")
             self._db.execute("PRAGMA synchronous=FULL")  # fsync the WAL on every commit
-            self._db.executescript(_SCHEMA)
+            _retry_locked(lambda: self._db.executescript(_SCHEMA), timeout)
 
     # ----------------------------------------------------------------------------- writes
     def _write(self, fn):
