@@ -80,23 +80,25 @@ def shared_data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def write_tiny_checkpoint():
-    """``write(root, text, *, head_scale=1.0) -> <root>/last.ckpt``: a random tiny DecoderLM (dim 32,
-    2 layers, a BPE tokenizer of 400 trained on ``text``) saved as a kit training checkpoint with
-    its tokenizer recorded, as ``mmllm train`` writes it (``head_scale`` sharpens the LM head)."""
-    def write(root: Path, text: str, *, head_scale: float = 1.0) -> Path:
+    """``write(root, text, *, head_scale=1.0, max_seq_len=256, name="last.ckpt") -> <root>/<name>``:
+    a random tiny DecoderLM (dim 32, 2 layers, a BPE tokenizer of 400 trained on ``text``) saved as
+    a kit training checkpoint with its tokenizer recorded, as ``mmllm train`` writes it
+    (``head_scale`` sharpens the LM head)."""
+    def write(root: Path, text: str, *, head_scale: float = 1.0, max_seq_len: int = 256,
+              name: str = "last.ckpt") -> Path:
         from mmllm.data.tokenizer import train_bpe_tokenizer
         from mmllm.models.decoder_lm import DecoderLM
 
         tok = train_bpe_tokenizer([text], vocab_size=400, show_progress=False)
         tok.save_pretrained(root / "tokenizer")
         config = {"vocab_size": len(tok), "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                  "hidden_dim": 64, "max_seq_len": 256}
+                  "hidden_dim": 64, "max_seq_len": max_seq_len}
         torch.manual_seed(0)
         model = DecoderLM(**config)
         with torch.no_grad():
             model.lm_head.weight.mul_(head_scale)
         torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
                     "mmllm": {"model_class": "mmllm.models.decoder_lm.DecoderLM", "model_config": config,
-                              "tokenizer": str(root / "tokenizer")}}, root / "last.ckpt")
-        return root / "last.ckpt"
+                              "tokenizer": str(root / "tokenizer")}}, root / name)
+        return root / name
     return write

@@ -211,24 +211,9 @@ TEXT = ("The capital of France is Paris. Name a colour: blue. Name a fruit: appl
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
+def tiny_ckpt(tmp_path_factory, write_tiny_checkpoint) -> Path:
     """A random tiny DecoderLM saved as a kit training checkpoint, its tokenizer recorded."""
-    import torch
-
-    from mmllm.data.tokenizer import train_bpe_tokenizer
-    from mmllm.models.decoder_lm import DecoderLM
-
-    root = tmp_path_factory.mktemp("tiny")
-    tok = train_bpe_tokenizer([TEXT], vocab_size=400, show_progress=False)
-    tok.save_pretrained(root / "tokenizer")
-    config = {"vocab_size": len(tok), "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-              "hidden_dim": 64, "max_seq_len": 512}
-    torch.manual_seed(0)
-    model = DecoderLM(**config)
-    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-                "mmllm": {"model_class": "mmllm.models.decoder_lm.DecoderLM", "model_config": config,
-                          "tokenizer": str(root / "tokenizer")}}, root / "final.ckpt")
-    return root / "final.ckpt"
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), TEXT, max_seq_len=512, name="final.ckpt")
 
 
 def stage_ctx(run: Path, ckpt: Path):
